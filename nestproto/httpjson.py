@@ -1,0 +1,54 @@
+# -*- test-case-name: tests.test_device_api -*-
+"""
+JSON in and out of HTTP, shared by the device and control APIs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from .errors import BodyTooLarge, NestError
+
+
+def jsonResponse(request: IRequest, document: Any, status: int = 200) -> bytes:
+    """Set the status and JSON content type, and return the encoded body."""
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def readBody(request: IRequest, limit: int) -> bytes:
+    """
+    The request body, refused past C{limit} bytes.
+
+    @raise BodyTooLarge: when the body is longer than C{limit}.
+    """
+    request.content.seek(0)
+    body: bytes = request.content.read(limit + 1)
+    if len(body) > limit:
+        raise BodyTooLarge(f"Body larger than {limit} bytes")
+    return body
+
+
+def errorDocument(failure: Failure) -> tuple[int, dict[str, str]]:
+    """
+    The status and JSON body for a refused request: a L{NestError} or a
+    routing error (unknown path, wrong method).
+
+    The device side's error bodies carry the human sentence under C{error}
+    (PROTOCOL.md §2.3, e.g. C{{"error": "Device serial required"}}) and the
+    machine word under C{code}.
+    """
+    error = failure.value
+    if isinstance(error, NestError):
+        return error.status, {"error": str(error), "code": error.code}
+    if isinstance(error, HTTPException):
+        status = error.code or 400
+        words = (error.name or "error").lower().replace(" ", "_")
+        return status, {"error": error.name, "code": words}
+    raise TypeError(f"not a request error: {error!r}")

@@ -1,0 +1,117 @@
+"""
+Shared test scaffolding: a whole nestproto (store, hub, state, both APIs)
+in memory, driven by a Clock and reached through StubTreq.
+"""
+
+from __future__ import annotations
+
+import json
+from base64 import b64encode
+from collections.abc import Iterable
+from typing import Any
+
+from attrs import define
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+
+from nestproto.buckets import Bucket
+from nestproto.control.api import ControlAPI
+from nestproto.device.api import DeviceAPI, TransportSettings
+from nestproto.hub import SubscriberHub
+from nestproto.state import DeviceState
+from nestproto.store import SQLiteStore, runInline
+
+SERIAL = "02AA01AC0000000001"
+OTHER_SERIAL = "02AA01AC0000000002"
+DEVICE_URL = "http://192.168.1.10:8000"
+CONTROL_URL = "http://192.168.1.10:8082"
+#: 2026-01-01T00:00:00Z: tests start their clocks here, so timestamps in ms
+#: look like real ones.
+START_SECONDS = 1767225600.0
+
+
+@define
+class Server:
+    """One nestproto, in memory."""
+
+    clock: Clock
+    store: SQLiteStore
+    hub: SubscriberHub
+    state: DeviceState
+    device: DeviceAPI
+    control: ControlAPI
+    deviceClient: StubTreq
+    controlClient: StubTreq
+
+    def nowMs(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def seed(self, serial: str, *buckets: Bucket) -> None:
+        """Store C{buckets} in C{serial}'s scope, as if received earlier."""
+        from nestproto.store import BucketWrite
+
+        self.store.write([BucketWrite(serial, bucket) for bucket in buckets])
+
+
+def makeServer(
+    path: str = ":memory:",
+    clock: Clock | None = None,
+    settings: TransportSettings | None = None,
+    holdSeconds: float = 290.0,
+) -> Server:
+    """
+    Build a whole server on C{path} (a real SQLite file when given), with
+    store writes committed inline so results are synchronous.
+    """
+    if clock is None:
+        clock = Clock()
+        clock.advance(START_SECONDS)
+    store = SQLiteStore.open(path, runInline)
+    hub = SubscriberHub(clock, holdSeconds=holdSeconds)
+    state = DeviceState(store, hub, clock)
+    device = DeviceAPI(state=state, hub=hub, settings=settings or TransportSettings())
+    control = ControlAPI(state=state)
+    return Server(
+        clock,
+        store,
+        hub,
+        state,
+        device,
+        control,
+        StubTreq(device.app.resource()),
+        StubTreq(control.app.resource()),
+    )
+
+
+def basicAuth(serial: str = SERIAL, password: str = "token") -> dict[str, str]:
+    """Headers a thermostat sends once it has credentials."""
+    encoded = b64encode(f"nest.{serial}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {encoded}"}
+
+
+def objectsBody(
+    objects: Iterable[dict[str, Any]], chunked: bool = True, session: str = "s"
+) -> bytes:
+    """A subscribe or put body in the objects-array form."""
+    return json.dumps(
+        {"chunked": chunked, "session": session, "objects": list(objects)}
+    ).encode()
+
+
+def clientObject(
+    key: str, revision: int = 0, timestamp: int = 0, value: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One subscribe entry."""
+    entry: dict[str, Any] = {
+        "object_key": key,
+        "object_revision": revision,
+        "object_timestamp": timestamp,
+    }
+    if value is not None:
+        entry["value"] = value
+    return entry
+
+
+def parseChunks(chunks: list[bytes]) -> list[dict[str, Any]]:
+    """Each received chunk decoded as one JSON document."""
+    return [json.loads(chunk) for chunk in chunks if chunk]

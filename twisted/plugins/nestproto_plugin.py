@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+nestproto = ServiceMaker(
+    "nestproto", "nestproto.service", "Nest device cloud.", "nestproto"
+)
