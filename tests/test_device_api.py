@@ -222,7 +222,7 @@ class CallerTests(SynchronousTestCase):
             self.listingFor(
                 {"X-nl-device-id": "abc-123"}, path="/nest/transport/device/"
             ),
-            404,
+            400,
         )
 
     def test_scenario6NoSerial(self) -> None:
