@@ -255,15 +255,12 @@ class DeviceState:
                 newer.append(current)
         structureKey = self.structureKey(serial)
         for key in self.linkedKeys(serial):
-            if key in clientTimestamps:
-                if key == structureKey and serial not in self._structureSent:
-                    current = self.store.get(GLOBAL_SCOPE, key)
-                    if current is not None and current not in newer:
-                        newer.append(current)
+            linked = self.store.get(GLOBAL_SCOPE, key)
+            if linked is None or linked in newer:
                 continue
-            current = self.store.get(GLOBAL_SCOPE, key)
-            if current is not None:
-                newer.append(current)
+            forced = key == structureKey and serial not in self._structureSent
+            if key not in clientTimestamps or forced:
+                newer.append(linked)
         if any(bucket.key == structureKey for bucket in newer):
             self._structureSent.add(serial)
         return newer
