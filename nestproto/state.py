@@ -67,6 +67,9 @@ class DeviceState:
     lastSeen: dict[str, float] = field(factory=dict, init=False)
     #: The fields of each device's last entry request (model, firmware...).
     entryFields: dict[str, dict[str, str]] = field(factory=dict, init=False)
+    #: Called with a serial once a change that device sees is durable (the
+    #: control API's event stream); a listener must not raise.
+    changeListeners: list[Callable[[str], None]] = field(factory=list, init=False)
 
     def nowMs(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -175,6 +178,8 @@ class DeviceState:
         writes.extend(self._ensureLinked(serial, nowMs))
 
         def decide(ignored: None) -> SubscribeOutcome:
+            if writes:
+                self.notifyChanged([serial])
             return SubscribeOutcome(
                 self._newerFor(serial, clientTimestamps),
                 lambda kept: self._replayable(serial, clientTimestamps, kept),
@@ -321,7 +326,13 @@ class DeviceState:
             elif updated is not stored:
                 writes.append(BucketWrite(scope, updated))
             receipts.append(updated)
-        return self.store.write(writes).addCallback(lambda ignored: receipts)
+
+        def written(ignored: None) -> list[Bucket]:
+            if writes:
+                self.notifyChanged([serial])
+            return receipts
+
+        return self.store.write(writes).addCallback(written)
 
     # Changes from users and pairing
 
@@ -346,9 +357,51 @@ class DeviceState:
 
         def pushWritten(ignored: None) -> list[Bucket]:
             self.pushToDevices(scope, written)
+            self.notifyChanged(
+                serial
+                for bucket in written
+                for serial in self.devicesSeeing(scope, bucket.key)
+            )
             return written
 
         return self.store.write(writes).addCallback(pushWritten)
+
+    def removeDevice(
+        self, serial: str, structure: Bucket | None, records: Iterable[RecordWrite]
+    ) -> Deferred[None]:
+        """
+        Forget C{serial}: every bucket of its scope and C{records} (its owner,
+        its entry key) in one transaction, with C{structure} (its structure
+        without it) written and pushed to the devices still in it.
+        """
+        writes: list[Write] = [
+            BucketWrite(serial, bucket, delete=True)
+            for bucket in self.store.buckets(serial)
+        ]
+        if structure is not None:
+            writes.append(BucketWrite(GLOBAL_SCOPE, structure))
+        writes.extend(records)
+        self.lastSeen.pop(serial, None)
+        self.entryFields.pop(serial, None)
+        self._structureSent.discard(serial)
+
+        def removed(ignored: None) -> None:
+            if structure is not None:
+                self.pushToDevices(GLOBAL_SCOPE, [structure])
+            self.notifyChanged([serial])
+
+        return self.store.write(writes).addCallback(removed)
+
+    def notifyChanged(self, serials: Iterable[str]) -> None:
+        """Tell the change listeners, once per serial, in order."""
+        for serial in dict.fromkeys(serials):
+            for listener in list(self.changeListeners):
+                try:
+                    listener(serial)
+                except Exception:
+                    self.log.failure(
+                        "change listener failed for {serial}", serial=serial
+                    )
 
     def pushToDevices(self, scope: str, written: Sequence[Bucket]) -> None:
         """Push the current copies of C{written} to every device seeing them."""
