@@ -10,6 +10,7 @@ import re
 from functools import partial
 from typing import Any
 
+import treq
 from attrs import define
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -17,8 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -28,6 +29,8 @@ from .device.api import DeviceAPI, TransportSettings
 from .hub import SubscriberHub
 from .state import DeviceState
 from .store import SQLiteStore
+from .uploads import LogStore
+from .weather import NoWeather, OpenMeteoSource, WeatherService
 
 _ORIGIN_PATTERN = re.compile(
     r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$"
@@ -36,6 +39,7 @@ _ORIGIN_PATTERN = re.compile(
 #: at once must not be refused (the kernel caps it at somaxconn).
 LISTEN_BACKLOG = 4096
 STORE_FILE = "nestproto.sqlite3"
+WEATHER_SOURCES = {"open-meteo", "none"}
 
 
 def _positiveNumber(text: str) -> float:
@@ -69,34 +73,49 @@ class Options(usage.Options):
             "device",
             None,
             "tcp:8000",
-            "Endpoint thermostats connect to (any Twisted server endpoint; ssl:... for TLS).",
+            "Endpoint thermostats connect to (ssl:... for TLS).",
         ],
         ["control", None, "tcp:8082", "Endpoint of the user-facing control API."],
         [
             "data",
             None,
             "./nestproto-data",
-            "Directory holding the state (created if missing).",
+            "Directory of the state; created if missing.",
         ],
         [
             "origin",
             None,
             None,
-            "Public origin handed to devices, e.g. http://192.168.1.10:8000 (default: from each request's Host).",
+            "Origin handed to devices, e.g. http://192.168.1.10:8000 "
+            "(default: from each request's Host).",
         ],
         [
             "hold-timeout",
             None,
             290.0,
-            "Seconds an idle subscribe is held before it ends (below --suspend-time-max).",
+            "Seconds an idle subscribe is held (below --suspend-time-max).",
             _positiveNumber,
         ],
         [
             "suspend-time-max",
             None,
             300.0,
-            "Seconds a device may sleep before it wakes by itself (X-nl-suspend-time-max, 5-350).",
+            "Seconds a device may sleep before it wakes by itself (5-350).",
             _positiveNumber,
+        ],
+        ["weather", None, "open-meteo", "Weather source: open-meteo (online) or none."],
+        [
+            "weather-ttl",
+            None,
+            600.0,
+            "Seconds a weather answer is reused.",
+            _positiveNumber,
+        ],
+        [
+            "keep-logs",
+            None,
+            None,
+            "Directory to keep device log uploads in (default: discard them).",
         ],
     ]
 
@@ -113,9 +132,14 @@ class Options(usage.Options):
             origin = origin.rstrip("/")
             if not _ORIGIN_PATTERN.match(origin):
                 raise usage.UsageError(
-                    f"--origin {origin!r} must be http(s)://HOST:PORT with an explicit port"
+                    f"--origin {origin!r} must be http(s)://HOST:PORT "
+                    "with an explicit port"
                 )
             self["origin"] = origin
+        if self["weather"] not in WEATHER_SOURCES:
+            raise usage.UsageError(
+                f"--weather must be one of {', '.join(sorted(WEATHER_SOURCES))}"
+            )
         suspend = self["suspend-time-max"]
         if not 5 <= suspend <= 350:
             raise usage.UsageError(
@@ -147,27 +171,30 @@ class _QuietSite(Site):
 @define
 class _StoreService(Service):
     """
-    Starts the store's thread; at stop, ends held subscribes (so devices
-    reconnect at once), commits what is pending and closes the file.
+    Starts the worker threads; at stop, ends held subscribes (so devices
+    reconnect at once), commits what is pending, closes the file and stops
+    the threads.
     """
 
     store: SQLiteStore
-    pool: ThreadPool
+    pools: list[ThreadPool]
     hub: SubscriberHub
 
     def startService(self) -> None:
         Service.startService(self)
-        self.pool.start()
+        for pool in self.pools:
+            pool.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self.hub.endAll()
 
-        def stopPool(result: object) -> object:
-            self.pool.stop()
+        def stopPools(result: object) -> object:
+            for pool in self.pools:
+                pool.stop()
             return result
 
-        return self.store.close().addBoth(stopPool)
+        return self.store.close().addBoth(stopPools)
 
 
 def _site(resource: IResource) -> Site:
@@ -186,7 +213,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    # One thread owns the SQLite connection; blocking work of requests
+    # (log uploads) gets its own threads so it never delays a commit.
     pool = ThreadPool(minthreads=1, maxthreads=1, name="nestproto-store")
+    ioPool = ThreadPool(minthreads=0, maxthreads=2, name="nestproto-io")
     store = SQLiteStore.open(
         os.path.join(options["data"], STORE_FILE),
         partial(deferToThreadPool, reactor, pool),
@@ -200,11 +230,24 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         origin=options["origin"],
         suspendTimeMaxSeconds=int(options["suspend-time-max"]),
     )
-    device = DeviceAPI(state=state, hub=hub, settings=settings)
+    weatherSource = (
+        NoWeather() if options["weather"] == "none" else OpenMeteoSource(treq, reactor)
+    )
+    keepLogs = options["keep-logs"]
+    device = DeviceAPI(
+        state=state,
+        hub=hub,
+        weather=WeatherService(
+            weatherSource, reactor, ttlSeconds=options["weather-ttl"]
+        ),
+        logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
+        runInThread=partial(deferToThreadPool, reactor, ioPool),
+        settings=settings,
+    )
     control = ControlAPI(state=state)
 
     root = MultiService()
-    _StoreService(store, pool, hub).setServiceParent(root)
+    _StoreService(store, [pool, ioPool], hub).setServiceParent(root)
     for description, resource in [
         (options["device"], device.app.resource()),
         (options["control"], control.app.resource()),

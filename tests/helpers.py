@@ -20,6 +20,8 @@ from nestproto.device.api import DeviceAPI, TransportSettings
 from nestproto.hub import SubscriberHub
 from nestproto.state import DeviceState
 from nestproto.store import SQLiteStore, runInline
+from nestproto.uploads import LogStore
+from nestproto.weather import IWeatherSource, NoWeather, WeatherService
 
 SERIAL = "02AA01AC0000000001"
 OTHER_SERIAL = "02AA01AC0000000002"
@@ -58,6 +60,8 @@ def makeServer(
     clock: Clock | None = None,
     settings: TransportSettings | None = None,
     holdSeconds: float = 290.0,
+    weatherSource: IWeatherSource | None = None,
+    logs: LogStore | None = None,
 ) -> Server:
     """
     Build a whole server on C{path} (a real SQLite file when given), with
@@ -69,7 +73,14 @@ def makeServer(
     store = SQLiteStore.open(path, runInline)
     hub = SubscriberHub(clock, holdSeconds=holdSeconds)
     state = DeviceState(store, hub, clock)
-    device = DeviceAPI(state=state, hub=hub, settings=settings or TransportSettings())
+    device = DeviceAPI(
+        state=state,
+        hub=hub,
+        weather=WeatherService(weatherSource or NoWeather(), clock),
+        logs=logs or LogStore(None, clock),
+        runInThread=runInline,
+        settings=settings or TransportSettings(),
+    )
     control = ControlAPI(state=state)
     return Server(
         clock,

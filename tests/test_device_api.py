@@ -7,14 +7,18 @@ scenarios 3-6).
 
 from __future__ import annotations
 
+import gzip
 import json
 from base64 import b64encode
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.internet.task import Clock
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto.device.api import TransportSettings
+from nestproto.uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 
 from .helpers import DEVICE_URL, SERIAL, basicAuth, makeServer
 
@@ -242,3 +246,68 @@ class CallerTests(SynchronousTestCase):
         server.deviceClient.flush()
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertEqual(server.store.scopes(), [])
+
+
+class RestOfEntryMapTests(SynchronousTestCase):
+    """Weather, upload and pro_info routes (PROTOCOL.md §9)."""
+
+    def call(
+        self, server: Any, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, Any]:
+        d = server.deviceClient.request(method, DEVICE_URL + path, **kwargs)
+        server.deviceClient.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(response.content())
+        self.assertEqual(
+            response.headers.getRawHeaders("content-type"), ["application/json"]
+        )
+        return response.code, json.loads(body)
+
+    def test_weatherNeedsQuery(self) -> None:
+        """Weather without a query is a 400 JSON error."""
+        code, body = self.call(makeServer(), "GET", "/nest/weather/v1")
+        self.assertEqual((code, body["error"]), (400, "Missing query parameter"))
+
+    def test_weatherOff(self) -> None:
+        """With no weather source the device gets a 503 JSON error at once."""
+        code, body = self.call(makeServer(), "GET", "/nest/weather/v1?query=94043,US")
+        self.assertEqual(code, 503)
+        self.assertEqual(body["error"], "Weather service unavailable")
+
+    def test_uploadGzipKept(self) -> None:
+        """
+        Scenario 58: a gzip log upload answers 200 status ok and, with log
+        keeping on, is stored decompressed under the device's serial.
+        """
+        directory = FilePath(self.mktemp())
+        server = makeServer(logs=LogStore(directory, Clock()))
+        code, body = self.call(
+            server,
+            "POST",
+            "/nest/upload",
+            data=gzip.compress(b"boot ok\n"),
+            headers=basicAuth(),
+        )
+        self.assertEqual((code, body), (200, {"status": "ok"}))
+        [log] = directory.child(SERIAL).children()
+        self.assertEqual(log.getContent(), b"boot ok\n")
+
+    def test_uploadTooLarge(self) -> None:
+        """An upload past the cap is refused with 413."""
+        code, body = self.call(
+            makeServer(),
+            "POST",
+            "/nest/upload",
+            data=b"x" * (MAX_UPLOAD_BODY_BYTES + 1),
+        )
+        self.assertEqual(code, 413)
+
+    def test_proInfo(self) -> None:
+        """pro_info answers a stable stub for the code in the path or query."""
+        server = makeServer()
+        code, body = self.call(server, "GET", "/nest/pro_info/12345")
+        self.assertEqual((code, body["pro_id"]), (200, "12345"))
+        code, body = self.call(server, "GET", "/pro-info?entry_code=777")
+        self.assertEqual(body["pro_id"], "777")
+        code, body = self.call(server, "GET", "/nest/pro_info")
+        self.assertEqual(code, 400)

@@ -27,7 +27,11 @@ from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired
 from ..httpjson import errorDocument, jsonResponse, readBody
 from ..hub import SubscriberHub
+from ..proinfo import proInfo, proInfoCode
 from ..state import DeviceState, SubscribeOutcome
+from ..store import ThreadRunner
+from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
+from ..weather import WeatherService, parseWeatherQuery
 from . import wire
 from .auth import deviceSerial, normaliseSerial
 
@@ -148,6 +152,10 @@ class DeviceAPI:
 
     state: DeviceState
     hub: SubscriberHub
+    weather: WeatherService
+    logs: LogStore
+    #: Where blocking work (log decompression and disk) runs.
+    runInThread: ThreadRunner
     settings: TransportSettings = field(factory=TransportSettings)
 
     # Errors
@@ -265,6 +273,34 @@ class DeviceAPI:
             return self._objects(request, receipts, withValues=False)
 
         return self.state.put(serial, entries, weaveId).addCallback(answer)
+
+    # The rest of the entry map (PROTOCOL.md §9)
+
+    @app.route("/nest/weather/<path:rest>", methods=["GET"])
+    @app.route("/weather/<path:rest>", methods=["GET"])
+    def weatherReport(self, request: IRequest, rest: str) -> Deferred[bytes]:
+        query = parseWeatherQuery(request.args)
+        return self.weather.lookup(query).addCallback(
+            lambda report: jsonResponse(request, report)
+        )
+
+    @app.route("/nest/upload", methods=["POST"])
+    @app.route("/upload", methods=["POST"])
+    def upload(self, request: IRequest) -> Deferred[bytes]:
+        body = readBody(request, MAX_UPLOAD_BODY_BYTES)
+        serial = deviceSerial(request)
+        return self.runInThread(self.logs.save, serial, body).addCallback(
+            lambda ignored: jsonResponse(request, {"status": "ok"})
+        )
+
+    @app.route("/nest/pro_info", methods=["GET"])
+    @app.route("/nest/pro_info/<code>", methods=["GET"])
+    @app.route("/pro_info", methods=["GET"])
+    @app.route("/pro_info/<code>", methods=["GET"])
+    @app.route("/pro-info", methods=["GET"])
+    @app.route("/pro-info/<code>", methods=["GET"])
+    def installerInfo(self, request: IRequest, code: str | None = None) -> bytes:
+        return jsonResponse(request, proInfo(proInfoCode(code, request.args)))
 
     # Helpers
 
