@@ -21,8 +21,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
+from twisted.web.http import Request
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from .control.api import ControlAPI
 from .device.api import DeviceAPI, TransportSettings

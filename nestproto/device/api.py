@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
 from attrs import field, frozen
@@ -20,13 +20,14 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from .._version import __version__
 from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired
 from ..httpjson import errorDocument, jsonResponse, readBody
-from ..hub import SubscriberHub
+from ..hub import Deliver, SubscriberHub
 from ..proinfo import proInfo, proInfoCode
 from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner
@@ -332,13 +333,14 @@ def _headerText(request: IRequest, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")[:128]
 
 
-def _chunkWriter(request: IRequest) -> Any:
+def _chunkWriter(request: IRequest) -> Deliver:
     """
     Writes each pushed batch as one complete JSON chunk; raises when the
     client has gone, so the hub keeps the batch for the next subscribe.
     """
     gone: list[bool] = []
-    request.notifyFinish().addBoth(lambda result: gone.append(True))
+    # notifyFinish is on every twisted.web request, but not on IRequest.
+    cast(Request, request).notifyFinish().addBoth(lambda result: gone.append(True))
 
     def deliver(batch: Sequence[Bucket]) -> None:
         if gone:
