@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -28,6 +28,7 @@ from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired
 from ..httpjson import errorDocument, jsonResponse, readBody
 from ..hub import Deliver, SubscriberHub
+from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
 from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner
@@ -158,6 +159,9 @@ class DeviceAPI:
     #: Where blocking work (log decompression and disk) runs.
     runInThread: ThreadRunner
     settings: TransportSettings = field(factory=TransportSettings)
+    pairing: Pairing = field(
+        default=Factory(lambda self: Pairing(self.state), takes_self=True)
+    )
 
     # Errors
 
@@ -302,6 +306,26 @@ class DeviceAPI:
     @app.route("/pro-info/<code>", methods=["GET"])
     def installerInfo(self, request: IRequest, code: str | None = None) -> bytes:
         return jsonResponse(request, proInfo(proInfoCode(code, request.args)))
+
+    # Pairing (PROTOCOL.md §5)
+
+    @app.route("/nest/passphrase", methods=["GET"])
+    @app.route("/passphrase", methods=["GET"])
+    def passphrase(self, request: IRequest) -> Deferred[bytes]:
+        serial = self._callerSerial(request)
+        return self.pairing.passphrase(serial).addCallback(
+            # expires is a JSON number: a string makes the device ignore
+            # the key (PROTOCOL.md §5).
+            lambda key: jsonResponse(
+                request, {"value": key.code, "expires": key.expiresMs}
+            )
+        )
+
+    @app.route("/nest/passphrase/status", methods=["GET"])
+    @app.route("/passphrase/status", methods=["GET"])
+    def passphraseStatus(self, request: IRequest) -> bytes:
+        serial = self._callerSerial(request)
+        return jsonResponse(request, self.pairing.status(serial))
 
     # Helpers
 

@@ -1,0 +1,448 @@
+# -*- test-case-name: tests.test_pairing -*-
+"""
+Pairing: entry keys shown on the thermostat and claimed by a user
+(PROTOCOL.md §5, §13).
+
+An entry key is one record per device serial (minting a new one replaces
+the old, which is how older keys of a serial go away), kept in the store so
+a restart keeps it. Claiming a key writes the owner record, the user bucket
+whose C{name} completes pairing on the device, and the structure that lists
+the device, in one transaction, and pushes both buckets to the device.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+import string
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from . import buckets as rules
+from .buckets import Bucket, isBucketKey
+from .errors import NestError
+from .state import (
+    GLOBAL_SCOPE,
+    OWNER_RECORD,
+    DeviceState,
+    deviceMember,
+    structureIdFor,
+)
+from .store import RecordWrite
+
+ENTRY_KEY_RECORD = "entry_key"
+#: How long a minted entry key is valid (PROTOCOL.md §5, the anchor's default).
+DEFAULT_TTL_SECONDS = 3600
+#: The device ignores a key that expires sooner than this (PROTOCOL.md §5).
+MIN_REMAINING_SECONDS = 1800
+#: The pairing dialog the device shows while it waits to be claimed.
+CONFIRM_PAIRING = {"dialog_id": "confirm-pairing", "dialog_data": ""}
+INVALID_KEY_MESSAGE = "Invalid, expired, or already claimed entry key"
+
+_CODE_PATTERN = re.compile(r"^[A-Z0-9]{7}$")
+_USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+
+
+class BadClaim(NestError):
+    """A claim request is malformed: no code, no user, or a bad format."""
+
+    code = "bad_claim"
+
+
+class TooManyAttempts(NestError):
+    """A client guessed wrong too often and must wait."""
+
+    status = 429
+    code = "too_many_attempts"
+
+    def __init__(self, retryAfterSeconds: int) -> None:
+        super().__init__(
+            f"Too many invalid entry keys; try again in {retryAfterSeconds} seconds"
+        )
+        self.retryAfterSeconds = retryAfterSeconds
+
+
+class NotPaired(NestError):
+    """The device has no owner to remove."""
+
+    status = 404
+    code = "not_paired"
+
+
+class UnknownDevice(NestError):
+    """No device with that serial has ever talked to this server."""
+
+    status = 404
+    code = "unknown_device"
+
+    def __init__(self) -> None:
+        super().__init__("Device not found")
+
+
+@frozen
+class EntryKey:
+    """
+    A pairing code for one device.
+
+    @ivar code: 3 digits and 4 uppercase letters; the device shows
+        C{123-ABCD}.
+    @ivar expiresMs: ms since the epoch.
+    @ivar claimedBy: the user who claimed it, or C{None}.
+    """
+
+    serial: str
+    code: str
+    expiresMs: int
+    createdMs: int
+    claimedBy: str | None = None
+    claimedAtMs: int | None = None
+
+    def toRecord(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "expires": self.expiresMs,
+            "created": self.createdMs,
+            "claimedBy": self.claimedBy,
+            "claimedAt": self.claimedAtMs,
+        }
+
+    @classmethod
+    def fromRecord(cls, serial: str, doc: dict[str, Any]) -> EntryKey:
+        return cls(
+            serial,
+            str(doc["code"]),
+            int(doc["expires"]),
+            int(doc.get("created", 0)),
+            doc.get("claimedBy"),
+            doc.get("claimedAt"),
+        )
+
+    def claimable(self, nowMs: int) -> bool:
+        return self.claimedBy is None and self.expiresMs > nowMs
+
+
+def newCode() -> str:
+    """A fresh code from the system's CSPRNG: C{123ABCD}."""
+    digits = "".join(secrets.choice(string.digits) for _ in range(3))
+    letters = "".join(secrets.choice(string.ascii_uppercase) for _ in range(4))
+    return digits + letters
+
+
+def normaliseCode(raw: object) -> str:
+    """
+    A code as typed by a user: case-insensitive, with or without the hyphen
+    the device displays (C{123-abcd}).
+
+    @raise BadClaim: when it is not 7 letters and digits.
+    """
+    if not isinstance(raw, str):
+        raise BadClaim("Entry code must be a string")
+    code = raw.strip().replace("-", "").upper()
+    if not _CODE_PATTERN.match(code):
+        raise BadClaim(
+            "Invalid entry code format. Must be exactly 7 alphanumeric characters."
+        )
+    return code
+
+
+def checkUserId(raw: object) -> str:
+    """
+    A user id that names valid user and structure buckets.
+
+    @raise BadClaim: otherwise.
+    """
+    if not isinstance(raw, str) or not _USER_ID_PATTERN.match(raw):
+        raise BadClaim("userId must be 1-64 letters, digits or _.@-")
+    if not isBucketKey(f"structure.{structureIdFor(raw)}"):
+        raise BadClaim("userId must name a structure")
+    return raw
+
+
+@define
+class ClaimThrottle:
+    """
+    Locks out a client address after repeated wrong codes: C{maxFailures}
+    are free, then each further failure doubles the lockout, from
+    C{baseLockSeconds} up to C{maxLockSeconds}, on the injected clock.
+    A correct claim forgets the address.
+    """
+
+    clock: Any
+    maxFailures: int = 5
+    baseLockSeconds: float = 60.0
+    maxLockSeconds: float = 3600.0
+    #: Addresses tracked at most; the oldest are forgotten past it.
+    maxTracked: int = 10000
+    _failures: dict[str, tuple[int, float]] = field(factory=dict, init=False)
+
+    def check(self, client: str) -> None:
+        """
+        @raise TooManyAttempts: while C{client} is locked out.
+        """
+        count, lockedUntil = self._failures.get(client, (0, 0.0))
+        now = self.clock.seconds()
+        if now < lockedUntil:
+            raise TooManyAttempts(int(lockedUntil - now + 0.999))
+
+    def failed(self, client: str) -> None:
+        count, lockedUntil = self._failures.pop(client, (0, 0.0))
+        count += 1
+        if count >= self.maxFailures:
+            lock = min(
+                self.baseLockSeconds * 2 ** (count - self.maxFailures),
+                self.maxLockSeconds,
+            )
+            lockedUntil = self.clock.seconds() + lock
+        # Re-inserted last: the dict's order is oldest failure first.
+        self._failures[client] = (count, lockedUntil)
+        while len(self._failures) > self.maxTracked:
+            del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+
+@define
+class Pairing:
+    """
+    Issues entry keys to devices and lets users claim them.
+
+    @ivar ttlSeconds: lifetime of a new key; a key is served again only
+        while at least L{MIN_REMAINING_SECONDS} of it remain.
+    """
+
+    log = Logger()
+
+    state: DeviceState
+    ttlSeconds: int = DEFAULT_TTL_SECONDS
+
+    def entryKey(self, serial: str) -> EntryKey | None:
+        """The stored entry key of C{serial}, claimed or not, if any."""
+        doc = self.state.store.record(ENTRY_KEY_RECORD, serial)
+        return None if doc is None else EntryKey.fromRecord(serial, doc)
+
+    def passphrase(self, serial: str) -> Deferred[EntryKey]:
+        """
+        The key C{serial} should show: the same unclaimed one on every poll
+        while it is valid (PROTOCOL.md §5), else a new one, stored durably
+        before it is handed out.
+
+        A key is served again only while at least 30 minutes of it remain,
+        then a fresh one is minted: the device ignores a key that expires
+        sooner than that (PROTOCOL.md §5 ⚠; the anchor serves the old key
+        until it expires, so for the last half of its hour the device would
+        get a key below its minimum).
+        """
+        self.state.touch(serial)
+        nowMs = self.state.nowMs()
+        current = self.entryKey(serial)
+        if (
+            current is not None
+            and current.claimedBy is None
+            and current.expiresMs - nowMs >= MIN_REMAINING_SECONDS * 1000
+        ):
+            return succeed(current)
+        return self._mint(serial, nowMs)
+
+    def _mint(self, serial: str, nowMs: int) -> Deferred[EntryKey]:
+        taken = {
+            str(doc.get("code"))
+            for name, doc in self.state.store.records(ENTRY_KEY_RECORD).items()
+            if name != serial
+        }
+        code = newCode()
+        while code in taken:
+            code = newCode()
+        key = EntryKey(serial, code, nowMs + self.ttlSeconds * 1000, nowMs)
+        dialogKey = f"device_alert_dialog.{serial}"
+
+        def dialog(nowMs: int) -> list[Bucket]:
+            if self.state.store.get(serial, dialogKey) is not None:
+                return []
+            return [rules.changed(rules.empty(dialogKey), CONFIRM_PAIRING, nowMs)]
+
+        self.log.info("new entry key for {serial}", serial=serial)
+        # One record per serial: writing it replaces (deletes) older keys.
+        record = RecordWrite(ENTRY_KEY_RECORD, serial, key.toRecord())
+        return self.state.change(serial, dialog, [record]).addCallback(
+            lambda ignored: key
+        )
+
+    def status(self, serial: str) -> dict[str, Any]:
+        """The anchor's C{/nest/passphrase/status} document (PROTOCOL.md §5)."""
+        owner = self.state.store.record(OWNER_RECORD, serial)
+        if owner is not None:
+            return {
+                "status": "claimed",
+                "claimed": True,
+                "claimedBy": owner["user"],
+                "claimedAt": owner.get("claimedAt"),
+            }
+        key = self.entryKey(serial)
+        if key is not None and key.claimable(self.state.nowMs()):
+            return {"status": "pending", "claimed": False, "expiresAt": key.expiresMs}
+        return {
+            "status": "no_key",
+            "claimed": False,
+            "message": "No active entry key; the device requests one when it boots",
+        }
+
+    def _findKey(self, code: str) -> EntryKey | None:
+        found = None
+        for serial, doc in self.state.store.records(ENTRY_KEY_RECORD).items():
+            # Compare every key in constant time: how long a wrong guess
+            # takes says nothing about the codes.
+            if hmac.compare_digest(str(doc.get("code", "")).encode(), code.encode()):
+                found = EntryKey.fromRecord(serial, doc)
+        return found
+
+    def claim(self, code: str, userId: str) -> Deferred[str | None]:
+        """
+        Claim the device showing C{code} for C{userId} (PROTOCOL.md §13).
+
+        @param code: as returned by L{normaliseCode}.
+        @param userId: as returned by L{checkUserId}.
+        @return: fires with the serial once the owner record, the user and
+            the structure are durable and pushed; with C{None}, having
+            changed nothing, when the code is unknown, expired or claimed.
+        """
+        nowMs = self.state.nowMs()
+        key = self._findKey(code)
+        if key is None or not key.claimable(nowMs):
+            return succeed(None)
+        serial = key.serial
+        member = deviceMember(serial)
+        previous = self.state.ownerOf(serial)
+        userKey = f"user.{userId}"
+        structureKey = f"structure.{structureIdFor(userId)}"
+        oldStructureKey = (
+            None if previous is None else f"structure.{structureIdFor(previous)}"
+        )
+
+        def pairingBuckets(nowMs: int) -> list[Bucket]:
+            store = self.state.store
+            user = store.get(GLOBAL_SCOPE, userKey)
+            if user is None:
+                user = rules.changed(rules.empty(userKey), {"name": userId}, nowMs)
+            else:
+                user = rules.forceMerge(user, {"name": userId}, nowMs)
+            structure = store.get(GLOBAL_SCOPE, structureKey)
+            if structure is None:
+                structure = rules.changed(
+                    rules.empty(structureKey),
+                    {"name": "Home", "devices": [member]},
+                    nowMs,
+                )
+            else:
+                devices = _deviceList(structure)
+                if member not in devices:
+                    devices.append(member)
+                structure = rules.forceMerge(structure, {"devices": devices}, nowMs)
+            written = [user, structure]
+            if oldStructureKey is not None and oldStructureKey != structureKey:
+                old = store.get(GLOBAL_SCOPE, oldStructureKey)
+                if old is not None and member in _deviceList(old):
+                    written.append(_withoutMember(old, member, nowMs))
+            return written
+
+        claimed = EntryKey(
+            serial, key.code, key.expiresMs, key.createdMs, userId, nowMs
+        )
+        records = [
+            RecordWrite(OWNER_RECORD, serial, {"user": userId, "claimedAt": nowMs}),
+            RecordWrite(ENTRY_KEY_RECORD, serial, claimed.toRecord()),
+        ]
+        self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
+        return self.state.change(GLOBAL_SCOPE, pairingBuckets, records).addCallback(
+            lambda ignored: serial
+        )
+
+    def dismissDialog(self, serial: str) -> Deferred[bool]:
+        """
+        Empty C{serial}'s pairing dialog, pushed to the device (PROTOCOL.md
+        §13 step 5).
+
+        @return: fires with whether there was a dialog to dismiss.
+        """
+        dialogKey = f"device_alert_dialog.{serial}"
+        if self.state.store.get(serial, dialogKey) is None:
+            return succeed(False)
+
+        def dismissed(nowMs: int) -> list[Bucket]:
+            stored = self.state.store.get(serial, dialogKey) or rules.empty(dialogKey)
+            return [rules.replace(stored, {}, nowMs)]
+
+        return self.state.change(serial, dismissed).addCallback(lambda ignored: True)
+
+    def unclaim(self, serial: str) -> Deferred[str]:
+        """
+        Remove C{serial}'s owner and take it out of the owner's structure.
+
+        @return: fires with the former owner's user id.
+        @raise NotPaired: when C{serial} has no owner.
+        """
+        owner = self.state.ownerOf(serial)
+        if owner is None:
+            raise NotPaired(f"Device {serial} is not registered")
+        structureKey = f"structure.{structureIdFor(owner)}"
+        member = deviceMember(serial)
+
+        def withoutDevice(nowMs: int) -> list[Bucket]:
+            structure = self.state.store.get(GLOBAL_SCOPE, structureKey)
+            if structure is None or member not in _deviceList(structure):
+                return []
+            return [_withoutMember(structure, member, nowMs)]
+
+        records = [
+            RecordWrite(OWNER_RECORD, serial, None),
+            RecordWrite(ENTRY_KEY_RECORD, serial, None),
+        ]
+        self.log.info("{serial} unregistered from {user}", serial=serial, user=owner)
+
+        def done(ignored: object) -> str:
+            self.state.notifyChanged([serial])
+            return owner
+
+        return self.state.change(GLOBAL_SCOPE, withoutDevice, records).addCallback(done)
+
+    def removeDevice(self, serial: str) -> Deferred[None]:
+        """
+        Forget C{serial} entirely: its buckets, owner and entry key; its
+        structure no longer lists it.
+
+        @raise UnknownDevice: when nothing is known of C{serial}.
+        """
+        if serial not in self.state.knownSerials():
+            raise UnknownDevice()
+        owner = self.state.ownerOf(serial)
+        structure = None
+        if owner is not None:
+            stored = self.state.store.get(
+                GLOBAL_SCOPE, f"structure.{structureIdFor(owner)}"
+            )
+            member = deviceMember(serial)
+            if stored is not None and member in _deviceList(stored):
+                structure = _withoutMember(stored, member, self.state.nowMs())
+        records = [
+            RecordWrite(OWNER_RECORD, serial, None),
+            RecordWrite(ENTRY_KEY_RECORD, serial, None),
+        ]
+        return self.state.removeDevice(serial, structure, records)
+
+
+def _deviceList(structure: Bucket) -> list[str]:
+    devices = structure.value.get("devices")
+    return (
+        [d for d in devices if isinstance(d, str)] if isinstance(devices, list) else []
+    )
+
+
+def _withoutMember(structure: Bucket, member: str, nowMs: int) -> Bucket:
+    # The bare serial is how the anchor listed devices; drop that form too.
+    bare = member.removeprefix("device.")
+    devices = [d for d in _deviceList(structure) if d not in (member, bare)]
+    return rules.forceMerge(structure, {"devices": devices}, nowMs)
