@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from attrs import define, field, frozen
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -500,6 +501,17 @@ class Recorder:
             handle.flush()
             self._files[key] = (handle, started)
         return self._files[key]
+
+
+class RecorderService(Service):
+    """Closes a L{Recorder}'s files when the server stops."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.recorder.close()
 
 
 @implementer(IResource)

@@ -27,6 +27,7 @@ from twisted.web.server import Site
 
 from .control.api import ControlAPI
 from .device.api import DeviceAPI, TransportSettings
+from .fixtures import CONTROL, DEVICE, Recorder, RecorderService
 from .hub import SubscriberHub
 from .state import DeviceState
 from .store import SQLiteStore
@@ -69,7 +70,21 @@ class Options(usage.Options):
         "Serve the Nest thermostat device protocol and a control API. "
         "Point a thermostat's cloudregisterurl at <origin>/entry."
     )
+    optFlags: list[list[Any]] = [
+        [
+            "record-raw",
+            None,
+            "With --record: keep serials, MACs, passwords and entry codes.",
+        ],
+    ]
     optParameters: list[list[Any]] = [
+        [
+            "record",
+            None,
+            None,
+            "Directory to record every exchange to, as fixtures (see "
+            "fixtures/README.rst); secrets redacted unless --record-raw.",
+        ],
         [
             "device",
             None,
@@ -249,9 +264,16 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     root = MultiService()
     _StoreService(store, [pool, ioPool], hub).setServiceParent(root)
+    deviceResource = device.app.resource()
+    controlResource = control.app.resource()
+    if options["record"] is not None:
+        recorder = Recorder(options["record"], reactor, raw=bool(options["record-raw"]))
+        RecorderService(recorder).setServiceParent(root)
+        deviceResource = recorder.wrap(deviceResource, DEVICE)
+        controlResource = recorder.wrap(controlResource, CONTROL)
     for description, resource in [
-        (options["device"], device.app.resource()),
-        (options["control"], control.app.resource()),
+        (options["device"], deviceResource),
+        (options["control"], controlResource),
     ]:
         endpoint = serverFromString(reactor, _withBacklog(description))
         StreamServerEndpointService(endpoint, _site(resource)).setServiceParent(root)

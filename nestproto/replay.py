@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_fixtures -*-
+"""
+C{python -m nestproto.replay FIXTURE... [--against URL]}: replay recorded
+exchanges and check every answer (the logic is in L{nestproto.fixtures}).
+
+Without C{--against}, each fixture runs against a fresh in-memory server
+on a clock the replay advances, so hours of holds replay at once. With it,
+requests go over TCP to a running server, in real time.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+
+from .fixtures import (
+    Fixture,
+    FixtureError,
+    Replayer,
+    ReplayResult,
+    TCPTarget,
+    loadFixture,
+    replayInMemory,
+)
+
+
+class Options(usage.Options):
+    """Command-line options of C{python -m nestproto.replay}."""
+
+    synopsis = "FIXTURE... [--against URL] [--control URL]"
+    optParameters: list[list[Any]] = [
+        [
+            "against",
+            None,
+            None,
+            "Device port of a running server, e.g. http://127.0.0.1:8000 "
+            "(default: a fresh in-memory server per fixture).",
+        ],
+        [
+            "control",
+            None,
+            None,
+            "Control port of that server, for control exchanges "
+            "(default: the --against host on port 8082).",
+        ],
+        [
+            "tolerance",
+            None,
+            None,
+            "Seconds a chunk or end may be early or late "
+            "(default 0.01 in memory, 0.5 over TCP).",
+            float,
+        ],
+    ]
+
+    def parseArgs(self, *fixtures: str) -> None:
+        if not fixtures:
+            raise usage.UsageError("name at least one fixture file")
+        self["fixtures"] = list(fixtures)
+
+    def postOptions(self) -> None:
+        against = self["against"]
+        if against is not None and self["control"] is None:
+            from hyperlink import URL
+
+            url = URL.from_text(against)
+            self["control"] = url.replace(port=8082, path=()).to_text()
+        if self["tolerance"] is None:
+            self["tolerance"] = 0.01 if against is None else 0.5
+
+
+def loadAll(paths: Sequence[str], out: TextIO) -> list[Fixture] | None:
+    """Every fixture, or C{None} after printing the first unreadable one."""
+    fixtures = []
+    for path in paths:
+        try:
+            fixtures.append(loadFixture(path))
+        except FixtureError as e:
+            out.write(f"error: {e}\n")
+            return None
+    return fixtures
+
+
+def report(results: Sequence[ReplayResult], out: TextIO) -> int:
+    """Print each mismatch and a progress line; the exit status."""
+    for result in results:
+        for line in result.describe():
+            out.write(line + "\n")
+    replayed = sum(result.replayed for result in results)
+    matched = sum(result.matched for result in results)
+    failed = sum(result.failed for result in results)
+    out.write(
+        f"{len(results)} fixtures: replayed {replayed}, matched {matched}, "
+        f"failed {failed}\n"
+    )
+    return 0 if all(result.ok for result in results) else 1
+
+
+def replayOverTCP(
+    reactor: Any, fixtures: Sequence[Fixture], options: Options
+) -> Deferred[list[ReplayResult]]:
+    """Replay C{fixtures} one after the other against a running server."""
+
+    async def run() -> list[ReplayResult]:
+        results = []
+        for fixture in fixtures:
+            target = TCPTarget(reactor, options["against"], options["control"])
+            results.append(await Replayer(target, fixture, options["tolerance"]).run())
+        return results
+
+    return Deferred.fromCoroutine(run())
+
+
+def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
+    """Run the command line; the exit status."""
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError as e:
+        out.write(f"{options}\nerror: {e}\n")
+        return 2
+    fixtures = loadAll(options["fixtures"], out)
+    if fixtures is None:
+        return 2
+    if options["against"] is None:
+        results = [
+            replayInMemory(fixture, tolerance=options["tolerance"])
+            for fixture in fixtures
+        ]
+        return report(results, out)
+
+    from twisted.internet.task import react
+
+    status: list[int] = []
+
+    def runAll(reactorArg: Any) -> Deferred[None]:
+        return replayOverTCP(reactorArg, fixtures, options).addCallback(
+            lambda results: status.append(report(results, out))
+        )
+
+    try:
+        react(runAll, [])
+    except SystemExit:
+        pass
+    return status[0] if status else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
