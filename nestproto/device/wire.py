@@ -10,6 +10,7 @@ changed, so a refused body changes nothing.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -89,20 +90,31 @@ def _refuseConstant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finiteFloat(text: str) -> float:
+    # A number too large for a float (1e999) would parse as infinity and be
+    # rendered back as the non-JSON token Infinity, which no device parses.
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
 def parseJSONObject(body: bytes) -> dict[str, Any]:
     """
     Decode a request body that must be one JSON object.
 
-    @raise BadBody: on invalid UTF-8, invalid JSON, NaN/Infinity, nesting
-        deep enough to exhaust the parser, or a document that is not an
-        object.
+    @raise BadBody: on invalid UTF-8, invalid JSON, NaN/Infinity or a number
+        too large for a float, nesting deep enough to exhaust the parser, or
+        a document that is not an object.
     """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadBody("Body is not UTF-8") from None
     try:
-        document = json.loads(text, parse_constant=_refuseConstant)
+        document = json.loads(
+            text, parse_constant=_refuseConstant, parse_float=_finiteFloat
+        )
     except (ValueError, RecursionError):
         raise BadBody("Invalid JSON") from None
     if not isinstance(document, dict):
