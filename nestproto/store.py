@@ -134,9 +134,12 @@ class SQLiteStore:
 
     _connection: sqlite3.Connection
     _runInThread: ThreadRunner
-    _buckets: dict[str, dict[str, Bucket]] = field(factory=dict)
-    _records: dict[str, dict[str, dict[str, Any]]] = field(factory=dict)
-    _queue: list[_Pending] = field(factory=list)
+    # Contents stay out of the repr: a Logger on a class puts the instance
+    # (and whatever holds the store) into every event as log_source, and a
+    # JSON log observer would write out every bucket and entry key.
+    _buckets: dict[str, dict[str, Bucket]] = field(factory=dict, repr=False)
+    _records: dict[str, dict[str, dict[str, Any]]] = field(factory=dict, repr=False)
+    _queue: list[_Pending] = field(factory=list, repr=False)
     _committing: bool = False
     _closed: bool = False
 
