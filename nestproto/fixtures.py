@@ -316,6 +316,8 @@ class Recorder:
     _sequence: int = field(default=0, init=False)
     _files: dict[str, tuple[IO[str], float]] = field(factory=dict, init=False)
     _open: list[_Exchange] = field(factory=list, init=False)
+    _paths: list[str] = field(factory=list, init=False)
+    _codeSerials: dict[str, str] = field(factory=dict, init=False)
     _runName: str = field(default="", init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -331,7 +333,7 @@ class Recorder:
 
     def paths(self) -> list[str]:
         """The fixture files written so far."""
-        return sorted(handle.name for handle, start in self._files.values())
+        return sorted(self._paths)
 
     def close(self) -> None:
         """Write the exchanges still open (as open) and close every file."""
@@ -413,6 +415,9 @@ class Recorder:
             serial = normaliseSerial(candidate) if isinstance(candidate, str) else None
             if serial is not None:
                 return serial
+        if isinstance(requestBody, dict) and isinstance(requestBody.get("code"), str):
+            # A claim that failed names no serial; its code says whose it is.
+            return self._codeSerials.get(requestBody["code"].upper(), "")
         return ""
 
     def _write(self, exchange: _Exchange) -> None:
@@ -438,6 +443,8 @@ class Recorder:
             for document in jsonChunks:
                 if isinstance(document, dict):
                     redactor.learnCode(document.get("value"))
+                    if isinstance(document.get("value"), str) and serial:
+                        self._codeSerials[document["value"].upper()] = serial
         if exchange.kind == CONTROL and isinstance(requestJSON, dict):
             redactor.learnCode(requestJSON.get("code"))
 
@@ -490,6 +497,7 @@ class Recorder:
         if key not in self._files:
             path = os.path.join(self.directory, f"{key}-{self._runName}.jsonl")
             handle = open(path, "w", encoding="utf-8")
+            self._paths.append(path)
             header = {
                 "format": FORMAT_VERSION,
                 "serial": name or None,
