@@ -25,10 +25,11 @@ from twisted.web.http import Request
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from .control.api import ControlAPI
+from .control.api import ControlAPI, ControlSettings
 from .device.api import DeviceAPI, TransportSettings
 from .fixtures import CONTROL, DEVICE, Recorder, RecorderService
 from .hub import SubscriberHub
+from .pairing import MIN_REMAINING_SECONDS, Pairing
 from .state import DeviceState
 from .store import SQLiteStore
 from .uploads import LogStore
@@ -41,6 +42,12 @@ _ORIGIN_PATTERN = re.compile(
 #: at once must not be refused (the kernel caps it at somaxconn).
 LISTEN_BACKLOG = 4096
 STORE_FILE = "nestproto.sqlite3"
+#: A file in --data holding the control API's bearer token.
+CONTROL_TOKEN_FILE = "control-token"
+#: Shortest entry-key lifetime: a key is served only while 30 min of it
+#: remain (pairing.MIN_REMAINING_SECONDS), so this leaves a code on the
+#: screen for at least 10 minutes.
+MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
 WEATHER_SOURCES = {"open-meteo", "none"}
 
 
@@ -133,6 +140,27 @@ class Options(usage.Options):
             None,
             "Directory to keep device log uploads in (default: discard them).",
         ],
+        [
+            "entry-key-ttl",
+            None,
+            3600,
+            f"Seconds a pairing code is valid (at least {MIN_ENTRY_KEY_TTL}).",
+            int,
+        ],
+        [
+            "control-token",
+            None,
+            None,
+            "Require 'Authorization: Bearer TOKEN' on the control API (default: "
+            f"the file {CONTROL_TOKEN_FILE} in --data if present, else open).",
+        ],
+        [
+            "unavailable-after",
+            None,
+            600.0,
+            "Seconds of silence after which a device is shown unavailable.",
+            _positiveNumber,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -172,6 +200,32 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--data {self['data']!r} cannot be created: {e.strerror}"
             ) from None
+        if not MIN_ENTRY_KEY_TTL <= self["entry-key-ttl"] <= 7 * 24 * 3600:
+            raise usage.UsageError(
+                f"--entry-key-ttl must be {MIN_ENTRY_KEY_TTL}-604800 seconds: a "
+                "code is shown only while 30 minutes of it remain"
+            )
+        self["control-token"] = self._controlToken()
+
+    def _controlToken(self) -> str | None:
+        token = self["control-token"]
+        where = "--control-token"
+        if token is None:
+            path = os.path.join(self["data"], CONTROL_TOKEN_FILE)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError(f"{path} cannot be read: {e}") from None
+            where = path
+        if not token or any(c.isspace() or not c.isprintable() for c in token):
+            raise usage.UsageError(
+                f"{where}: the control token must be non-empty, printable, "
+                "without spaces"
+            )
+        return str(token)
 
 
 class _QuietSite(Site):
@@ -246,6 +300,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         origin=options["origin"],
         suspendTimeMaxSeconds=int(options["suspend-time-max"]),
     )
+    pairing = Pairing(state, ttlSeconds=options["entry-key-ttl"])
     weatherSource = (
         NoWeather() if options["weather"] == "none" else OpenMeteoSource(treq, reactor)
     )
@@ -259,8 +314,16 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
         runInThread=partial(deferToThreadPool, reactor, ioPool),
         settings=settings,
+        pairing=pairing,
     )
-    control = ControlAPI(state=state)
+    control = ControlAPI(
+        state=state,
+        pairing=pairing,
+        settings=ControlSettings(
+            token=options["control-token"],
+            unavailableAfterSeconds=options["unavailable-after"],
+        ),
+    )
 
     root = MultiService()
     _StoreService(store, [pool, ioPool], hub).setServiceParent(root)
