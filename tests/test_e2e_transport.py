@@ -1,0 +1,452 @@
+# -*- test-case-name: tests.test_e2e_transport -*-
+"""
+The transport end to end: the real service (C{makeService}) on loopback TCP
+ports with a real SQLite file, a thermostat played by treq and by a raw
+socket, a command through the control port, and a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from base64 import b64encode
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import treq
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.iweb import IResponse
+
+from nestproto.service import Options, makeService
+
+SERIAL = "02AA01AC0000000001"
+SHARED = f"shared.{SERIAL}"
+DEVICE = f"device.{SERIAL}"
+ENTRY_FORM = (
+    b"reset=FALSE&mac=18B430000001&model=Diamond-2.6&request_id=1"
+    b"&software_version=5.9.3-5&wireless_reg_domain=US"
+)
+
+
+def _basic() -> str:
+    return "Basic " + b64encode(f"nest.{SERIAL}:token".encode()).decode()
+
+
+DEVICE_HEADERS = {
+    "Authorization": _basic(),
+    "X-nl-protocol-version": "1",
+    "Content-Type": "application/json",
+}
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+class BodyReader(Protocol):
+    """
+    Receives a response body as it arrives: each decoded chunk goes to a
+    queue, and C{finished} fires when the body ends.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: DeferredQueue[bytes] = DeferredQueue()
+        self.received: list[bytes] = []
+        self.finished: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        self.chunks.put(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if reason.check(ResponseDone):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(reason)
+
+    async def document(self) -> Any:
+        """The next complete JSON document of the body."""
+        buffered = b""
+        while True:
+            buffered += await self.chunks.get()
+            try:
+                return json.loads(buffered)
+            except ValueError:
+                continue
+
+
+class RawClient(Protocol):
+    """A socket that records every byte the server sends."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        waiting, self._waiting = self._waiting, []
+        for predicate, d in waiting:
+            if predicate(self.received):
+                d.callback(self.received)
+            else:
+                self._waiting.append((predicate, d))
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.closed.callback(None)
+
+    def waitFor(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
+        if predicate(self.received):
+            return succeed(self.received)
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append((predicate, d))
+        return d.addTimeout(10, reactor)  # type: ignore[arg-type]
+
+
+def boundPort(service: StreamServerEndpointService) -> Deferred[int]:
+    """
+    The port C{service} listens on, once it does. The service's own
+    Deferred keeps its result: stopping the service needs it.
+    """
+    found: Deferred[int] = Deferred()
+
+    def seen(port: IListeningPort) -> IListeningPort:
+        found.callback(port.getHost().port)  # type: ignore[attr-defined]
+        return port
+
+    service._waitingForPort.addCallback(seen)  # type: ignore[union-attr]
+    return found
+
+
+class TransportEndToEndTests(TestCase):
+    """
+    A device against the real service over TCP.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.data = self.mktemp()
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.retryAutomatically = False
+        self.raw: list[RawClient] = []
+        self.services: list[IService] = []
+        # Cleanups run last-added first: clients close before the services
+        # stop, and a moment passes for the server side to see them go.
+        self.addCleanup(self.stopAll)
+        self.addCleanup(lambda: sleep(0.05))
+        self.addCleanup(self.closeClients)
+
+    def asDeferred(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
+        return Deferred.fromCoroutine(coroutine)
+
+    async def start(self) -> tuple[str, str]:
+        """
+        Start a service on loopback ports and the test's data directory.
+
+        @return: the device and control origins.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--device",
+                "tcp:0:interface=127.0.0.1",
+                "--control",
+                "tcp:0:interface=127.0.0.1",
+                "--data",
+                self.data,
+                "--weather",
+                "none",
+            ]
+        )
+        service = makeService(options)
+        listeners = [
+            s
+            for s in service
+            if isinstance(s, StreamServerEndpointService)  # type: ignore[attr-defined]
+        ]
+        service.startService()
+        found = [boundPort(listener) for listener in listeners]
+        self.services.append(service)
+        devicePort, controlPort = [await d for d in found]
+        return f"http://127.0.0.1:{devicePort}", f"http://127.0.0.1:{controlPort}"
+
+    async def stop(self, service: IService) -> None:
+        if service.running:
+            await service.stopService()
+
+    async def stopAllServices(self) -> None:
+        for service in self.services:
+            await self.stop(service)
+
+    def stopAll(self) -> Deferred[None]:
+        return self.asDeferred(self.stopAllServices())
+
+    async def closeAllClients(self) -> None:
+        for client in self.raw:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.loseConnection()
+                await client.closed
+        await self.pool.closeCachedConnections()
+
+    def closeClients(self) -> Deferred[None]:
+        return self.asDeferred(self.closeAllClients())
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> IResponse:
+        response: IResponse = await treq.request(
+            method, url, pool=self.pool, unbuffered=True, **kwargs
+        )
+        return response
+
+    async def json(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+        response = await self.request(method, url, **kwargs)
+        body = await treq.content(response)
+        return response.code, json.loads(body)
+
+    async def listing(self, origin: str) -> Any:
+        code, body = await self.json("GET", f"{origin}/nest/transport/device/{SERIAL}")
+        self.assertEqual(code, 200)
+        return body
+
+    # The tests
+
+    def test_bootSubscribePushRestart(self) -> None:
+        """
+        A device boots (entry), puts its state and holds a subscribe; a
+        command on the control port arrives as a chunk on the open
+        connection; stopping the service ends the hold cleanly; a new
+        service on the same data directory lists identical revisions and
+        timestamps.
+        """
+        return self.asDeferred(self.bootSubscribePushRestart())  # type: ignore[return-value]
+
+    async def bootSubscribePushRestart(self) -> None:
+        deviceOrigin, controlOrigin = await self.start()
+        port = deviceOrigin.rsplit(":", 1)[1]
+
+        code, entry = await self.json(
+            "POST",
+            f"{deviceOrigin}/nest/entry",
+            data=ENTRY_FORM,
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-nl-device-id": SERIAL,
+            },
+        )
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            entry["transport_url"], f"http://127.0.0.1:{port}/nest/transport"
+        )
+
+        code, receipts = await self.json(
+            "POST",
+            f"{deviceOrigin}/nest/transport/v7/put",
+            data=json.dumps(
+                {
+                    "session": "s",
+                    "objects": [
+                        {
+                            "object_key": SHARED,
+                            "value": {
+                                "target_temperature": 20.0,
+                                "target_temperature_type": "heat",
+                                "can_heat": True,
+                                "can_cool": False,
+                            },
+                        },
+                        {"object_key": DEVICE, "value": {"current_humidity": 41}},
+                    ],
+                }
+            ).encode(),
+            headers=DEVICE_HEADERS,
+        )
+        self.assertEqual(code, 200)
+        held = {o["object_key"]: o for o in receipts["objects"]}
+        self.assertEqual(set(held), {SHARED, DEVICE})
+
+        response = await self.request(
+            "POST",
+            f"{deviceOrigin}/nest/transport/v7/subscribe",
+            data=json.dumps(
+                {"chunked": True, "session": "s", "objects": list(held.values())}
+            ).encode(),
+            headers=DEVICE_HEADERS,
+        )
+        self.assertEqual(response.code, 200)
+        self.assertIsNotNone(response.headers.getRawHeaders("x-nl-service-timestamp"))
+        reader = BodyReader()
+        response.deliverBody(reader)
+        await sleep(0.2)
+        self.assertEqual(reader.received, [])
+        self.assertFalse(reader.finished.called)
+
+        code, answer = await self.json(
+            "POST",
+            f"{controlOrigin}/command",
+            data=json.dumps(
+                {"serial": SERIAL, "command": "set_temperature", "value": 21.5}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual((code, answer["success"]), (200, True))
+        pushed = await reader.document()
+        [bucket] = pushed["objects"]
+        self.assertEqual(
+            list(bucket),
+            ["object_revision", "object_timestamp", "object_key", "value"],
+        )
+        self.assertEqual(bucket["object_key"], SHARED)
+        self.assertEqual(bucket["object_revision"], held[SHARED]["object_revision"] + 1)
+        self.assertGreater(bucket["object_timestamp"], held[SHARED]["object_timestamp"])
+        self.assertEqual(bucket["value"]["target_temperature"], 21.5)
+        self.assertIs(bucket["value"]["target_change_pending"], True)
+        self.assertIs(bucket["value"]["can_heat"], True)
+        self.assertFalse(reader.finished.called)
+
+        before = await self.listing(deviceOrigin)
+        self.assertEqual(
+            {o["object_key"]: o["object_revision"] for o in before["objects"]},
+            {
+                SHARED: bucket["object_revision"],
+                DEVICE: held[DEVICE]["object_revision"],
+            },
+        )
+
+        # Shutdown ends the held subscribe at once, cleanly.
+        await self.stop(self.services[-1])
+        await reader.finished
+        await self.pool.closeCachedConnections()
+
+        deviceOrigin, controlOrigin = await self.start()
+        after = await self.listing(deviceOrigin)
+        self.assertEqual(after, before)
+        for listed in after["objects"]:
+            self.assertNotIn("value", listed)
+
+        # The restarted server answers a subscribe in sync by holding it.
+        response = await self.request(
+            "POST",
+            f"{deviceOrigin}/nest/transport",
+            data=json.dumps(
+                {
+                    "chunked": True,
+                    "session": "s",
+                    "objects": [
+                        {
+                            "object_key": o["object_key"],
+                            "object_revision": o["object_revision"],
+                            "object_timestamp": o["object_timestamp"],
+                        }
+                        for o in after["objects"]
+                    ],
+                }
+            ).encode(),
+            headers=DEVICE_HEADERS,
+        )
+        reader = BodyReader()
+        response.deliverBody(reader)
+        await sleep(0.1)
+        self.assertEqual(reader.received, [])
+        await self.stop(self.services[-1])
+        await reader.finished
+
+    def test_rawHeldSubscribe(self) -> None:
+        """
+        On the wire, a held subscribe's header block (with
+        C{Transfer-Encoding: chunked} and the X-nl headers) arrives at once
+        and alone; a push then arrives as one chunk.
+        """
+        return self.asDeferred(self.rawHeldSubscribe())  # type: ignore[return-value]
+
+    async def rawHeldSubscribe(self) -> None:
+        deviceOrigin, controlOrigin = await self.start()
+        port = int(deviceOrigin.rsplit(":", 1)[1])
+
+        body = json.dumps(
+            {
+                "chunked": True,
+                "session": "s",
+                "objects": [
+                    {
+                        "object_key": SHARED,
+                        "object_revision": 0,
+                        "object_timestamp": 0,
+                        "value": {"can_heat": True, "target_temperature": 19.0},
+                    }
+                ],
+            }
+        ).encode()
+        code, first = await self.json(
+            "POST", f"{deviceOrigin}/nest/transport", data=body, headers=DEVICE_HEADERS
+        )
+        [stored] = first["objects"]
+
+        client = RawClient()
+        self.raw.append(client)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        held = json.dumps(
+            {
+                "chunked": True,
+                "session": "s",
+                "objects": [
+                    {
+                        "object_key": SHARED,
+                        "object_revision": stored["object_revision"],
+                        "object_timestamp": stored["object_timestamp"],
+                    }
+                ],
+            }
+        ).encode()
+        client.transport.write(  # type: ignore[union-attr]
+            b"POST /nest/transport HTTP/1.1\r\n"
+            b"Host: 127.0.0.1:%d\r\n"
+            b"Authorization: %s\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (port, _basic().encode(), len(held), held)
+        )
+        received = await client.waitFor(lambda data: b"\r\n\r\n" in data)
+        await sleep(0.2)
+        head, _, rest = client.received.partition(b"\r\n\r\n")
+        self.assertEqual(rest, b"")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.1 200 OK")
+        headers = {
+            name.lower(): value
+            for name, _, value in (line.partition(b": ") for line in lines[1:])
+        }
+        self.assertEqual(headers[b"transfer-encoding"], b"chunked")
+        self.assertNotIn(b"content-length", headers)
+        self.assertEqual(headers[b"x-nl-suspend-time-max"], b"300")
+        self.assertEqual(headers[b"x-nl-defer-device-window"], b"15")
+        self.assertGreater(int(headers[b"x-nl-service-timestamp"]), 1_700_000_000_000)
+        self.assertTrue(received)
+
+        code, answer = await self.json(
+            "POST",
+            f"{controlOrigin}/command",
+            data=json.dumps(
+                {"serial": SERIAL, "command": "set_temperature", "value": 22.0}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(code, 200)
+
+        def oneChunk(data: bytes) -> bool:
+            body = data.partition(b"\r\n\r\n")[2]
+            size, _, rest = body.partition(b"\r\n")
+            return bool(size) and len(rest) >= int(size, 16) + 2
+
+        data = await client.waitFor(oneChunk)
+        body = data.partition(b"\r\n\r\n")[2]
+        size, _, rest = body.partition(b"\r\n")
+        document = json.loads(rest[: int(size, 16)])
+        self.assertEqual(document["objects"][0]["value"]["target_temperature"], 22.0)
