@@ -11,9 +11,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from hypothesis import given
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 
 from nestproto.buckets import Bucket
@@ -22,6 +24,7 @@ from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.state import GLOBAL_SCOPE
 
 from .helpers import CONTROL_URL, DEVICE_URL, OTHER_SERIAL, SERIAL, basicAuth
+from .strategies import controlCommands
 from .test_pairing import ServerTestCase
 
 SHARED = {
@@ -998,6 +1001,18 @@ class EventTests(ControlTestCase):
         self.ok("set_temperature", 22)
         self.assertEqual(self.server.clock.getDelayedCalls(), [])
 
+    def test_claimOneEvent(self) -> None:
+        """
+        A claim, which writes a user and a structure, is one event for the
+        claimed device.
+        """
+        code = self.passphrase()["value"]
+        d, chunks, done = self.openStream()
+        self.claim(code)
+        self.server.controlClient.flush()
+        self.assertEqual(self.events(chunks), [{"serial": SERIAL}])
+        self.leave(d, done)
+
     def test_keepAlive(self) -> None:
         """
         An idle stream gets a comment line every 25 s.
@@ -1112,3 +1127,38 @@ class CORSTests(ServerTestCase):
                 response.headers.getRawHeaders("access-control-allow-origin"), ["*"]
             )
             self.successResultOf(response.content())
+
+
+class CommandPropertyTests(SynchronousTestCase):
+    """
+    Any command body, valid or nearly so.
+    """
+
+    @given(body=controlCommands(SERIAL))
+    def test_appliedOrRefusedWhole(self, body: dict[str, Any]) -> None:
+        """
+        A command is either applied (200, success, every written bucket
+        revision moved and pushed) or refused (4xx, a message, the store as
+        it was): never a 500, never half done.
+        """
+        case = ControlTestCase()
+        case.setUp()
+        before = case.snapshot()
+        status, document = case.control("POST", "/command", body)
+        self.assertIn(status, (200, 400), document)
+        if status != 200:
+            self.assertIs(document["success"], False)
+            self.assertIsInstance(document["message"], str)
+            self.assertEqual(case.snapshot(), before)
+            return
+        self.assertIs(document["success"], True)
+        key = document["data"]["object_key"]
+        scope = GLOBAL_SCOPE if key.startswith("structure.") else SERIAL
+        previous = {bucket.key: bucket for bucket in before[0].get(scope, [])}.get(key)
+        written = case.stored(key, scope)
+        assert written is not None
+        if previous is not None:
+            self.assertGreater(written.timestamp, previous.timestamp)
+            self.assertNotEqual(written.revision, previous.revision)
+        for name, value in document["data"]["values"].items():
+            self.assertEqual(written.value[name], value)
