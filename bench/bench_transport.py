@@ -1,0 +1,1289 @@
+#!/usr/bin/env python
+"""
+Transport benchmark (issue 3): simulated thermostats over real TCP against a
+real C{twistd -n nestproto}, one JSON line printed per scenario.
+
+Scenarios, each printed with its target beside each figure:
+
+ - C{boot}: B devices boot (entry POST with a form body, then a first
+   subscribe carrying their whole device and shared state inline at
+   revision 0 / timestamp 0); server CPU milliseconds per booted device.
+ - C{held}: H devices, each on its own connection, hold a subscribe naming
+   the timestamps they learnt at boot, so nothing is pending; server RSS
+   before and after, MiB per 1,000 held.
+ - C{reconnect_storm}: every held connection is reset at once and all
+   reconnect immediately; how many failed and how long until all were held.
+ - C{push}: with 1,000 held, 20 set_temperature commands a second through
+   the control API; milliseconds from sending a command to its chunk
+   arriving on that device's held connection.
+ - C{put}: 50 devices each put a changing C{target_temperature} to their
+   shared bucket with C{if_object_revision} taken from the last receipt;
+   durable acknowledgements a second, latency, errors.
+
+The client is a minimal asyncio HTTP/1.1 protocol (request writer, chunked
+parser) so that one core can drive 20,000 connections; it is measurement
+tooling, not project logic, so it reads C{time.perf_counter} freely.
+
+Run it from the project root (see bench/README.rst)::
+
+    /tmp/venv/bin/python bench/bench_transport.py              # full size
+    /tmp/venv/bin/python bench/bench_transport.py --held 2000 --boot 500 \\
+        --push-seconds 3 --put-seconds 5                       # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SUBSCRIBE_PATH = b"/nest/transport/v7/subscribe"
+PUT_PATH = b"/nest/transport/v7/put"
+#: File descriptors wanted by both processes (20,000 held need 20,000 each).
+NOFILE_WANTED = 131072
+#: Seconds one connect-and-request may take before it counts as failed.
+ATTEMPT_SECONDS = 30
+#: Descriptors kept free beside the held connections in each process.
+_SPARE_FILES = 16
+#: Targets of issue 3, printed beside each figure.
+TARGETS = {
+    "held": 20000,
+    "mib_per_1000_held": 20.0,
+    "push_p50_ms": 5.0,
+    "push_p99_ms": 25.0,
+    "put_acks_per_s": 1000.0,
+    "put_p99_ms": 100.0,
+    "put_errors": 0,
+    "boot_cpu_ms_per_device": 10.0,
+    "storm_failed": 0,
+}
+
+
+# HTTP/1.1 client
+
+
+_HEADERS, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _LENGTH, _UNTIL_CLOSE = range(6)
+
+
+class Response:
+    """
+    One response as it arrives: status and headers, then each body chunk
+    (handed to C{onChunk}, or kept in C{chunks} when there is none).
+
+    @ivar error: why the response did not complete (connection lost), or
+        C{None}.
+    """
+
+    __slots__ = (
+        "status",
+        "headers",
+        "onChunk",
+        "chunks",
+        "error",
+        "headersReceived",
+        "done",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        onChunk: Callable[[bytes], None] | None,
+    ) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.onChunk = onChunk
+        self.chunks: list[bytes] = []
+        self.error: str | None = None
+        self.headersReceived: asyncio.Future[Response] = loop.create_future()
+        self.done: asyncio.Future[Response] = loop.create_future()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status == 200
+
+    def json(self) -> Any:
+        return json.loads(b"".join(self.chunks))
+
+
+class HTTPConnection(asyncio.Protocol):
+    """
+    A client connection carrying one request at a time: writes the request,
+    parses the response (content-length, chunked, or until close). Failures
+    are recorded on the L{Response}, never raised, so 20,000 of them cost no
+    tracebacks.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.state = _HEADERS
+        self.remaining = 0
+        self.response: Response | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: bytes,
+        body: bytes = b"",
+        onChunk: Callable[[bytes], None] | None = None,
+    ) -> Response:
+        """
+        Send one request; C{headers} are complete lines, Host included.
+        """
+        response = Response(self.loop, onChunk)
+        if self.closed or self.transport is None:
+            self._fail(response, "connection closed before the request")
+            return response
+        assert self.response is None, "one request at a time"
+        self.response = response
+        self.state = _HEADERS
+        self.transport.write(
+            b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (method, path, headers, len(body), body)
+        )
+        return response
+
+    def close(self, reset: bool = False) -> None:
+        """Close; C{reset} sends a TCP RST (no FIN, no TIME_WAIT)."""
+        if self.transport is None or self.closed:
+            return
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self._step():
+            pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self.response
+        if response is None:
+            return
+        if self.state == _UNTIL_CLOSE:
+            self._finish(response)
+        else:
+            self.response = None
+            self._fail(response, f"connection lost: {exc or 'closed'}")
+
+    def _fail(self, response: Response, why: str) -> None:
+        response.error = why
+        if not response.headersReceived.done():
+            response.headersReceived.set_result(response)
+        if not response.done.done():
+            response.done.set_result(response)
+
+    def _finish(self, response: Response) -> None:
+        self.response = None
+        self.state = _HEADERS
+        if not response.done.done():
+            response.done.set_result(response)
+
+    def _chunk(self, response: Response, chunk: bytes) -> None:
+        if response.onChunk is None:
+            response.chunks.append(chunk)
+        else:
+            response.onChunk(chunk)
+
+    def _step(self) -> bool:
+        buffer = self.buffer
+        response = self.response
+        if response is None:
+            return False
+        state = self.state
+        if state == _HEADERS:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+            del buffer[: end + 4]
+            response.status = int(lines[0].split(" ", 2)[1])
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                response.headers[name.strip().lower()] = value.strip()
+            if response.headers.get("transfer-encoding", "").lower() == "chunked":
+                self.state = _CHUNK_SIZE
+            elif "content-length" in response.headers:
+                self.state = _LENGTH
+                self.remaining = int(response.headers["content-length"])
+            else:
+                self.state = _UNTIL_CLOSE
+            response.headersReceived.set_result(response)
+            return True
+        if state == _CHUNK_SIZE:
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            size = int(bytes(buffer[:end]).split(b";")[0], 16)
+            del buffer[: end + 2]
+            if size:
+                self.remaining = size
+                self.state = _CHUNK_DATA
+            else:
+                self.state = _TRAILER
+            return True
+        if state == _CHUNK_DATA:
+            if len(buffer) < self.remaining + 2:
+                return False
+            chunk = bytes(buffer[: self.remaining])
+            del buffer[: self.remaining + 2]
+            self.state = _CHUNK_SIZE
+            self._chunk(response, chunk)
+            return True
+        if state == _TRAILER:
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            trailer = bytes(buffer[:end])
+            del buffer[: end + 2]
+            if not trailer:
+                self._finish(response)
+            return True
+        if state == _LENGTH:
+            if len(buffer) < self.remaining:
+                return False
+            chunk = bytes(buffer[: self.remaining])
+            del buffer[: self.remaining]
+            self._chunk(response, chunk)
+            self._finish(response)
+            return True
+        if buffer:
+            chunk = bytes(buffer)
+            buffer.clear()
+            self._chunk(response, chunk)
+        return False
+
+
+async def connect(port: int) -> HTTPConnection:
+    """A new connection to C{HOST:port}; raises C{OSError} when refused."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(HTTPConnection, HOST, port)
+    return protocol
+
+
+def hostHeader(port: int) -> bytes:
+    return b"Host: %s:%d\r\n" % (HOST.encode(), port)
+
+
+# Simulated thermostats
+
+
+def _deviceValue(serial: str, index: int) -> dict[str, Any]:
+    """The device bucket a booting thermostat reports (a realistic subset)."""
+    return {
+        "serial_number": serial,
+        "mac_address": f"18b430{index:06x}",
+        "model_version": "Display-2.6",
+        "current_version": "5.9.3-5",
+        "local_ip": f"192.168.{index // 250 % 250}.{index % 250 + 2}",
+        "current_humidity": 44,
+        "backplate_temperature": 21.3,
+        "battery_level": 3.822,
+        "has_fan": True,
+        "has_emer_heat": False,
+        "has_humidifier": False,
+        "has_dehumidifier": False,
+        "has_hot_water_control": False,
+        "leaf": False,
+        "auto_away": 0,
+        "auto_away_enable": True,
+        "time_to_target": 0,
+        "time_to_target_training": "ready",
+        "error_code": "",
+        "temperature_scale": "C",
+        "away_temperature_low": 15.0,
+        "away_temperature_low_enabled": True,
+        "away_temperature_high": 28.0,
+        "away_temperature_high_enabled": False,
+        "lower_safety_temp": 7.0,
+        "lower_safety_temp_enabled": True,
+        "upper_safety_temp": 35.0,
+        "upper_safety_temp_enabled": False,
+        "fan_mode": "auto",
+        "fan_timer_timeout": 0,
+        "fan_timer_duration": 900,
+        "fan_duty_cycle": 3600,
+        "fan_cooling_enabled": True,
+        "learning_mode": True,
+        "preconditioning_enabled": False,
+        "sunlight_correction_enabled": True,
+        "click_sound": "on",
+        "filter_reminder_enabled": False,
+        "postal_code": "94043",
+        "country_code": "US",
+        "hvac_wires": "Heat,Cool,Fan,Common Wire,Rh",
+        "eco": {"mode": "schedule", "touched_by": 1, "mode_update_timestamp": 0},
+        "safety_state": "none",
+    }
+
+
+def _sharedValue() -> dict[str, Any]:
+    return {
+        "name": "Hallway",
+        "target_temperature": 20.0,
+        "target_temperature_type": "heat",
+        "target_temperature_low": 19.0,
+        "target_temperature_high": 24.0,
+        "target_change_pending": False,
+        "current_temperature": 21.14,
+        "can_heat": True,
+        "can_cool": True,
+        "hvac_heater_state": False,
+        "hvac_ac_state": False,
+        "hvac_fan_state": False,
+        "auto_away": 0,
+        "touched_by": {
+            "touched_by": 2,
+            "touched_at": 1767225600,
+            "touched_tzo": -28800,
+            "touched_user_id": "",
+        },
+    }
+
+
+class Device:
+    """
+    One simulated thermostat: its serial, the revision and timestamp it
+    holds for each bucket, and its held subscribe when it has one.
+    """
+
+    __slots__ = (
+        "serial",
+        "index",
+        "port",
+        "authHeaders",
+        "objects",
+        "connection",
+        "response",
+        "holding",
+        "onPush",
+        "unexpected",
+    )
+
+    def __init__(self, serial: str, index: int, port: int) -> None:
+        self.serial = serial
+        self.index = index
+        self.port = port
+        token = base64.b64encode(b"nest.%s:bench-token" % (serial.encode(),))
+        self.authHeaders = (
+            hostHeader(port)
+            + b"Authorization: Basic %s\r\n" % (token,)
+            + b"Content-Type: application/json\r\n"
+            + b"X-nl-protocol-version: 1\r\n"
+            + b"X-nl-device-swversion: 5.9.3-5\r\n"
+        )
+        self.objects: dict[str, tuple[int, int]] = {}
+        self.connection: HTTPConnection | None = None
+        self.response: Response | None = None
+        #: Re-subscribe whenever an answer ends.
+        self.holding = False
+        #: Called with (device, objects, arrival time) for every chunk.
+        self.onPush: Callable[[Device, list[dict[str, Any]], float], None] | None = None
+        #: Answers that ended or carried data while nothing was pending.
+        self.unexpected = 0
+
+    def session(self) -> str:
+        return f"18b430{self.index:06x}{self.serial}"
+
+    def entryRequest(self) -> tuple[bytes, bytes]:
+        headers = (
+            hostHeader(self.port)
+            + b"Content-Type: application/x-www-form-urlencoded\r\n"
+            + b"X-nl-device-id: %s\r\n" % (self.serial.encode(),)
+        )
+        body = (
+            f"reset=FALSE&mac=18B430{self.index:06X}&model=Diamond-2.6&request_id=1"
+            "&software_version=5.9.3-5&wireless_reg_domain=US"
+            "&backplate_model=Backplate-2.1"
+        ).encode()
+        return headers, body
+
+    def bootBody(self) -> bytes:
+        """A first subscribe carrying the whole state inline at rev 0 / ts 0."""
+        return json.dumps(
+            {
+                "chunked": True,
+                "session": self.session(),
+                "objects": [
+                    {
+                        "object_key": "device." + self.serial,
+                        "object_revision": 0,
+                        "object_timestamp": 0,
+                        "value": _deviceValue(self.serial, self.index),
+                    },
+                    {
+                        "object_key": "shared." + self.serial,
+                        "object_revision": 0,
+                        "object_timestamp": 0,
+                        "value": _sharedValue(),
+                    },
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def subscribeBody(self) -> bytes:
+        """A subscribe naming exactly what the device holds."""
+        return json.dumps(
+            {
+                "chunked": True,
+                "session": self.session(),
+                "objects": [
+                    {
+                        "object_key": key,
+                        "object_revision": revision,
+                        "object_timestamp": timestamp,
+                    }
+                    for key, (revision, timestamp) in self.objects.items()
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def learn(self, objects: Iterable[dict[str, Any]]) -> None:
+        for item in objects:
+            self.objects[item["object_key"]] = (
+                item["object_revision"],
+                item["object_timestamp"],
+            )
+
+    def chunkArrived(self, chunk: bytes) -> None:
+        arrived = time.perf_counter()
+        objects = json.loads(chunk)["objects"]
+        self.learn(objects)
+        if self.onPush is not None:
+            self.onPush(self, objects, arrived)
+        else:
+            self.unexpected += 1
+
+
+async def boot(device: Device) -> str | None:
+    """
+    Boot C{device} on a fresh connection: entry, then the inline first
+    subscribe, whose immediate answer teaches it its timestamps.
+
+    @return: C{None} on success, else what went wrong.
+    """
+    try:
+        async with asyncio.timeout(ATTEMPT_SECONDS):
+            return await _boot(device)
+    except OSError as e:
+        return f"connect: {e}"
+    except TimeoutError:
+        return f"not booted within {ATTEMPT_SECONDS} s"
+
+
+async def _boot(device: Device) -> str | None:
+    connection = await connect(device.port)
+    try:
+        headers, body = device.entryRequest()
+        entry = connection.request(b"POST", b"/nest/entry", headers, body)
+        await entry.done
+        if not entry.ok:
+            return f"entry: {entry.status} {entry.error}"
+        first = connection.request(
+            b"POST", SUBSCRIBE_PATH, device.authHeaders, device.bootBody()
+        )
+        await first.done
+        if not first.ok:
+            return f"boot subscribe: {first.status} {first.error}"
+        objects = first.json()["objects"]
+        device.learn(objects)
+        if len(device.objects) < 2:
+            return f"boot subscribe answered {len(objects)} objects"
+        return None
+    finally:
+        connection.close()
+
+
+async def bootAll(devices: Sequence[Device], concurrency: int) -> list[str]:
+    """Boot every device, C{concurrency} at a time; the errors."""
+    errors: list[str] = []
+    queue = iter(devices)
+
+    async def worker() -> None:
+        for device in queue:
+            error = await boot(device)
+            if error is not None:
+                errors.append(f"{device.serial}: {error}")
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return errors
+
+
+def _subscribe(device: Device) -> Response:
+    assert device.connection is not None
+    response = device.connection.request(
+        b"POST",
+        SUBSCRIBE_PATH,
+        device.authHeaders,
+        device.subscribeBody(),
+        onChunk=device.chunkArrived,
+    )
+    device.response = response
+    response.done.add_done_callback(lambda ignored: _answerEnded(device, response))
+    return response
+
+
+def _answerEnded(device: Device, response: Response) -> None:
+    if not device.holding or device.response is not response:
+        return
+    connection = device.connection
+    if response.error is None and connection is not None and not connection.closed:
+        _subscribe(device)
+    else:
+        device.response = None
+        asyncio.get_running_loop().create_task(hold(device))
+
+
+async def hold(device: Device, gate: asyncio.Semaphore | None = None) -> str | None:
+    """
+    Connect C{device} and hold a subscribe that has nothing pending; it
+    re-subscribes whenever an answer ends, until C{device.holding} is unset.
+
+    @return: C{None} once the response headers arrived (the subscribe is
+        held), else what went wrong.
+    """
+    device.holding = True
+    if gate is not None:
+        await gate.acquire()
+    try:
+        async with asyncio.timeout(ATTEMPT_SECONDS):
+            device.connection = await connect(device.port)
+            response = _subscribe(device)
+            await response.headersReceived
+    except OSError as e:
+        drop(device)
+        return f"connect: {e}"
+    except TimeoutError:
+        drop(device)
+        return f"no response headers within {ATTEMPT_SECONDS} s"
+    finally:
+        if gate is not None:
+            gate.release()
+    if response.error is not None or response.status != 200:
+        drop(device)
+        return response.error or f"status {response.status}"
+    return None
+
+
+def drop(device: Device, reset: bool = True) -> None:
+    """Stop holding and close the connection (RST by default)."""
+    device.holding = False
+    device.response = None
+    if device.connection is not None:
+        device.connection.close(reset=reset)
+        device.connection = None
+
+
+# The server under test
+
+
+def raiseFileLimit() -> int:
+    """Raise RLIMIT_NOFILE as far as allowed; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < NOFILE_WANTED:
+        try:
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE, (NOFILE_WANTED, max(NOFILE_WANTED, hard))
+            )
+        except (ValueError, OSError):
+            # Not allowed to raise the hard limit: go as far as it.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+_PUSH_SHIM_PATH = "/bench/set_temperature"
+_SERVER_CODE = "from twisted.scripts.twistd import run; run()"
+_SHIM_SERVER_CODE = (
+    "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
+    "bench_transport.installPushShim(); " + _SERVER_CODE
+)
+
+
+def controlHasCommand() -> bool:
+    """Whether the source tree's control API routes C{POST /command}."""
+    sys.path.insert(0, str(ROOT))
+    from nestproto.control.api import ControlAPI
+
+    return any(rule.rule == "/command" for rule in ControlAPI.app.url_map.iter_rules())
+
+
+def installPushShim() -> None:
+    """
+    Bench-only stand-in for the control API's C{set_temperature} while
+    C{POST /command} is not in the tree: C{POST /bench/set_temperature}
+    merges C{target_temperature} and C{target_change_pending: true} into
+    C{shared.SERIAL} through L{DeviceState.change}, which persists and
+    pushes exactly as a command does. Runs inside the server process only.
+    """
+    from nestproto import buckets as rules
+    from nestproto.control.api import ControlAPI
+    from nestproto.httpjson import jsonResponse
+
+    @ControlAPI.app.route(_PUSH_SHIM_PATH, methods=["POST"])
+    def benchSetTemperature(self: Any, request: Any) -> Any:
+        document = json.loads(request.content.read())
+        serial = document["serial"]
+        key = "shared." + serial
+
+        def newVersions(nowMs: int) -> list[Any]:
+            stored = self.state.store.get(serial, key) or rules.empty(key)
+            fields = {
+                "target_temperature": document["value"],
+                "target_change_pending": True,
+            }
+            return [rules.forceMerge(stored, fields, nowMs)]
+
+        return self.state.change(serial, newVersions).addCallback(
+            lambda written: jsonResponse(request, {"success": True})
+        )
+
+
+class Server:
+    """A C{twistd -n nestproto} child process on loopback ports."""
+
+    def __init__(self, args: argparse.Namespace, shim: bool) -> None:
+        self.devicePort = freePort()
+        self.controlPort = freePort()
+        self.ownsData = args.data is None
+        self.data = args.data or tempfile.mkdtemp(prefix="nestproto-bench-")
+        self.profile = args.server_profile
+        self.shim = shim
+        self.holdTimeout = args.hold_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self.logPath = os.path.join(self.data, "twistd.log")
+
+    def command(self) -> list[str]:
+        code = _SERVER_CODE
+        if self.shim:
+            code = _SHIM_SERVER_CODE.format(benchDir=str(Path(__file__).parent))
+        command = [sys.executable, "-c", code, "--pidfile=", "-n"]
+        if self.profile:
+            command += [
+                f"--profile={self.profile}",
+                "--profiler=cprofile",
+                "--savestats",
+            ]
+        command += [
+            "nestproto",
+            "--device",
+            f"tcp:{self.devicePort}:interface={HOST}",
+            "--control",
+            f"tcp:{self.controlPort}:interface={HOST}",
+            "--data",
+            self.data,
+        ]
+        if self.holdTimeout is not None:
+            command += ["--hold-timeout", str(self.holdTimeout)]
+        return command
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
+        log = open(self.logPath, "wb")
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.data, env=env, stdout=log, stderr=log
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"twistd exited with {self.process.returncode}; "
+                    f"log: {self.logPath}\n" + Path(self.logPath).read_text()[-3000:]
+                )
+            try:
+                connection = await connect(self.devicePort)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            ping = connection.request(
+                b"GET", b"/nest/ping", hostHeader(self.devicePort)
+            )
+            await ping.done
+            connection.close()
+            if ping.ok:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"twistd did not answer /nest/ping; log: {self.logPath}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rssMiB(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def openFiles(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpuSeconds(self) -> float:
+        """User plus system CPU of the server, all threads."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def health(self) -> dict[str, Any]:
+        connection = await connect(self.controlPort)
+        try:
+            response = connection.request(
+                b"GET", b"/health", hostHeader(self.controlPort)
+            )
+            await response.done
+            if not response.ok:
+                raise RuntimeError(f"/health: {response.status} {response.error}")
+            result: dict[str, Any] = response.json()
+            return result
+        finally:
+            connection.close()
+
+    async def waitForSubscriptions(self, count: int, seconds: float) -> int:
+        """Poll /health until C{count} subscribes are held; the last count."""
+        deadline = time.monotonic() + seconds
+        while True:
+            held = int((await self.health())["subscriptions"])
+            if held == count or time.monotonic() > deadline:
+                return held
+            await asyncio.sleep(0.25)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def cleanUp(self, keep: bool) -> None:
+        if self.ownsData and not keep:
+            shutil.rmtree(self.data, ignore_errors=True)
+
+
+# Figures
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of C{values}, or C{None} when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, int(round(fraction * len(ordered) + 0.5)) - 1))
+    return ordered[rank]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def emit(document: dict[str, Any]) -> None:
+    print(json.dumps(document), flush=True)
+
+
+def serials(prefix: str, count: int) -> list[str]:
+    """C{count} distinct 16-character serials starting with C{prefix}."""
+    width = 16 - len(prefix)
+    return [f"{prefix}{index:0{width}d}" for index in range(count)]
+
+
+# Scenarios
+
+
+async def bootScenario(server: Server, count: int, concurrency: int) -> None:
+    devices = [
+        Device(serial, index, server.devicePort)
+        for index, serial in enumerate(serials("02BB01AC", count))
+    ]
+    cpuBefore = server.cpuSeconds()
+    started = time.perf_counter()
+    errors = await bootAll(devices, concurrency)
+    elapsed = time.perf_counter() - started
+    cpu = server.cpuSeconds() - cpuBefore
+    perDevice = cpu / count * 1000
+    emit(
+        {
+            "scenario": "boot",
+            "devices": count,
+            "concurrency": concurrency,
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "seconds": round(elapsed, 2),
+            "boots_per_s": round(count / elapsed, 1),
+            "server_cpu_s": round(cpu, 2),
+            "cpu_ms_per_device": round(perDevice, 2),
+            "target_cpu_ms_per_device": TARGETS["boot_cpu_ms_per_device"],
+            "met": perDevice <= TARGETS["boot_cpu_ms_per_device"] and not errors,
+        }
+    )
+
+
+async def holdAll(
+    devices: Sequence[Device], concurrency: int | None
+) -> tuple[list[str], float]:
+    gate = None if concurrency is None else asyncio.Semaphore(concurrency)
+    started = time.perf_counter()
+    results = await asyncio.gather(*(hold(device, gate) for device in devices))
+    elapsed = time.perf_counter() - started
+    return [
+        f"{d.serial}: {r}" for d, r in zip(devices, results, strict=True) if r
+    ], elapsed
+
+
+def heldCapacity(server: Server) -> int:
+    """
+    How many connections both processes can hold open under RLIMIT_NOFILE,
+    keeping a few descriptors spare for the control connections and files.
+    """
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    clientOpen = len(os.listdir("/proc/self/fd"))
+    return min(limit - clientOpen, limit - server.openFiles()) - _SPARE_FILES
+
+
+async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]:
+    capacity = heldCapacity(server)
+    count = min(args.held, capacity)
+    devices = [
+        Device(serial, index, server.devicePort)
+        for index, serial in enumerate(serials("02AA01AC", count))
+    ]
+    cpuBefore = server.cpuSeconds()
+    started = time.perf_counter()
+    bootErrors = await bootAll(devices, args.boot_concurrency)
+    bootSeconds = time.perf_counter() - started
+    bootCpu = server.cpuSeconds() - cpuBefore
+    booted = [d for d in devices if len(d.objects) >= 2]
+
+    await asyncio.sleep(1)
+    rssBefore = server.rssMiB()
+    errors, holdSeconds = await holdAll(booted, args.connect_concurrency)
+    held = [d for d in booted if d.holding]
+    await asyncio.sleep(1)
+    serverHeld = await server.waitForSubscriptions(len(held), 10)
+    rssAfter = server.rssMiB()
+    perThousand = (rssAfter - rssBefore) / max(1, len(held)) * 1000
+    unexpected = sum(d.unexpected for d in held)
+    emit(
+        {
+            "scenario": "held",
+            "held": len(held),
+            "target_held": TARGETS["held"],
+            "requested": args.held,
+            "nofile_capacity": capacity,
+            "server_subscriptions": serverHeld,
+            "hold_errors": len(errors),
+            "first_errors": errors[:3],
+            "answered_instead_of_held": unexpected,
+            "seconds_to_hold_all": round(holdSeconds, 2),
+            "server_rss_mib_before": round(rssBefore, 1),
+            "server_rss_mib_after": round(rssAfter, 1),
+            "mib_per_1000_held": round(perThousand, 2),
+            "target_mib_per_1000_held": TARGETS["mib_per_1000_held"],
+            "prep_boot_devices": count,
+            "prep_boot_errors": len(bootErrors),
+            "prep_boot_seconds": round(bootSeconds, 1),
+            "prep_boot_cpu_ms_per_device": round(bootCpu / count * 1000, 2),
+            "met": len(held) >= TARGETS["held"]
+            and perThousand <= TARGETS["mib_per_1000_held"],
+        }
+    )
+
+    if args.storm:
+        await stormScenario(server, held, args)
+    return [d for d in held if d.holding]
+
+
+async def stormScenario(
+    server: Server, devices: Sequence[Device], args: argparse.Namespace
+) -> None:
+    for device in devices:
+        drop(device, reset=True)
+    # One turn of the loop lets every reset go out before the reconnects.
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    errors, seconds = await holdAll(devices, None)
+    rehold = time.perf_counter() - started
+    await asyncio.sleep(1)
+    serverHeld = await server.waitForSubscriptions(
+        sum(1 for d in devices if d.holding), 15
+    )
+    emit(
+        {
+            "scenario": "reconnect_storm",
+            "dropped": len(devices),
+            "reconnected_and_held": sum(1 for d in devices if d.holding),
+            "failed": len(errors),
+            "target_failed": TARGETS["storm_failed"],
+            "first_errors": errors[:3],
+            "seconds_to_rehold_all": round(rehold, 2),
+            "server_subscriptions_after": serverHeld,
+            "server_rss_mib_after": round(server.rssMiB(), 1),
+            "met": not errors and serverHeld == len(devices),
+        }
+    )
+
+
+async def _controlRequest(
+    connection: HTTPConnection, port: int, path: bytes, document: Any
+) -> Response:
+    headers = hostHeader(port) + b"Content-Type: application/json\r\n"
+    response = connection.request(b"POST", path, headers, json.dumps(document).encode())
+    await response.done
+    return response
+
+
+async def pushScenario(
+    server: Server, held: list[Device], args: argparse.Namespace
+) -> None:
+    count = args.push_devices
+    if len(held) < count:
+        fresh = [
+            Device(serial, index, server.devicePort)
+            for index, serial in enumerate(serials("02DD01AC", count - len(held)))
+        ]
+        await bootAll(fresh, args.boot_concurrency)
+        await holdAll(fresh, args.connect_concurrency)
+        held = held + [d for d in fresh if d.holding]
+    devices, rest = held[:count], held[count:]
+    for device in rest:
+        drop(device, reset=False)
+    serverHeld = await server.waitForSubscriptions(len(devices), 15)
+
+    shim = server.shim
+    path = _PUSH_SHIM_PATH.encode() if shim else b"/command"
+    sentAt: dict[str, float] = {}
+    latencies: list[float] = []
+    commandLatencies: list[float] = []
+    commandErrors: list[str] = []
+
+    def pushed(device: Device, objects: list[dict[str, Any]], arrived: float) -> None:
+        sent = sentAt.pop(device.serial, None)
+        if sent is not None and any(
+            o["object_key"] == "shared." + device.serial for o in objects
+        ):
+            latencies.append(arrived - sent)
+
+    for device in devices:
+        device.onPush = pushed
+
+    total = int(args.push_rate * args.push_seconds)
+    connections = [
+        await connect(server.controlPort) for _ in range(args.control_connections)
+    ]
+    idle: asyncio.Queue[HTTPConnection] = asyncio.Queue()
+    for connection in connections:
+        idle.put_nowait(connection)
+
+    async def command(device: Device, value: float) -> None:
+        connection = await idle.get()
+        sentAt[device.serial] = started = time.perf_counter()
+        response = await _controlRequest(
+            connection,
+            server.controlPort,
+            path,
+            {"serial": device.serial, "command": "set_temperature", "value": value},
+        )
+        commandLatencies.append(time.perf_counter() - started)
+        if not response.ok:
+            commandErrors.append(f"{response.status} {response.error}")
+            sentAt.pop(device.serial, None)
+        if connection.closed:
+            connection = await connect(server.controlPort)
+        idle.put_nowait(connection)
+
+    tasks = []
+    started = time.perf_counter()
+    for n in range(total):
+        delay = started + n / args.push_rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        device = devices[n % len(devices)]
+        value = 21.5 if (n // len(devices)) % 2 == 0 else 22.0
+        tasks.append(asyncio.ensure_future(command(device, value)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    deadline = time.perf_counter() + 5
+    while sentAt and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    for connection in connections:
+        connection.close()
+    p50 = percentile(latencies, 0.5)
+    p99 = percentile(latencies, 0.99)
+    emit(
+        {
+            "scenario": "push",
+            "path": (
+                f"BENCH SHIM POST {_PUSH_SHIM_PATH} (control POST /command not in "
+                "the tree yet): DeviceState.change on shared, as a command would"
+            )
+            if shim
+            else "control POST /command set_temperature",
+            "held": len(devices),
+            "server_subscriptions": serverHeld,
+            "commands": total,
+            "commands_per_s": round(total / elapsed, 1),
+            "command_errors": len(commandErrors),
+            "first_errors": commandErrors[:3],
+            "pushes_received": len(latencies),
+            "pushes_missing": len(sentAt),
+            "push_ms_p50": ms(p50),
+            "push_ms_p90": ms(percentile(latencies, 0.9)),
+            "push_ms_p99": ms(p99),
+            "push_ms_max": ms(max(latencies) if latencies else None),
+            "target_push_ms_p50": TARGETS["push_p50_ms"],
+            "target_push_ms_p99": TARGETS["push_p99_ms"],
+            "command_ms_p50": ms(percentile(commandLatencies, 0.5)),
+            "command_ms_p99": ms(percentile(commandLatencies, 0.99)),
+            "met": p50 is not None
+            and p99 is not None
+            and p50 * 1000 <= TARGETS["push_p50_ms"]
+            and p99 * 1000 <= TARGETS["push_p99_ms"]
+            and not sentAt
+            and not commandErrors,
+        }
+    )
+    for device in devices:
+        device.onPush = None
+
+
+async def putScenario(server: Server, args: argparse.Namespace) -> None:
+    devices = [
+        Device(serial, index, server.devicePort)
+        for index, serial in enumerate(serials("02CC01AC", args.put_devices))
+    ]
+    bootErrors = await bootAll(devices, args.boot_concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    conflicts = 0
+    deadline = time.perf_counter() + args.put_seconds
+
+    async def putter(device: Device) -> None:
+        nonlocal conflicts
+        key = "shared." + device.serial
+        revision = device.objects[key][0]
+        connection = await connect(device.port)
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            body = json.dumps(
+                {
+                    "session": device.session(),
+                    "objects": [
+                        {
+                            "object_key": key,
+                            "if_object_revision": revision,
+                            "value": {"target_temperature": 16.0 + (n % 80) / 10},
+                        }
+                    ],
+                }
+            ).encode()
+            started = time.perf_counter()
+            response = connection.request(b"POST", PUT_PATH, device.authHeaders, body)
+            await response.done
+            latencies.append(time.perf_counter() - started)
+            if not response.ok:
+                errors.append(f"{response.status} {response.error}")
+                if connection.closed:
+                    connection = await connect(device.port)
+                continue
+            receipt = response.json()["objects"][0]
+            if receipt["object_revision"] != revision + 1:
+                conflicts += 1
+            revision = receipt["object_revision"]
+        connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(putter(d) for d in devices if len(d.objects) >= 2))
+    elapsed = time.perf_counter() - started
+    acks = len(latencies) - len(errors)
+    perSecond = acks / elapsed
+    p99 = percentile(latencies, 0.99)
+    emit(
+        {
+            "scenario": "put",
+            "devices": len(devices),
+            "boot_errors": len(bootErrors),
+            "seconds": round(elapsed, 2),
+            "puts": len(latencies),
+            "acks_per_s": round(perSecond, 1),
+            "target_acks_per_s": TARGETS["put_acks_per_s"],
+            "put_ms_p50": ms(percentile(latencies, 0.5)),
+            "put_ms_p99": ms(p99),
+            "put_ms_max": ms(max(latencies) if latencies else None),
+            "target_put_ms_p99": TARGETS["put_p99_ms"],
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "target_errors": TARGETS["put_errors"],
+            "revision_conflicts": conflicts,
+            "met": perSecond >= TARGETS["put_acks_per_s"]
+            and p99 is not None
+            and p99 * 1000 <= TARGETS["put_p99_ms"]
+            and not errors
+            and not conflicts,
+        }
+    )
+
+
+SCENARIOS = ("boot", "held", "push", "put")
+
+
+def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated subset of %(default)s",
+    )
+    parser.add_argument("--held", type=int, default=20000, help="held subscribes")
+    parser.add_argument(
+        "--no-storm",
+        dest="storm",
+        action="store_false",
+        help="skip the reconnect storm after the held scenario",
+    )
+    parser.add_argument("--boot", type=int, default=2000, help="devices to boot")
+    parser.add_argument("--boot-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=1000,
+        help="connections opening at once while building up the held set",
+    )
+    parser.add_argument("--push-devices", type=int, default=1000)
+    parser.add_argument("--push-rate", type=float, default=20.0)
+    parser.add_argument("--push-seconds", type=float, default=10.0)
+    parser.add_argument("--control-connections", type=int, default=4)
+    parser.add_argument("--put-devices", type=int, default=50)
+    parser.add_argument("--put-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--hold-timeout",
+        type=float,
+        default=None,
+        help="passed to twistd (default: the server's own)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="server data directory (default: a new temp dir)"
+    )
+    parser.add_argument(
+        "--keep-data", action="store_true", help="keep the temp dir and twistd.log"
+    )
+    parser.add_argument(
+        "--server-profile",
+        default=None,
+        metavar="FILE",
+        help="run twistd under cProfile, saving pstats to FILE at exit",
+    )
+    args = parser.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    shim = "push" in args.scenarios and not controlHasCommand()
+    server = Server(args, shim)
+    emit(
+        {
+            "scenario": "setup",
+            "nofile": raiseFileLimit(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "server_command": server.command(),
+            "push_path": "bench shim" if shim else "control /command",
+        }
+    )
+    await server.start()
+    held: list[Device] = []
+    try:
+        if "boot" in args.scenarios:
+            await bootScenario(server, args.boot, args.boot_concurrency)
+        if "held" in args.scenarios:
+            held = await heldScenario(server, args)
+        if "push" in args.scenarios:
+            await pushScenario(server, held, args)
+        for device in held:
+            drop(device, reset=False)
+        if "put" in args.scenarios:
+            await putScenario(server, args)
+    finally:
+        for device in held:
+            drop(device, reset=False)
+        await asyncio.sleep(0.5)
+        stopped = time.perf_counter()
+        code = server.stop()
+        emit(
+            {
+                "scenario": "teardown",
+                "twistd_exit": code,
+                "stop_seconds": round(time.perf_counter() - stopped, 2),
+                "log": server.logPath if args.keep_data or args.data else None,
+            }
+        )
+        server.cleanUp(args.keep_data)
+    if args.server_profile:
+        _printProfile(args.server_profile)
+    return 0
+
+
+def _printProfile(path: str) -> None:
+    import pstats
+
+    stats = pstats.Stats(path, stream=sys.stderr)
+    stats.sort_stats("cumulative").print_stats(40)
+    stats.sort_stats("tottime").print_stats(30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parseArguments(sys.argv[1:] if argv is None else argv)
+    raiseFileLimit()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
