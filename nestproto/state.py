@@ -301,6 +301,9 @@ class DeviceState:
         nowMs = self.nowMs()
         writes: list[Write] = []
         receipts: list[Bucket] = []
+        # A bucket named twice builds on its first entry: each receipt is
+        # then true, and the last one is what is stored.
+        updates: dict[tuple[str, str], Bucket] = {}
         for entry in entries:
             scope = self.scopeFor(serial, entry.key)
             if scope is None:
@@ -310,7 +313,11 @@ class DeviceState:
                     key=entry.key,
                 )
                 continue
-            stored = self.store.get(scope, entry.key) or rules.empty(entry.key)
+            stored = (
+                updates.get((scope, entry.key))
+                or self.store.get(scope, entry.key)
+                or rules.empty(entry.key)
+            )
             fields = self._deviceFields(stored, entry.fields, weaveDeviceId)
             updated, conflict = rules.conditionalMerge(
                 stored, fields, entry.ifRevision, nowMs
@@ -325,6 +332,7 @@ class DeviceState:
                 )
             elif updated is not stored:
                 writes.append(BucketWrite(scope, updated))
+                updates[scope, entry.key] = updated
             receipts.append(updated)
 
         def written(ignored: None) -> list[Bucket]:
