@@ -1023,10 +1023,14 @@ class ReplayTarget:
 ServerFactory = Callable[[Any], tuple[IResource, IResource]]
 
 
-def memoryServer(clock: Any) -> tuple[IResource, IResource]:
+def memoryServer(
+    clock: Any, deviceClass: type[Any] | None = None
+) -> tuple[IResource, IResource]:
     """
     A whole nestproto in memory on C{clock}, as tests/helpers.makeServer
     builds it: SQLite in memory with commits made inline.
+
+    @param deviceClass: a L{DeviceAPI} subclass to serve instead.
     """
     from .control.api import ControlAPI
     from .device.api import DeviceAPI
@@ -1039,7 +1043,7 @@ def memoryServer(clock: Any) -> tuple[IResource, IResource]:
     store = SQLiteStore.open(":memory:", runInline)
     hub = SubscriberHub(clock)
     state = DeviceState(store, hub, clock)
-    device = DeviceAPI(
+    device = (deviceClass or DeviceAPI)(
         state=state,
         hub=hub,
         weather=WeatherService(NoWeather(), clock),
