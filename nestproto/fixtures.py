@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from ._version import __version__
@@ -346,11 +347,15 @@ class Recorder:
 
     # Called by RecordingResource
 
-    def _begin(self, kind: str, request: IRequest) -> _Exchange:
+    def _begin(self, kind: str, anyRequest: IRequest) -> _Exchange:
+        # The hooks below need twisted.web's Request, not only IRequest.
+        request = cast(Request, anyRequest)
         self._sequence += 1
-        request.content.seek(0)
-        body = request.content.read()
-        request.content.seek(0)
+        body = b""
+        if request.content is not None:
+            request.content.seek(0)
+            body = request.content.read()
+            request.content.seek(0)
         exchange = _Exchange(
             self._sequence, kind, _now(self.clock), request, body or b""
         )
@@ -708,7 +713,7 @@ def loadFixture(path: str) -> Fixture:
     for number, text in enumerate(lines, 1):
         try:
             documents.append(json.loads(text))
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise FixtureError(path, number, f"not JSON: {e.msg}") from None
     header = documents[0]
     if not isinstance(header, dict) or "format" not in header:
@@ -927,7 +932,7 @@ def splitDocuments(data: bytes) -> tuple[list[Any], bytes]:
     """
     decoder = json.JSONDecoder()
     text = data.decode("utf-8", errors="replace")
-    documents = []
+    documents: list[Any] = []
     position = 0
     while True:
         while position < len(text) and text[position].isspace():
@@ -1075,7 +1080,10 @@ class MemoryTarget(ReplayTarget):
         clock.advance(startSeconds)
         self.clock = clock
         device, control = serverFactory(clock)
-        self._clients = {DEVICE: StubTreq(device), CONTROL: StubTreq(control)}
+        self._clients: dict[str, Any] = {
+            DEVICE: StubTreq(device),
+            CONTROL: StubTreq(control),
+        }
 
     def request(
         self, kind: str, method: str, path: str, headers: dict[str, str], body: bytes
@@ -1134,10 +1142,11 @@ class TCPTarget(ReplayTarget):
         base = self._urls[kind]
         if not base:
             raise ValueError("a control exchange needs the control API's URL")
+        sent: dict[bytes | str, bytes | str] = {k: v for k, v in headers.items()}
         d: Deferred[Any] = self._client.request(
             method,
             base + path,
-            headers=headers,
+            headers=sent,
             data=body if body else None,
             unbuffered=True,
         )
@@ -1156,25 +1165,16 @@ class TCPTarget(ReplayTarget):
 
         deadline = self._reactor.seconds() + timeoutSeconds
 
-        def poll() -> Deferred[None] | None:
-            if all(live.finished for live in lives):
-                return None
-            if self._reactor.seconds() >= deadline:
-                return None
-            return deferLater(self._reactor, 0.02, poll)
+        async def poll() -> None:
+            while not all(live.finished for live in lives):
+                if self._reactor.seconds() >= deadline:
+                    return
+                await deferLater(self._reactor, 0.02, lambda: None)
 
-        return Deferred.fromCoroutine(_drive(poll))
+        return Deferred.fromCoroutine(poll())
 
     def close(self) -> None:
         self._pool.closeCachedConnections()
-
-
-async def _drive(poll: Callable[[], Deferred[None] | None]) -> None:
-    while True:
-        step = poll()
-        if step is None:
-            return
-        await step
 
 
 def _lowerHeaders(headers: Mapping[str, str]) -> dict[str, str]:
@@ -1316,7 +1316,7 @@ class Replayer:
             live.end = self._now()
 
         def failed(failure: Failure) -> None:
-            live.failure = failure.getErrorMessage() or failure.type.__name__
+            live.failure = failure.getErrorMessage() or repr(failure.value)
 
         d.addCallback(arrived).addCallbacks(ended, failed)
         return live
