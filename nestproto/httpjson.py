@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
+from klein.resource import KleinResource
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
@@ -52,3 +54,36 @@ def errorDocument(failure: Failure) -> tuple[int, dict[str, str]]:
         words = (error.name or "error").lower().replace(" ", "_")
         return status, {"error": error.name, "code": words}
     raise TypeError(f"not a request error: {error!r}")
+
+
+class JSONKlein(Klein):
+    """
+    A Klein app whose resource answers a URL that is not UTF-8 with a JSON
+    400 too: Klein itself answers it with a text body and logs an error,
+    before any of the app's error handlers can run.
+    """
+
+    def resource(self) -> KleinResource:
+        return _JSONKleinResource(self)
+
+
+class _JSONKleinResource(KleinResource):
+    def render(self, request: IRequest) -> Any:
+        try:
+            request.getRequestHostname().decode("utf-8")
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            # Both ports' clients read "error" or "message" (PROTOCOL.md
+            # §16.6); the device ignores error bodies.
+            message = "URL is not UTF-8"
+            return jsonResponse(
+                request,
+                {
+                    "success": False,
+                    "error": message,
+                    "message": message,
+                    "code": "bad_url",
+                },
+                400,
+            )
+        return super().render(request)

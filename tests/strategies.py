@@ -520,13 +520,11 @@ def deviceHeaders(draw: DrawFn, serial: str) -> dict[str, str]:
 
 
 def _latin1(text: str) -> str:
-    # Header values travel as latin-1; anything else is not sendable.
-    return (
-        text.encode("latin-1", "replace")
-        .decode("latin-1")
-        .replace("\r", "")
-        .replace("\n", "")
-    )
+    # A header value is latin-1 without control characters (RFC 9110
+    # field-value); anything else is refused by Twisted's HTTP parser
+    # before nestproto sees the request.
+    printable = text.encode("latin-1", "replace").decode("latin-1")
+    return "".join(c for c in printable if c >= " " and c != "\x7f")
 
 
 #: The device endpoints of PROTOCOL.md §3, with C{{serial}} for the caller.

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
 from ..errors import BadBody, NestError, Unavailable
-from ..httpjson import jsonResponse, readBody
+from ..httpjson import JSONKlein, jsonResponse, readBody
 from ..pairing import (
     INVALID_KEY_MESSAGE,
     ClaimThrottle,
@@ -133,7 +133,7 @@ def _bodySerial(document: dict[str, Any]) -> str:
 class ControlAPI:
     """The control port's Klein app."""
 
-    app: ClassVar[Klein] = Klein()
+    app: ClassVar[Klein] = JSONKlein()
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from .._version import __version__
 from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired
-from ..httpjson import errorDocument, jsonResponse, readBody
+from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
 from ..hub import Deliver, SubscriberHub
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
@@ -149,7 +149,7 @@ def _transportTail(rest: str) -> str:
 class DeviceAPI:
     """The device port's Klein app."""
 
-    app: ClassVar[Klein] = Klein()
+    app: ClassVar[Klein] = JSONKlein()
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
