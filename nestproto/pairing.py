@@ -416,7 +416,7 @@ class Pairing:
 
         @raise UnknownDevice: when nothing is known of C{serial}.
         """
-        if serial not in self.state.knownSerials():
+        if not self.state.isKnown(serial):
             raise UnknownDevice()
         owner = self.state.ownerOf(serial)
         structure = None

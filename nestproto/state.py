@@ -114,6 +114,17 @@ class DeviceState:
         serials.discard(GLOBAL_SCOPE)
         return sorted(serials)
 
+    def isKnown(self, serial: str) -> bool:
+        """
+        Whether C{serial} is one of L{knownSerials}, found without listing
+        every device: commands and removals ask this once per request.
+        """
+        if serial == GLOBAL_SCOPE:
+            return False
+        return bool(self.store.buckets(serial)) or (
+            self.store.record(OWNER_RECORD, serial) is not None
+        )
+
     def devicesSeeing(self, scope: str, key: str) -> list[str]:
         """The devices that receive a change of C{key} in C{scope}."""
         if scope != GLOBAL_SCOPE:

@@ -33,6 +33,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from nestproto import buckets
 from nestproto.buckets import Bucket
 from nestproto.device.api import _chunkWriter
+from nestproto.state import OWNER_RECORD
 from nestproto.store import BucketWrite, RecordWrite
 from tests.helpers import (
     DEVICE_URL,
@@ -1555,4 +1556,35 @@ class IsolationTests(TransportTestCase):
         self.assertEqual(
             self.server.store.get(OTHER_SERIAL, mine).value,  # type: ignore[union-attr]
             {"target_temperature": 19.0},
+        )
+
+
+class KnownDeviceTests(SynchronousTestCase):
+    """
+    L{DeviceState.isKnown} answers what membership in
+    L{DeviceState.knownSerials} would, without listing every device.
+    """
+
+    def test_isKnownAgreesWithKnownSerials(self) -> None:
+        """
+        A device with buckets and a device with only an owner are known; a
+        serial with neither, one whose buckets were all deleted, and the
+        global scope are not.
+        """
+        server = makeServer()
+        owned = "02AA01AC0000000003"
+        emptied = "02AA01AC0000000004"
+        server.seed(SERIAL, Bucket(SHARED, 1, 1000, {"name": "Hall"}))
+        server.seed(emptied, Bucket(f"shared.{emptied}", 1, 1000, {}))
+        server.store.deleteScope(emptied)
+        server.store.write([RecordWrite(OWNER_RECORD, owned, {"user": "user_1"})])
+        server.seed("", Bucket("structure.default", 1, 1000, {}))
+        candidates = [SERIAL, owned, emptied, OTHER_SERIAL, ""]
+        self.assertEqual(
+            [s for s in candidates if server.state.isKnown(s)],
+            [SERIAL, owned],
+        )
+        self.assertEqual(
+            [s for s in candidates if server.state.isKnown(s)],
+            [s for s in candidates if s in server.state.knownSerials()],
         )

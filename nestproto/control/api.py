@@ -208,7 +208,7 @@ class ControlAPI:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
 
     def _knownSerial(self, serial: str) -> str:
-        if serial not in self.state.knownSerials():
+        if not self.state.isKnown(serial):
             raise UnknownDevice()
         return serial
 

@@ -568,7 +568,7 @@ def plan(state: DeviceState, serial: str, command: object, value: object) -> Pla
         raise CommandError(
             f"Unknown command {command!r}; use one of {', '.join(sorted(COMMANDS))}"
         )
-    if serial not in state.knownSerials():
+    if not state.isKnown(serial):
         raise UnknownDevice(serial)
     store = state.store
     device = _Device(
