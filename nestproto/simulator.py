@@ -361,12 +361,15 @@ class SimulatedThermostat:
 
     def change(self, key: str, fields: dict[str, Any]) -> None:
         """Change C{fields} of C{key} locally and PUT them."""
+        self._edit(key, fields)
+        self.kickPut()
+
+    def _edit(self, key: str, fields: dict[str, Any]) -> None:
         local = self.buckets[key]
         self.buckets[key] = LocalBucket(
             local.revision, local.timestamp, {**local.value, **fields}
         )
         self._dirty.setdefault(key, {}).update(fields)
-        self.kickPut()
 
     def drift(self) -> None:
         """
@@ -384,17 +387,18 @@ class SimulatedThermostat:
             heating = True
         elif current > target + 0.2:
             heating = False
-        self.change(
+        self._edit(
             f"device.{self.serial}",
             {
                 "current_temperature": current,
                 "current_humidity": int(device.get("current_humidity", 40)),
             },
         )
-        self.change(
+        self._edit(
             f"shared.{self.serial}",
             {"current_temperature": current, "hvac_heater_state": heating},
         )
+        self.kickPut()
 
     def _changeTick(self) -> None:
         if self.transportURL is not None:
@@ -448,6 +452,9 @@ class SimulatedThermostat:
             condition = conditions.get(key)
             if condition is not None and revision not in (condition, condition + 1):
                 # Refused: keep the edits, retry on the server's revision.
+                # (A receipt cannot tell a refusal at revision+1 from our
+                # own change: both show revision+1; the next subscribe
+                # brings the server's value then, timestamp being newer.)
                 self._casRevision[key] = revision
                 retry = True
                 continue
