@@ -58,10 +58,19 @@ def errorDocument(failure: Failure) -> tuple[int, dict[str, str]]:
 
 class JSONKlein(Klein):
     """
-    A Klein app whose resource answers a URL that is not UTF-8 with a JSON
-    400 too: Klein itself answers it with a text body and logs an error,
-    before any of the app's error handlers can run.
+    A Klein app whose every answer is JSON from the app's own handlers.
+
+    Its resource answers a URL that is not UTF-8 with a JSON 400: Klein
+    itself answers it with a text body and logs an error, before any of the
+    app's error handlers can run. Its routes do not merge repeated slashes:
+    werkzeug answers C{/nest//entry} with a 308 that, rendered by an error
+    handler, carries no C{Location} and so leads nowhere; such a path is
+    simply not found.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.url_map.merge_slashes = False
 
     def resource(self) -> KleinResource:
         return _JSONKleinResource(self)

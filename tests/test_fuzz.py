@@ -198,7 +198,9 @@ class Fuzzer:
         Send one request and see it through to its end (letting held
         answers end by time); return status, body and content type.
         """
-        d = client.request(method, url, data=body or None, headers=headers)
+        d = client.request(
+            method, url, data=body or None, headers=headers, allow_redirects=False
+        )
         client.flush()
         response = self.case.successResultOf(d)
         collected = Body()
@@ -228,6 +230,7 @@ class Fuzzer:
         status, answer, contentType = self.send(client, method, url, headers, body)
         request = (method, url, headers, body[:200], status, answer[:300], contentType)
         self.case.assertLess(status, 500, request)
+        self.case.assertFalse(300 <= status < 400, request)
         document: Any = None
         if contentType.startswith("text/event-stream"):
             self.case.assertEqual(status, 200, request)
@@ -368,11 +371,13 @@ class ControlFuzzTests(SynchronousTestCase):
         )
 
 
-class UndecodableURLTests(SynchronousTestCase):
+class FoundByFuzzingTests(SynchronousTestCase):
     """
-    Found by fuzzing: a URL that is not UTF-8 once percent-decoded got
-    Klein's own text answer and an error in the log; both ports now
-    answer it with a JSON 400 and change nothing.
+    Requests with which the fuzzers found bugs.
+
+    A URL that is not UTF-8 once percent-decoded got Klein's own text
+    answer and an error in the log; a path with a doubled slash got a 308
+    without a Location. Both ports now answer both with JSON.
     """
 
     def test_devicePort(self) -> None:
@@ -401,3 +406,22 @@ class UndecodableURLTests(SynchronousTestCase):
             (status, contentType, document["code"], document["success"]),
             (400, "application/json", "bad_url", False),
         )
+
+    def test_doubledSlash(self) -> None:
+        """
+        A path with a doubled slash is not found (a JSON 404), on either
+        port, instead of a redirect that leads nowhere.
+        """
+        server = makeServer()
+        self.addCleanup(server.store.close)
+        fuzzer = Fuzzer(self, server)
+        for client, url in [
+            (server.deviceClient, DEVICE_URL + "/nest/transport//put"),
+            (server.deviceClient, DEVICE_URL + "/nest//entry"),
+            (server.controlClient, CONTROL_URL + "/api//devices"),
+        ]:
+            status, answer, contentType = fuzzer.send(client, "POST", url, {}, b"{}")
+            self.assertEqual(
+                (status, contentType, json.loads(answer)["code"]),
+                (404, "application/json", "not_found"),
+            )
