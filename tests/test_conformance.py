@@ -300,6 +300,19 @@ class Held:
     received: set[tuple[str, int]] = field(factory=set)
 
 
+def fieldsHeld(value: Mapping[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """
+    Some fields of C{value} with the values they have there: what a device
+    re-sends when nothing changed (PROTOCOL.md §19 scenario 35).
+    """
+    names = sorted(name for name in value if name not in PUT_META_KEYS)
+    if not names:
+        return st.nothing()
+    return st.sets(st.sampled_from(names), min_size=1).map(
+        lambda chosen: {name: value[name] for name in sorted(chosen)}
+    )
+
+
 def objectsOf(document: bytes, fields: list[str]) -> list[dict[str, Any]]:
     """
     The objects of a JSON answer, each checked to have exactly C{fields}
@@ -408,6 +421,18 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     def deviceList(self) -> list[SimDevice]:
         return [self.devices[serial] for serial in sorted(self.devices)]
+
+    def foreignKeys(self, device: SimDevice) -> st.SearchStrategy[str]:
+        """Keys of other devices' buckets, and of a user it is not linked to."""
+        others = [s for s in self.devices if s != device.serial]
+        stranger = serials().filter(lambda serial: serial != device.serial)
+        return st.one_of(
+            st.sampled_from(
+                [f"{t}.{s}" for s in others for t in ("shared", "device")]
+                + ["user.intruder", "structure.intruder"]
+            ),
+            stranger.map(lambda serial: f"shared.{serial}"),
+        )
 
     def live(self, serial: str | None = None) -> list[Held]:
         return [h for h in self.held if serial is None or h.serial == serial]
@@ -567,10 +592,13 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.bootDevice(data.draw(st.sampled_from(self.deviceList())), data)
 
     def bootDevice(self, device: SimDevice, data: st.DataObject) -> None:
-        device.copies.clear()
+        previous, device.copies = device.copies, {}
         entries: list[tuple[str, int, int, dict[str, Any] | None]] = []
         for key in device.ownKeys:
-            entries.append((key, 0, 0, data.draw(bucketValues(minSize=1, maxSize=3))))
+            # What it knows of itself: new values, or those it had.
+            held = fieldsHeld(previous.get(key, PLACEHOLDER).value)
+            value = data.draw(bucketValues(minSize=1, maxSize=3) | held)
+            entries.append((key, 0, 0, value))
         self.subscribeAs(device, entries, data.draw(st.sampled_from(FORMS)))
 
     @rule(data=st.data())
@@ -582,13 +610,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         device = data.draw(st.sampled_from(self.deviceList()))
         entries = self.beliefs(device)
         if data.draw(st.booleans()):
-            other = data.draw(serials())
-            foreign = data.draw(
-                st.sampled_from(
-                    [f"shared.{other}", f"device.{other}", "user.intruder"]
-                    + [f"shared.{s}" for s in self.devices if s != device.serial]
-                )
-            )
+            foreign = data.draw(self.foreignKeys(device))
             entries.append((foreign, 1, 1, None))
         self.subscribeAs(
             device,
@@ -639,24 +661,19 @@ class ConformanceMachine(RuleBasedStateMachine):
         keys = data.draw(
             st.lists(st.sampled_from(device.ownKeys), min_size=1, max_size=3)
         )
+        if data.draw(st.booleans()):
+            keys.append(data.draw(self.foreignKeys(device)))
         form = data.draw(st.sampled_from(FORMS))
         if form == "named":
+            # The named form can name a bucket once only.
             keys = list(dict.fromkeys(keys))
-        if data.draw(st.booleans()):
-            keys.append(
-                data.draw(
-                    st.sampled_from(
-                        [f"shared.{s}" for s in self.devices if s != device.serial]
-                        + [f"device.{data.draw(serials())}", "user.intruder"]
-                    )
-                )
-            )
         entries: list[tuple[str, dict[str, Any], int | None]] = []
         rendered = []
         for key in keys:
             mine = device.copies.get(key, PLACEHOLDER)
             fields = data.draw(
                 bucketValues(minSize=1, maxSize=3, exclude=PUT_META_KEYS)
+                | fieldsHeld(mine.value)
             )
             condition = data.draw(st.sampled_from(["none", "current", "stale"]))
             ifRevision = {
@@ -680,6 +697,10 @@ class ConformanceMachine(RuleBasedStateMachine):
             document.update((one["object_key"], one) for one in rendered)
         before = {key: self.model.view(device.serial, key) for key in device.ownKeys}
         expected = self.model.put(device.serial, entries, self.nowMs())
+        for key in keys:
+            if keys.count(key) > 1:
+                # Two changes in one put may end where they started.
+                self.movedUnchanged.add((device.serial, key))
         response, body = self.request(
             data.draw(
                 st.sampled_from(
@@ -747,7 +768,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         for held in list(self.held):
             if held.serial not in pushedTo:
                 continue
-            objects = objectsOf(held.body.unread(), OBJECT_FIELDS)
+            pushed = held.body.unread()
+            check(pushed, "a command is pushed to every held device that sees it", held)
+            objects = objectsOf(pushed, OBJECT_FIELDS)
             seen = (key, expected.revision)
             check(
                 seen not in held.received
