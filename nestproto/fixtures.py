@@ -19,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import IO, Any, cast
 
 from attrs import define, field, frozen
@@ -1014,10 +1015,13 @@ class ReplayTarget:
     def flush(self) -> None:
         """Deliver what the server wrote meanwhile."""
 
-    def awaitEnds(
-        self, lives: Sequence[_Live], timeoutSeconds: float
+    def awaitAll(
+        self, conditions: Sequence[Callable[[], bool]], timeoutSeconds: float
     ) -> Deferred[None]:
-        """Wait until each of C{lives} ended (a running server needs time)."""
+        """
+        Wait until each of C{conditions} holds, or the timeout passed: a
+        running server needs time to answer.
+        """
         return succeed(None)
 
     def close(self) -> None:
@@ -1156,17 +1160,17 @@ class TCPTarget(ReplayTarget):
         from twisted.internet.task import deferLater
 
         delay = max(0.0, untilSeconds - self._reactor.seconds())
-        return deferLater(self._reactor, delay + 0.05, lambda: None)
+        return deferLater(self._reactor, delay, lambda: None)
 
-    def awaitEnds(
-        self, lives: Sequence[_Live], timeoutSeconds: float
+    def awaitAll(
+        self, conditions: Sequence[Callable[[], bool]], timeoutSeconds: float
     ) -> Deferred[None]:
         from twisted.internet.task import deferLater
 
         deadline = self._reactor.seconds() + timeoutSeconds
 
         async def poll() -> None:
-            while not all(live.finished for live in lives):
+            while not all(condition() for condition in conditions):
                 if self._reactor.seconds() >= deadline:
                     return
                 await deferLater(self._reactor, 0.02, lambda: None)
@@ -1175,6 +1179,24 @@ class TCPTarget(ReplayTarget):
 
     def close(self) -> None:
         self._pool.closeCachedConnections()
+
+
+def _finished(live: _Live) -> bool:
+    return live.finished
+
+
+def _happenedBy(live: _Live, moment: float) -> list[Callable[[], bool]]:
+    """What of C{live}'s recorded answer had happened by C{moment}."""
+    exchange = live.exchange
+    if exchange.end is not None and exchange.end <= moment:
+        return [partial(_finished, live)]
+    conditions: list[Callable[[], bool]] = []
+    if exchange.headersAt is not None and exchange.headersAt <= moment:
+        conditions.append(lambda: live.response is not None or live.finished)
+    arrived = len([chunk for chunk in exchange.chunks if chunk.at <= moment])
+    if arrived:
+        conditions.append(lambda: len(live.documents) >= arrived or live.finished)
+    return conditions
 
 
 def _lowerHeaders(headers: Mapping[str, str]) -> dict[str, str]:
@@ -1234,11 +1256,11 @@ class Replayer:
                         self._lose(livesByNumber[exchange.number])
                         self.target.flush()
             ending = [
-                live
+                partial(_finished, live)
                 for live in self._lives
                 if live.exchange.end is not None or live.exchange.lost is not None
             ]
-            await self.target.awaitEnds(ending, self.tolerance + 5)
+            await self.target.awaitAll(ending, self.tolerance + 5)
             self.target.flush()
             self._check()
             for live in self._lives:
@@ -1258,14 +1280,16 @@ class Replayer:
         )
 
     async def _before(self, exchange: Exchange) -> None:
-        # What ended before this request started in the recording must have
-        # ended in the replay too (a device resubscribes after an answer).
-        earlier = [
-            live
+        # What had happened when this request started in the recording must
+        # have happened in the replay too: answers ended (a device
+        # resubscribes after an answer), headers sent (a subscribe is held
+        # before the command that pushes to it), chunks received.
+        conditions = [
+            condition
             for live in self._lives
-            if live.exchange.end is not None and live.exchange.end <= exchange.start
+            for condition in _happenedBy(live, exchange.start)
         ]
-        await self.target.awaitEnds(earlier, self.tolerance + 5)
+        await self.target.awaitAll(conditions, self.tolerance + 5)
         self._check()
 
     def _mismatch(

@@ -1,0 +1,244 @@
+# -*- test-case-name: tests.test_e2e_simulator -*-
+"""
+The simulated thermostat end to end: the real service (C{makeService}) on
+loopback TCP ports with a real SQLite file, a L{SimulatedThermostat}
+booting against it, claimed and commanded through the control port; and a
+session recorded with C{--record} that replays green.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from base64 import b64encode
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import treq
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from nestproto.fixtures import (
+    Replayer,
+    TCPTarget,
+    loadFixture,
+    replayInMemory,
+)
+from nestproto.service import Options, makeService
+from nestproto.simulator import SimulatedThermostat
+
+from .test_e2e_transport import boundPort
+
+SERIAL = "02AA01AC0000000001"
+SHARED = f"shared.{SERIAL}"
+DEVICE = f"device.{SERIAL}"
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+class SimulatorEndToEndTests(TestCase):
+    """A simulated thermostat against the real service over TCP."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))  # type: ignore[arg-type]
+        self.services: list[IService] = []
+        self.thermostats: list[SimulatedThermostat] = []
+        self.addCleanup(self.stopAll)
+
+    def stopAll(self) -> Deferred[None]:
+        async def stop() -> None:
+            for thermostat in self.thermostats:
+                thermostat.stop()
+            await sleep(0.05)
+            for service in self.services:
+                if service.running:
+                    await service.stopService()
+            await self.pool.closeCachedConnections()
+
+        return Deferred.fromCoroutine(stop())
+
+    def run_(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
+        return Deferred.fromCoroutine(coroutine)
+
+    async def start(self, *extra: str) -> tuple[str, str]:
+        """A service on loopback ports; its device and control origins."""
+        options = Options()
+        options.parseOptions(
+            [
+                "--device",
+                "tcp:0:interface=127.0.0.1",
+                "--control",
+                "tcp:0:interface=127.0.0.1",
+                "--data",
+                self.mktemp(),
+                "--weather",
+                "none",
+                *extra,
+            ]
+        )
+        service = makeService(options)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]  # type: ignore[attr-defined]
+        service.startService()
+        self.services.append(service)
+        found = [boundPort(listener) for listener in listeners]
+        devicePort, controlPort = [await d for d in found]
+        return f"http://127.0.0.1:{devicePort}", f"http://127.0.0.1:{controlPort}"
+
+    def thermostat(self, origin: str) -> SimulatedThermostat:
+        thermostat = SimulatedThermostat(
+            self.http, reactor, origin, SERIAL, changeSeconds=3600
+        )
+        self.thermostats.append(thermostat)
+        return thermostat
+
+    async def until(self, what: str, condition: Callable[[], Any]) -> None:
+        """Wait (up to 10 s) until C{condition()} is true."""
+        for _attempt in range(500):
+            if await _maybe(condition()):
+                return
+            await sleep(0.02)
+        self.fail(f"timed out waiting until {what}")
+
+    async def post(self, url: str, document: Any) -> Any:
+        response = await self.http.post(url, json=document)
+        return json.loads(await treq.content(response))
+
+    async def listing(self, origin: str) -> dict[str, tuple[int, int]]:
+        token = b64encode(f"nest.{SERIAL}:x".encode()).decode()
+        response = await self.http.get(
+            f"{origin}/nest/transport/device/{SERIAL}",
+            headers={"Authorization": f"Basic {token}"},
+        )
+        document = json.loads(await treq.content(response))
+        return {
+            o["object_key"]: (o["object_revision"], o["object_timestamp"])
+            for o in document["objects"]
+        }
+
+    async def converged(self, origin: str, thermostat: SimulatedThermostat) -> bool:
+        """Whether the server lists, for each bucket, what the thermostat holds."""
+        listed = await self.listing(origin)
+        for key in (DEVICE, SHARED):
+            local = thermostat.buckets[key]
+            if listed.get(key) != (local.revision, local.timestamp):
+                return False
+        return not thermostat._dirty
+
+    async def claimAndCommand(self, origin: str, control: str) -> SimulatedThermostat:
+        """Boot a thermostat, claim it with its code, set 21.5 °C."""
+        thermostat = self.thermostat(origin)
+        thermostat.start()
+        await self.until("a code is shown", lambda: thermostat.code)
+        await self.until("held", lambda: thermostat.subscribes >= 2)
+        claim = await self.post(
+            control + "/api/register",
+            {"code": thermostat.code, "userId": "homeowner"},
+        )
+        self.assertEqual((claim["success"], claim["serial"]), (True, SERIAL))
+        await self.until("claimed", lambda: thermostat.owner == "homeowner")
+        command = await self.post(
+            control + "/command",
+            {"serial": SERIAL, "command": "set_temperature", "value": 21.5},
+        )
+        self.assertIs(command["success"], True)
+        await self.until(
+            "the setpoint applied",
+            lambda: thermostat.buckets[SHARED].value.get("target_temperature") == 21.5,
+        )
+        return thermostat
+
+    def test_claimedCommandedConverges(self) -> Deferred[None]:
+        """
+        A simulated thermostat boots against the real service, shows its
+        code, is claimed with it, receives a set_temperature command on its
+        held subscribe, acknowledges it, puts its own changes, and ends
+        holding exactly the revisions and timestamps the server has.
+        """
+
+        async def go() -> None:
+            origin, control = await self.start()
+            thermostat = await self.claimAndCommand(origin, control)
+            await self.until(
+                "the acknowledgement is stored and both sides agree",
+                lambda: self.converged(origin, thermostat),
+            )
+            shared = thermostat.buckets[SHARED].value
+            self.assertIs(shared["target_change_pending"], False)
+            thermostat.drift()
+            await self.until(
+                "the drift is put", lambda: self.converged(origin, thermostat)
+            )
+            status = json.loads(
+                await treq.content(
+                    await self.http.get(f"{control}/status?serial={SERIAL}")
+                )
+            )
+            self.assertEqual(status["target_temperature"], 21.5)
+            self.assertEqual(
+                status["current_temperature"],
+                thermostat.buckets[DEVICE].value["current_temperature"],
+            )
+            self.assertIn("structure.homeowner", thermostat.subscribeKeys())
+            self.assertEqual(thermostat.errors, 0)
+
+        return self.run_(go())
+
+    def test_recordedSessionReplays(self) -> Deferred[None]:
+        """
+        C{--record} writes the simulated session (both ports, one file for
+        the serial); the file replays green against a fresh server in
+        memory and over TCP against a fresh real one.
+        """
+
+        async def go() -> None:
+            directory = self.mktemp()
+            origin, control = await self.start("--record", directory)
+            thermostat = await self.claimAndCommand(origin, control)
+            # Wait on the thermostat alone: a read of the server made while
+            # its PUT is in flight would race it, in the replay as here.
+            await self.until(
+                "the setpoint is acknowledged",
+                lambda: thermostat.puts >= 1 and not thermostat._dirty,
+            )
+            await sleep(3.2)
+            thermostat.stop()
+            await sleep(0.1)
+            await self.services[0].stopService()
+            (path,) = glob.glob(os.path.join(directory, "*.jsonl"))
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            self.assertNotIn(SERIAL, text)
+            fixture = loadFixture(path)
+            kinds = {exchange.kind for exchange in fixture.exchanges}
+            self.assertEqual(kinds, {"device", "control"})
+            inMemory = replayInMemory(fixture, tolerance=0.25)
+            self.assertEqual(inMemory.describe(), [])
+            fresh, freshControl = await self.start()
+            overTCP = await Replayer(
+                TCPTarget(reactor, fresh, freshControl), fixture, 0.5
+            ).run()
+            self.maxDiff = None
+            self.assertEqual(overTCP.describe(), [])
+            self.assertEqual(overTCP.matched, len(fixture.exchanges))
+
+        return self.run_(go())
+
+
+async def _maybe(value: Any) -> Any:
+    if isinstance(value, Deferred):
+        return await value
+    if hasattr(value, "__await__"):
+        return await value
+    return value
