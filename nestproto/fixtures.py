@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import IO, Any, cast
+from typing import Any, cast
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -34,6 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ._version import __version__
+from .buckets import SERIAL_KEYED_TYPES
 from .device.auth import basicCredentials, deviceSerial, normaliseSerial
 
 #: Version of the fixture format; the first line of every file names it.
@@ -78,6 +79,10 @@ _SYNTHETIC_MAC = "02005E{:06X}"
 _SYNTHETIC_CODE = "{:03d}CODE"
 
 _MAC_PLAIN = re.compile(r"^[0-9A-Fa-f]{12}$")
+#: A bucket key whose id is a device serial (buckets.SERIAL_KEYED_TYPES).
+_SERIAL_KEY = re.compile(
+    r"^(?:" + "|".join(sorted(SERIAL_KEYED_TYPES)) + r")\.([A-Za-z0-9]{10,64})$"
+)
 
 
 class FixtureError(Exception):
@@ -237,19 +242,33 @@ class Redactor:
         return self.text(value)
 
     def learnFrom(self, document: Any) -> None:
-        """Learn the MACs a JSON document or form names (C{mac}, C{mac_address})."""
+        """
+        Learn the serials and MACs a JSON document names: C{serial} and
+        C{serial_number} fields, keys of serial-keyed buckets (also as
+        field names and in lists), C{mac} and C{mac_address} fields.
+        """
         stack = [document]
         while stack:
             item = stack.pop()
             if isinstance(item, dict):
                 for key, value in item.items():
+                    self._learnKey(key)
                     if key in ("mac", "mac_address"):
                         self.learnMAC(value)
+                    elif key in ("serial", "serial_number") and isinstance(value, str):
+                        self.learnSerial(value)
                     elif key == "session" and isinstance(value, str):
                         self._learnSession(value)
                     stack.append(value)
             elif isinstance(item, list):
                 stack.extend(item)
+            elif isinstance(item, str):
+                self._learnKey(item)
+
+    def _learnKey(self, text: str) -> None:
+        match = _SERIAL_KEY.match(text)
+        if match is not None:
+            self.learnSerial(match.group(1))
 
     def _learnSession(self, session: str) -> None:
         # The firmware's session is "<mac><serial>" (PROTOCOL.md §6.1).
@@ -316,7 +335,8 @@ class Recorder:
     raw: bool = False
     redactor: Redactor = field(init=False)
     _sequence: int = field(default=0, init=False)
-    _files: dict[str, tuple[IO[str], float]] = field(factory=dict, init=False)
+    _files: dict[str, tuple[str, float]] = field(factory=dict, init=False)
+    _closed: bool = field(default=False, init=False)
     _open: list[_Exchange] = field(factory=list, init=False)
     _paths: list[str] = field(factory=list, init=False)
     _codeSerials: dict[str, str] = field(factory=dict, init=False)
@@ -342,9 +362,7 @@ class Recorder:
         for exchange in list(self._open):
             self._write(exchange)
         self._open.clear()
-        for handle, _start in self._files.values():
-            handle.close()
-        self._files.clear()
+        self._closed = True
 
     # Called by RecordingResource
 
@@ -396,7 +414,7 @@ class Recorder:
         return exchange
 
     def _done(self, exchange: _Exchange) -> None:
-        if exchange in self._open:
+        if exchange in self._open and not self._closed:
             self._open.remove(exchange)
             try:
                 self._write(exchange)
@@ -454,7 +472,7 @@ class Recorder:
         if exchange.kind == CONTROL and isinstance(requestJSON, dict):
             redactor.learnCode(requestJSON.get("code"))
 
-        handle, start = self._file(redactor.serial(serial), exchange.started)
+        filePath, start = self._file(redactor.serial(serial), exchange.started)
         requestHeaders = _selectHeaders(
             request.requestHeaders.getAllRawHeaders(), _REQUEST_HEADERS
         )
@@ -495,14 +513,15 @@ class Recorder:
                 else _offset(exchange.lost, start),
             },
         }
-        handle.write(json.dumps(line) + "\n")
-        handle.flush()
+        # Opened for each line: a server may see thousands of devices, and
+        # a line is on disk once written, whatever happens to the process.
+        with open(filePath, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
 
-    def _file(self, name: str, started: float) -> tuple[IO[str], float]:
+    def _file(self, name: str, started: float) -> tuple[str, float]:
         key = name or "unidentified"
         if key not in self._files:
             path = os.path.join(self.directory, f"{key}-{self._runName}.jsonl")
-            handle = open(path, "w", encoding="utf-8")
             self._paths.append(path)
             header = {
                 "format": FORMAT_VERSION,
@@ -511,9 +530,9 @@ class Recorder:
                 "redacted": not self.raw,
                 "server": f"nestproto {__version__}",
             }
-            handle.write(json.dumps(header) + "\n")
-            handle.flush()
-            self._files[key] = (handle, started)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(header) + "\n")
+            self._files[key] = (path, started)
         return self._files[key]
 
 

@@ -47,6 +47,7 @@ from nestproto.service import Options, makeService
 from .helpers import (
     CONTROL_URL,
     DEVICE_URL,
+    OTHER_SERIAL,
     SERIAL,
     START_SECONDS,
     basicAuth,
@@ -212,6 +213,31 @@ class RecorderTests(SynchronousTestCase):
         authorization = subscribe["request"]["headers"]["Authorization"]
         decoded = b64decode(authorization.split(" ", 1)[1]).decode()
         self.assertEqual(decoded, f"nest.{synthetic}:redacted")
+
+    def test_otherSerialsRedacted(self) -> None:
+        """
+        A serial the recorder learns only from a body (another device's
+        bucket key) is replaced too, in keys and values alike.
+        """
+        session = _Session(self.directory)
+        session.request(
+            session.device,
+            "POST",
+            DEVICE_URL + "/nest/transport",
+            data=objectsBody(
+                [
+                    clientObject(f"shared.{SERIAL}"),
+                    clientObject(f"shared.{OTHER_SERIAL}", value={"x": OTHER_SERIAL}),
+                ]
+            ),
+            headers=basicAuth(password=PASSWORD),
+        )
+        session.recorder.close()
+        (path,) = session.recorder.paths()
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertNotIn(OTHER_SERIAL, text)
+        self.assertIn("shared.09AA01AC0000000002", text)
 
     def test_raw(self) -> None:
         """With raw, serials and passwords are kept as they were."""
