@@ -1486,7 +1486,8 @@ class IsolationTests(TransportTestCase):
     def test_subscribeGetsNothing(self) -> None:
         """
         A subscribe by B naming A's buckets with timestamp 0 is answered
-        without any of them.
+        without any of them, changes nothing, and a change to A's buckets is
+        not pushed to B's held subscribe.
         """
         objects = [clientObject(key, 0, 0) for key in self.keys]
         answer, body = self.answered(
@@ -1494,13 +1495,13 @@ class IsolationTests(TransportTestCase):
         )
         self.assertEqual(body, {"objects": []})
         chunked = self.held(objects, serial=OTHER_SERIAL)
+        self.assertEqual(self.snapshot(), self.before)
+        self.assertEqual(self.server.hub.count(OTHER_SERIAL), 1)
         self.command(SHARED, {"target_temperature": 30.0})
         self.stub.flush()
         self.assertEqual(chunked.chunks, [])
-        self.before = self.snapshot()
         self.endHolds()
         self.assertEqual(chunked.chunks, [])
-        self.assertEqual(self.snapshot(), self.before)
 
     def test_subscribeInlineUpdateChangesNothing(self) -> None:
         """
