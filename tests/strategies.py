@@ -325,8 +325,8 @@ def schedules(draw: DrawFn) -> dict[str, Any]:
 
 
 @composite
-def commandValues(draw: DrawFn, command: str) -> Any:
-    """A value for C{command}, mostly of the right shape."""
+def commandValues(draw: DrawFn, command: str, garbage: bool = True) -> Any:
+    """A value for C{command} of the right shape, or (C{garbage}) any scalar."""
     temperature = st.floats(-10, 60, allow_nan=False, allow_infinity=False)
     byCommand: dict[str, SearchStrategy[Any]] = {
         "set_temperature": temperature
@@ -349,14 +349,20 @@ def commandValues(draw: DrawFn, command: str) -> Any:
             max_size=2,
         ),
     }
-    return draw(st.one_of(byCommand[command], _scalars()))
+    if garbage:
+        return draw(st.one_of(byCommand[command], _scalars()))
+    return draw(byCommand[command])
 
 
 @composite
-def controlCommands(draw: DrawFn, serial: str) -> dict[str, Any]:
-    """A C{POST /command} body (PROTOCOL.md §16.1), valid or nearly so."""
+def controlCommands(draw: DrawFn, serial: str, garbage: bool = True) -> dict[str, Any]:
+    """
+    A C{POST /command} body (PROTOCOL.md §16.1): each command with values
+    of its shape, some out of range, and (C{garbage}) values of any type.
+    """
     command = draw(st.sampled_from(COMMANDS))
-    return {"serial": serial, "command": command, "value": draw(commandValues(command))}
+    value = draw(commandValues(command, garbage))
+    return {"serial": serial, "command": command, "value": value}
 
 
 @composite

@@ -43,8 +43,15 @@ from nestproto.buckets import INT32_MAX, INT32_MIN, SERIAL_KEYED_TYPES
 from nestproto.state import OWNER_RECORD
 from nestproto.store import RecordWrite
 
-from .helpers import DEVICE_URL, SERIAL, Server, basicAuth, makeServer
-from .strategies import FORMS, PUT_META_KEYS, bucketValues, commandChanges, serials
+from .helpers import CONTROL_URL, DEVICE_URL, SERIAL, Server, basicAuth, makeServer
+from .strategies import (
+    FORMS,
+    PUT_META_KEYS,
+    bucketValues,
+    commandChanges,
+    controlCommands,
+    serials,
+)
 
 HOLD_SECONDS = 290.0
 BATCH_SECONDS = 3.0
@@ -311,6 +318,22 @@ def fieldsHeld(value: Mapping[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
     return st.sets(st.sampled_from(names), min_size=1).map(
         lambda chosen: {name: value[name] for name in sorted(chosen)}
     )
+
+
+def chunksOf(data: bytes) -> list[bytes]:
+    """
+    The JSON documents of a stretch of pushed body: each chunk is one
+    complete document (PROTOCOL.md §6.4), and several may have arrived.
+    """
+    decoder = json.JSONDecoder()
+    text = data.decode("utf-8")
+    chunks = []
+    position = 0
+    while position < len(text):
+        document, end = decoder.raw_decode(text, position)
+        chunks.append(text[position:end].encode("utf-8"))
+        position = end
+    return chunks
 
 
 def objectsOf(document: bytes, fields: list[str]) -> list[dict[str, Any]]:
@@ -742,8 +765,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         self, data: st.DataObject, change: tuple[str, dict[str, Any], bool]
     ) -> None:
         """
-        A control command changes a device's bucket (or its structure)
-        through L{DeviceState.change}, the path every control write takes.
+        A change made the way every control write is made, through
+        L{DeviceState.change}, predicted exactly by the model: a setpoint,
+        a setting, away, a whole schedule, or the same values again.
         """
         device = data.draw(st.sampled_from(self.deviceList()))
         bucketType, fields, replaces = change
@@ -793,6 +817,91 @@ class ConformanceMachine(RuleBasedStateMachine):
     ) -> None:
         """A control command while a device is held: it is pushed (§6.4)."""
         self.command(data, change)
+
+    @rule(data=st.data())
+    def controlCommand(self, data: st.DataObject) -> None:
+        """
+        A user's command through C{POST /command} (PROTOCOL.md §16.1):
+        applied, moving revision and timestamp of every bucket it writes
+        (§11.5) and pushed to every held device that sees them, or refused
+        with nothing changed.
+        """
+        device = data.draw(st.sampled_from(self.deviceList()))
+        document = data.draw(controlCommands(device.serial, garbage=False))
+        store = self.server.store
+        before = {
+            (scope, bucket.key): Copy(bucket.revision, bucket.timestamp, bucket.value)
+            for scope in store.scopes()
+            for bucket in store.buckets(scope)
+        }
+        nowMs = self.nowMs()
+        client = self.server.controlClient
+        d = client.post(
+            CONTROL_URL + "/command",
+            data=json.dumps(document).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+        )
+        client.flush()
+        response = result(d)
+        answer = json.loads(result(treq.content(response)))
+        self.server.deviceClient.flush()
+        after = {
+            (scope, bucket.key): Copy(bucket.revision, bucket.timestamp, bucket.value)
+            for scope in store.scopes()
+            for bucket in store.buckets(scope)
+        }
+        written = {
+            where: copy for where, copy in after.items() if before.get(where) != copy
+        }
+        check(response.code < 500, "a command never fails", answer)
+        if response.code != 200 or answer.get("success") is not True:
+            check(not written, "a refused command changes nothing", written)
+            self.collectPushes()
+            return
+        check(written, "a command writes", answer)
+        structureMembers = set(
+            self.model.devicesSeeing("", self.model.structureKey(device.serial))
+        )
+        for (scope, key), copy in written.items():
+            check(
+                scope in ({device.serial, ""} | structureMembers),
+                "a command changes only its device and its structure",
+                (scope, key),
+            )
+            check(
+                copy
+                == afterChange(
+                    self.model.buckets.get((scope, key), PLACEHOLDER), copy.value, nowMs
+                ),
+                "a command always moves revision and timestamp (§11.5)",
+                (key, self.model.buckets.get((scope, key)), copy),
+            )
+            self.model.buckets[scope, key] = copy
+            self.movedUnchanged.add((scope, key))
+        for held in self.held:
+            expected = {
+                key: copy
+                for (scope, key), copy in written.items()
+                if held.serial in self.model.devicesSeeing(scope, key)
+            }
+            if not expected:
+                continue
+            pushed = held.body.unread()
+            check(pushed, "a command is pushed to every held device that sees it", held)
+            objects = [
+                obj
+                for chunk in chunksOf(pushed)
+                for obj in objectsOf(chunk, OBJECT_FIELDS)
+            ]
+            self.takeObjects(self.devices[held.serial], objects, expected)
+            held.deadline = self.clock.seconds() + BATCH_SECONDS
+        self.collectPushes()
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def controlCommandWhileHeld(self, data: st.DataObject) -> None:
+        """A user's command while a device is held: pushed to it (§6.4)."""
+        self.controlCommand(data)
 
     @rule(seconds=st.sampled_from(STEPS))
     def advance(self, seconds: float) -> None:
