@@ -406,3 +406,11 @@ class OtherRequestTests(BadInputTestCase):
         self.assertEqual(answer.response.code, 400)
         self.flushLoggedErrors(UnicodeDecodeError)
         self.assertServes()
+
+    def test_listingWithoutUsableSerial(self) -> None:
+        """
+        A listing naming no usable serial (too short, too long, only
+        punctuation) and sent without credentials answers a JSON 400.
+        """
+        for name in ["abc", "A" * 10000, "-.-.-.-.-.-.", "device."]:
+            self.assertJSONError("GET", f"/nest/transport/device/{name}", 400)

@@ -694,6 +694,12 @@ class HeldTests(TransportTestCase):
         Push a command to a held subscribe whose client is gone without its
         subscription having been cancelled: the real chunk writer of
         L{DeviceAPI} raises, and the hub keeps the push.
+
+        Over HTTP this state is not reached: Twisted never fails a write to
+        a lost connection (it drops it), and the same C{notifyFinish} errback
+        that marks the writer gone makes Klein cancel the hold before any
+        push can run. So the failing write is made here on a
+        L{DummyRequest}; the replay itself goes through the resource.
         """
         request = DummyRequest([b"nest", b"transport"])
         held = self.server.hub.hold(SERIAL, _chunkWriter(request), lambda kept: [])
