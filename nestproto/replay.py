@@ -73,6 +73,29 @@ class Options(usage.Options):
             self["tolerance"] = 0.01 if against is None else 0.5
 
 
+def optionsFirst(argv: Sequence[str]) -> list[str]:
+    """
+    C{argv} with its options moved before the fixture names: the synopsis
+    puts them after, and getopt stops at the first name.
+    """
+    takesValue = {f"--{name}" for name, *rest in Options.optParameters}
+    options: list[str] = []
+    names: list[str] = []
+    arguments = list(argv)
+    while arguments:
+        argument = arguments.pop(0)
+        if argument == "--":
+            names.extend(arguments)
+            break
+        if argument.startswith("-") and argument != "-":
+            options.append(argument)
+            if argument in takesValue and arguments:
+                options.append(arguments.pop(0))
+        else:
+            names.append(argument)
+    return options + ["--", *names] if names else options
+
+
 def loadAll(paths: Sequence[str], out: TextIO) -> list[Fixture] | None:
     """Every fixture, or C{None} after printing the first unreadable one."""
     fixtures = []
@@ -119,7 +142,7 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
     """Run the command line; the exit status."""
     options = Options()
     try:
-        options.parseOptions(argv)
+        options.parseOptions(optionsFirst(argv))
     except usage.UsageError as e:
         out.write(f"{options}\nerror: {e}\n")
         return 2

@@ -327,8 +327,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     root = MultiService()
     _StoreService(store, [pool, ioPool], hub).setServiceParent(root)
-    deviceResource = device.app.resource()
-    controlResource = control.app.resource()
+    deviceResource: IResource = device.app.resource()
+    controlResource: IResource = control.app.resource()
     if options["record"] is not None:
         recorder = Recorder(options["record"], reactor, raw=bool(options["record-raw"]))
         RecorderService(recorder).setServiceParent(root)

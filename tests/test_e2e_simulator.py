@@ -24,13 +24,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
-from nestproto.fixtures import (
-    Replayer,
-    TCPTarget,
-    loadFixture,
-    replayInMemory,
-)
+from nestproto import replay
+from nestproto.fixtures import loadFixture, replayInMemory
 from nestproto.service import Options, makeService
 from nestproto.simulator import SimulatedThermostat
 
@@ -42,7 +39,7 @@ DEVICE = f"device.{SERIAL}"
 
 
 def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+    return deferLater(reactor, seconds, lambda: None)
 
 
 class SimulatorEndToEndTests(TestCase):
@@ -52,7 +49,7 @@ class SimulatorEndToEndTests(TestCase):
 
     def setUp(self) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.http = HTTPClient(Agent(reactor, pool=self.pool))  # type: ignore[arg-type]
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
         self.services: list[IService] = []
         self.thermostats: list[SimulatedThermostat] = []
         self.addCleanup(self.stopAll)
@@ -119,7 +116,7 @@ class SimulatorEndToEndTests(TestCase):
         token = b64encode(f"nest.{SERIAL}:x".encode()).decode()
         response = await self.http.get(
             f"{origin}/nest/transport/device/{SERIAL}",
-            headers={"Authorization": f"Basic {token}"},
+            headers=Headers({"Authorization": [f"Basic {token}"]}),
         )
         document = json.loads(await treq.content(response))
         return {
@@ -226,9 +223,13 @@ class SimulatorEndToEndTests(TestCase):
             inMemory = replayInMemory(fixture, tolerance=0.25)
             self.assertEqual(inMemory.describe(), [])
             fresh, freshControl = await self.start()
-            overTCP = await Replayer(
-                TCPTarget(reactor, fresh, freshControl), fixture, 0.5
-            ).run()
+            options = replay.Options()
+            options.parseOptions(
+                replay.optionsFirst(
+                    [path, "--against", fresh, "--control", freshControl]
+                )
+            )
+            (overTCP,) = await replay.replayOverTCP(reactor, [fixture], options)
             self.maxDiff = None
             self.assertEqual(overTCP.describe(), [])
             self.assertEqual(overTCP.matched, len(fixture.exchanges))

@@ -86,9 +86,10 @@ class _Session:
         def ended(ignored: object) -> None:
             exchange["ended"] = True
 
-        client.request(*args, unbuffered=True, **kwargs).addCallback(
-            arrived
-        ).addCallback(ended)
+        request: Any = client.request  # type: ignore[attr-defined]
+        request(*args, unbuffered=True, **kwargs).addCallback(arrived).addCallback(
+            ended
+        )
         self.flush()
         return exchange
 
@@ -331,7 +332,7 @@ class RecorderTests(SynchronousTestCase):
         options.parseOptions(
             ["--data", self.mktemp(), "--record", directory, "--weather", "none"]
         )
-        service = makeService(options, MemoryReactorClock())
+        service: Any = makeService(options, MemoryReactorClock())
         resources = [
             child.factory.resource
             for child in service
@@ -589,7 +590,7 @@ class BadFileTests(SynchronousTestCase):
     """A bad fixture file gives one line naming the file and line."""
 
     def write(self, text: str) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
         return path
@@ -680,6 +681,20 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(
             out.getvalue(), f"error: {path}:1: format version 0 is not 1\n"
         )
+
+    def test_optionsAfterNames(self) -> None:
+        """
+        Options may follow the fixture names, as the synopsis shows; the
+        control URL defaults to the device host on port 8082.
+        """
+        options = replay.Options()
+        options.parseOptions(
+            replay.optionsFirst(["a.jsonl", "--against", "http://h:8000", "b.jsonl"])
+        )
+        self.assertEqual(options["fixtures"], ["a.jsonl", "b.jsonl"])
+        self.assertEqual(options["against"], "http://h:8000")
+        self.assertEqual(options["control"], "http://h:8082")
+        self.assertEqual(options["tolerance"], 0.5)
 
     def test_noArguments(self) -> None:
         """Without a fixture the usage is shown and the status is 2."""

@@ -56,9 +56,8 @@ class _Harness:
 
     def control(self, path: str, document: dict[str, Any]) -> Any:
         results: list[Any] = []
-        self.server.controlClient.post(CONTROL_URL + path, json=document).addCallback(
-            results.append
-        )
+        client: Any = self.server.controlClient
+        client.post(CONTROL_URL + path, json=document).addCallback(results.append)
         self.pump()
         return results[0]
 
