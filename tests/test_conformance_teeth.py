@@ -179,7 +179,11 @@ class MachineTeethTests(SynchronousTestCase):
             return clientTimestamp == 0 or serverTimestamp >= clientTimestamp
 
         self.patch(buckets, "serverIsNewer", eager)
-        self.assertMachineFails("no spurious resend", "answer matches the model")
+        self.assertMachineFails(
+            "no spurious resend",
+            "a subscribe with nothing newer is held",
+            "answer matches the model",
+        )
 
     def test_structureForcedEveryTime(self) -> None:
         """
