@@ -95,7 +95,7 @@ class BadInputTestCase(TransportTestCase):
         self.assertEqual(answer.response.code, 200)
         self.assertEqual(
             body["objects"][0]["value"],
-            self.stored(SHARED).value,  # type: ignore[union-attr]
+            self.current(SHARED).value,
         )
         before = self.stored(DEVICE)
         assert before is not None

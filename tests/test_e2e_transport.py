@@ -219,7 +219,7 @@ class TransportEndToEndTests(TestCase):
 
     # The tests
 
-    def test_bootSubscribePushRestart(self) -> None:
+    def test_bootSubscribePushRestart(self) -> Deferred[None]:
         """
         A device boots (entry), puts its state and holds a subscribe; a
         command on the control port arrives as a chunk on the open
@@ -227,7 +227,7 @@ class TransportEndToEndTests(TestCase):
         service on the same data directory lists identical revisions and
         timestamps.
         """
-        return self.asDeferred(self.bootSubscribePushRestart())  # type: ignore[return-value]
+        return self.asDeferred(self.bootSubscribePushRestart())
 
     async def bootSubscribePushRestart(self) -> None:
         deviceOrigin, controlOrigin = await self.start()
@@ -359,13 +359,13 @@ class TransportEndToEndTests(TestCase):
         await self.stop(self.services[-1])
         await reader.finished
 
-    def test_rawHeldSubscribe(self) -> None:
+    def test_rawHeldSubscribe(self) -> Deferred[None]:
         """
         On the wire, a held subscribe's header block (with
         C{Transfer-Encoding: chunked} and the X-nl headers) arrives at once
         and alone; a push then arrives as one chunk.
         """
-        return self.asDeferred(self.rawHeldSubscribe())  # type: ignore[return-value]
+        return self.asDeferred(self.rawHeldSubscribe())
 
     async def rawHeldSubscribe(self) -> None:
         deviceOrigin, controlOrigin = await self.start()

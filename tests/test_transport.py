@@ -195,6 +195,13 @@ class TransportTestCase(SynchronousTestCase):
     def stored(self, key: str, scope: str = SERIAL) -> Bucket | None:
         return self.server.store.get(scope, key)
 
+    def current(self, key: str, scope: str = SERIAL) -> Bucket:
+        """The stored bucket C{key}, which must exist."""
+        bucket = self.stored(key, scope)
+        if bucket is None:
+            self.fail(f"{key} is not stored")
+        return bucket
+
     def snapshot(self) -> dict[str, list[Bucket]]:
         """Everything the store holds, by scope."""
         store = self.server.store
@@ -830,16 +837,42 @@ class HeldTests(TransportTestCase):
         self.assertEqual(answer.response.length, len(b"".join(answer.chunks)))
         self.assertClean()
 
-    def test_versionedSubscribePath(self) -> None:
+    def test_subscribePaths(self) -> None:
         """
-        C{/nest/transport/v7/subscribe} is a subscribe like C{/nest/transport}.
+        The versioned and legacy subscribe paths (PROTOCOL.md §1, §3) hold
+        and push like C{/nest/transport}.
         """
-        answer = self.held(self.inSync, path="/nest/transport/v7/subscribe")
-        self.command(SHARED, {"target_temperature": 19.0})
+        for path in [
+            "/nest/transport/v7/subscribe",
+            "/nest/transport/v7",
+            "/transport",
+            "/transport/v7/subscribe",
+            "/czfe/v7/subscribe",
+        ]:
+            answer = self.held(self.inSync, path=path)
+            self.command(SHARED, {"target_temperature": 19.0})
+            self.stub.flush()
+            self.assertEqual(len(answer.documents()), 1, path)
+            self.clock.advance(BATCH_SECONDS)
+            self.stub.flush()
+            self.successResultOf(answer.done)
+            self.assertClean()
+            self.inSync = [
+                clientObject(SHARED, bucket.revision, bucket.timestamp)
+                for bucket in [self.stored(SHARED)]
+                if bucket is not None
+            ]
+
+    def test_endAllEndsHeldCleanly(self) -> None:
+        """
+        At shutdown (L{SubscriberHub.endAll}) a held subscribe ends at once
+        with no body, so the device reconnects.
+        """
+        answer = self.held(self.inSync)
+        self.server.hub.endAll()
         self.stub.flush()
-        self.assertEqual(len(answer.documents()), 1)
-        self.clock.advance(BATCH_SECONDS)
-        self.stub.flush()
+        self.successResultOf(answer.done)
+        self.assertEqual(answer.chunks, [])
         self.assertClean()
 
 
@@ -963,7 +996,7 @@ class PutTests(TransportTestCase):
             }
         )
         self.assertEqual(
-            self.stored(DEVICE).value,  # type: ignore[union-attr]
+            self.current(DEVICE).value,
             {"keep": True, "eco": {"mode": "manual-eco"}},
         )
 
@@ -1011,7 +1044,7 @@ class PutTests(TransportTestCase):
             },
         )
         self.assertEqual(self.stored(SHARED), shared)
-        self.assertEqual(self.stored(DEVICE).value, {"battery_level": 3.9})  # type: ignore[union-attr]
+        self.assertEqual(self.current(DEVICE).value, {"battery_level": 3.9})
 
     def test_scenario37IfRevisionMatching(self) -> None:
         """
@@ -1030,7 +1063,7 @@ class PutTests(TransportTestCase):
             }
         )
         self.assertEqual(body["objects"][0]["object_revision"], 10)
-        self.assertEqual(self.stored(SHARED).value, {"target_temperature": 25.0})  # type: ignore[union-attr]
+        self.assertEqual(self.current(SHARED).value, {"target_temperature": 25.0})
 
     def test_scenario38BaseRevisionMismatchAccepted(self) -> None:
         """
@@ -1050,7 +1083,7 @@ class PutTests(TransportTestCase):
             }
         )
         self.assertEqual(body["objects"][0]["object_revision"], 10)
-        self.assertEqual(self.stored(SHARED).value, {"hvac_heater_state": True})  # type: ignore[union-attr]
+        self.assertEqual(self.current(SHARED).value, {"hvac_heater_state": True})
 
     def test_scenario39PutAnswersOnlyWhatWasPut(self) -> None:
         """
@@ -1110,7 +1143,7 @@ class PutTests(TransportTestCase):
             }
         )
         [receipt] = body["objects"]
-        self.assertIs(self.stored(SHARED).value["target_change_pending"], False)  # type: ignore[union-attr]
+        self.assertIs(self.current(SHARED).value["target_change_pending"], False)
         again = self.held(
             [
                 clientObject(
@@ -1130,15 +1163,18 @@ class PutTests(TransportTestCase):
         self.assertEqual(body, {"objects": []})
         self.assertIsNone(self.stored(DEVICE))
 
-    def test_versionedPutPath(self) -> None:
-        """C{/nest/transport/v7/put} is a put."""
-        answer, body = self.answered(
-            self.put(
-                {"objects": [{"object_key": DEVICE, "value": {"x": 1}}]},
-                path="/nest/transport/v7/put",
+    def test_putPaths(self) -> None:
+        """The versioned and legacy put paths are puts."""
+        paths = ["/nest/transport/v7/put", "/transport/put", "/czfe/v7/put"]
+        for revision, path in enumerate(paths, start=1):
+            answer, body = self.answered(
+                self.put(
+                    {"objects": [{"object_key": DEVICE, "value": {"x": revision}}]},
+                    path=path,
+                )
             )
-        )
-        self.assertEqual(body["objects"][0]["object_revision"], 1)
+            self.assertEqual(body["objects"][0]["object_revision"], revision, path)
+            self.assertNotIn("value", body["objects"][0])
         self.assertClean()
 
 
@@ -1400,7 +1436,7 @@ class DisagreementTests(TransportTestCase):
         ahead = self.start + 3_600_000
         self.seed(Bucket(SHARED, 3, self.start - 10, {}))
         self.held([clientObject(SHARED, 4, ahead, {"target_temperature": 19.0})])
-        self.assertEqual(self.stored(SHARED).timestamp, ahead)  # type: ignore[union-attr]
+        self.assertEqual(self.current(SHARED).timestamp, ahead)
         written = self.command(SHARED, {"target_temperature": 20.0})
         self.assertEqual(written.timestamp, ahead + 1)
         self.endHolds()
@@ -1561,7 +1597,7 @@ class IsolationTests(TransportTestCase):
         self.assertEqual([o["object_key"] for o in body["objects"]], [mine])
         self.assertEqual(self.server.store.buckets(SERIAL), self.before[SERIAL])
         self.assertEqual(
-            self.server.store.get(OTHER_SERIAL, mine).value,  # type: ignore[union-attr]
+            self.current(mine, OTHER_SERIAL).value,
             {"target_temperature": 19.0},
         )
 
