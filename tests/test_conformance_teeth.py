@@ -30,6 +30,9 @@ from nestproto.state import DeviceState
 from nestproto.store import SQLiteStore
 
 from . import test_buckets_properties, test_conformance, test_fuzz
+from .strategies import buckets as bucketStrategies
+from .strategies import bucketValues
+from .test_buckets_properties import nows as propertyNows
 from .test_conformance import ConformanceMachine
 
 #: Few examples, a fixed seed and no shrinking: a broken server must be
@@ -261,7 +264,9 @@ class MachineTeethTests(SynchronousTestCase):
 
 class BucketPropertyTeethTests(SynchronousTestCase):
     """
-    The bucket property tests fail on broken rules.
+    The bucket property tests fail on broken rules. Each runs the property's
+    own body under a fresh C{given} (hypothesis refuses to run one test
+    function from two test case instances).
     """
 
     def test_mergeMovesWithoutChange(self) -> None:
@@ -271,16 +276,16 @@ class BucketPropertyTeethTests(SynchronousTestCase):
             return buckets.changed(bucket, {**bucket.value, **fields}, nowMs)
 
         self.patch(buckets, "merge", merge)
-        self.assertRaises(
-            AssertionError,
-            test_buckets_properties.MergeTests(
-                "test_unchangedMovesNothing"
-            ).test_unchangedMovesNothing,
-        )
-        self.assertRaises(
-            AssertionError,
-            test_buckets_properties.MergeTests("test_idempotent").test_idempotent,
-        )
+        properties = test_buckets_properties.MergeTests
+
+        @TEETH
+        @given(bucketStrategies(), bucketValues(), propertyNows, propertyNows)
+        def idempotent(bucket: Bucket, fields: Any, first: int, second: int) -> None:
+            properties.test_idempotent.hypothesis.inner_test(  # type: ignore[attr-defined]
+                self, bucket, fields, first, second
+            )
+
+        self.assertRaises(AssertionError, idempotent)
 
     def test_revisionTiebreak(self) -> None:
         """The revision tiebreak some sources describe is not §11.2's table."""
@@ -289,10 +294,16 @@ class BucketPropertyTeethTests(SynchronousTestCase):
             return clientTimestamp == 0 or serverTimestamp >= clientTimestamp
 
         self.patch(buckets, "serverIsNewer", tiebreak)
-        self.assertRaises(
-            AssertionError,
-            test_buckets_properties.ServerIsNewerTests("test_table").test_table,
-        )
+        properties = test_buckets_properties.ServerIsNewerTests
+
+        @TEETH
+        @given(properties.timestamp, properties.timestamp)
+        def table(clientTimestamp: int, serverTimestamp: int) -> None:
+            properties.test_table.hypothesis.inner_test(  # type: ignore[attr-defined]
+                self, clientTimestamp, serverTimestamp
+            )
+
+        self.assertRaises(AssertionError, table)
 
 
 class FuzzTeethTests(SynchronousTestCase):
