@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto.fixtures import loadFixture, replayInMemory
+from nestproto.fixtures import MemoryTarget, Replayer, ReplayResult, loadFixture
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 #: A week and a half second later than recorded: every server-made time
@@ -27,10 +27,16 @@ def fixturePaths() -> list[str]:
 def _replayTest(path: str, shift: float) -> Callable[[SynchronousTestCase], None]:
     def test(self: SynchronousTestCase) -> None:
         fixture = loadFixture(path)
-        result = replayInMemory(fixture, startSeconds=fixture.startSeconds + shift)
+        target = MemoryTarget(fixture.startSeconds + shift)
+        results: list[ReplayResult] = []
+        Replayer(target, fixture).run().addCallback(results.append)
+        (result,) = results
         self.assertEqual(result.describe(), [])
         self.assertEqual(result.replayed, len(fixture.exchanges))
         self.assertEqual(result.matched, result.replayed)
+        # Held subscribes still open at the end were dropped by the client:
+        # nothing of the server is left waiting.
+        self.assertEqual(target.clock.getDelayedCalls(), [])
 
     return test
 
