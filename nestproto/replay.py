@@ -31,7 +31,10 @@ from .fixtures import (
 class Options(usage.Options):
     """Command-line options of C{python -m nestproto.replay}."""
 
-    synopsis = "FIXTURE... [--against URL] [--control URL]"
+    synopsis = (
+        "Usage: python -m nestproto.replay FIXTURE... "
+        "[--against URL] [--control URL] [--tolerance SECONDS]"
+    )
     optParameters: list[list[Any]] = [
         [
             "against",

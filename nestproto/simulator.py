@@ -492,6 +492,8 @@ def _disconnect(response: Any) -> None:
 class Options(usage.Options):
     """Options of C{python -m nestproto.simulator}."""
 
+    synopsis = "Usage: python -m nestproto.simulator [--server URL] [--count N]"
+
     optParameters: list[list[Any]] = [
         ["server", None, "http://127.0.0.1:8000", "Origin of the device port."],
         ["count", None, 1, "How many thermostats to simulate.", int],
