@@ -57,6 +57,8 @@ class SubscriberHub:
     maxPerDevice: int = MAX_SUBSCRIPTIONS_PER_DEVICE
     _subscriptions: dict[str, list[_Subscription]] = field(factory=dict, init=False)
     _undelivered: dict[str, dict[str, Bucket]] = field(factory=dict, init=False)
+    #: Set by L{endAll}: the server is stopping.
+    closed: bool = field(default=False, init=False)
 
     def hold(
         self, serial: str, deliver: Deliver, replayFilter: ReplayFilter
@@ -122,8 +124,10 @@ class SubscriberHub:
     def endAll(self) -> None:
         """
         End every held subscribe now, cleanly: at shutdown, so devices
-        reconnect at once instead of waiting for their wake timer.
+        reconnect at once instead of waiting for their wake timer. The hub
+        is L{closed} from then on.
         """
+        self.closed = True
         for live in list(self._subscriptions.values()):
             for subscription in list(live):
                 self._end(subscription)

@@ -18,12 +18,18 @@ from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.iweb import IResponse
 
 from nestproto.service import Options, makeService
@@ -450,3 +456,42 @@ class TransportEndToEndTests(TestCase):
         size, _, rest = body.partition(b"\r\n")
         document = json.loads(rest[: int(size, 16)])
         self.assertEqual(document["objects"][0]["value"]["target_temperature"], 22.0)
+
+    def test_resubscribeDuringShutdown(self) -> None:
+        """
+        A device that resubscribes the moment shutdown ends its hold is
+        never answered with a 500: its connection is closed after the hold
+        ends, and a request that still gets through is a JSON 503.
+        """
+        return self.asDeferred(self.resubscribeDuringShutdown())
+
+    async def resubscribeDuringShutdown(self) -> None:
+        deviceOrigin, controlOrigin = await self.start()
+        body = json.dumps(
+            {
+                "chunked": True,
+                "session": "s",
+                "objects": [
+                    {"object_key": SHARED, "object_revision": 1, "object_timestamp": 5}
+                ],
+            }
+        ).encode()
+        url = f"{deviceOrigin}/nest/transport"
+        response = await self.request("POST", url, data=body, headers=DEVICE_HEADERS)
+        reader = BodyReader()
+        response.deliverBody(reader)
+        await sleep(0.1)
+        stopping = self.services[-1].stopService()
+        await reader.finished
+        self.assertEqual(reader.received, [])
+        try:
+            again = await self.request("POST", url, data=body, headers=DEVICE_HEADERS)
+        except (ConnectError, ResponseNeverReceived, RequestTransmissionFailed):
+            pass
+        else:
+            self.assertEqual(again.code, 503)
+            self.assertEqual(
+                json.loads(await treq.content(again))["code"], "unavailable"
+            )
+        await stopping
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -395,3 +395,9 @@ class EndAllTests(HubTestCase):
         """Ending nothing is harmless."""
         self.hub.endAll()
         self.assertClean()
+
+    def test_closed(self) -> None:
+        """A hub is open until L{SubscriberHub.endAll}, closed after it."""
+        self.assertFalse(self.hub.closed)
+        self.hub.endAll()
+        self.assertTrue(self.hub.closed)

@@ -875,6 +875,25 @@ class HeldTests(TransportTestCase):
         self.assertEqual(answer.chunks, [])
         self.assertClean()
 
+    def test_afterEndAllTransportRefused(self) -> None:
+        """
+        After shutdown began, subscribe and put answer a JSON 503 and
+        change nothing: the store takes no more writes.
+        """
+        self.server.hub.endAll()
+        before = self.snapshot()
+        for requested in [
+            self.subscribe([clientObject(SHARED, 0, 0, {"a": 1})]),
+            self.put({"objects": [{"object_key": SHARED, "value": {"a": 1}}]}),
+        ]:
+            answer, body = self.answered(requested)
+            self.assertEqual(answer.response.code, 503)
+            self.assertEqual(
+                body, {"error": "Server is shutting down", "code": "unavailable"}
+            )
+        self.assertEqual(self.snapshot(), before)
+        self.assertClean()
+
 
 class PutTests(TransportTestCase):
     """
@@ -1366,6 +1385,36 @@ class RawHTTPTests(SynchronousTestCase):
         self.server.clock.advance(HOLD_SECONDS)
         self.assertEqual(self.transport.value(), b"0\r\n\r\n")
         self.assertEqual(self.server.clock.getDelayedCalls(), [])
+
+    def test_shutdownEndClosesConnection(self) -> None:
+        """
+        A hold ended by shutdown (L{SubscriberHub.endAll}) ends with the
+        terminating chunk and then closes the connection, so the device's
+        immediate resubscribe goes to a new connection (and a new server),
+        not to one that can no longer write.
+        """
+        self.send([clientObject(SHARED, 3, self.start - 10)])
+        self.transport.clear()
+        self.server.hub.endAll()
+        self.assertEqual(self.transport.value(), b"0\r\n\r\n")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_requestAfterShutdownRefused(self) -> None:
+        """
+        A transport request arriving on an open connection after shutdown
+        began is answered with a JSON 503 and C{Connection: close}, and the
+        connection is closed; nothing is written.
+        """
+        self.server.hub.endAll()
+        before = self.server.store.buckets(SERIAL)
+        self.send([clientObject(SHARED, 0, 0, {"a": 9})])
+        lines, body = self.headersAndBody()
+        self.assertEqual(lines[0], b"HTTP/1.1 503 Service Unavailable")
+        self.assertIn(b"Connection: close", lines)
+        self.assertIn(b"Content-Type: application/json", lines)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.server.store.buckets(SERIAL), before)
+        self.assertEqual(self.server.hub.total(), 0)
 
     def test_connectionLostForgetsHold(self) -> None:
         """

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from .._version import __version__
 from ..buckets import Bucket
-from ..errors import BadBody, NestError, NotFound, SerialRequired
+from ..errors import BadBody, NestError, NotFound, SerialRequired, Unavailable
 from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
 from ..hub import Deliver, SubscriberHub
 from ..pairing import Pairing
@@ -211,6 +211,11 @@ class DeviceAPI:
     @app.route("/transport/<path:rest>", methods=["POST"])
     @app.route("/czfe/<path:rest>", methods=["POST"])
     def transport(self, request: IRequest, rest: str = "") -> Deferred[bytes]:
+        if self.hub.closed:
+            # Stopping: the store takes no more writes. Send the device to a
+            # new connection, which the next server process will answer.
+            _closeAfter(request)
+            raise Unavailable("Server is shutting down")
         if _transportTail(rest) == "put":
             return self.put(request)
         return self.subscribe(request)
@@ -264,7 +269,15 @@ class DeviceAPI:
             return self._objects(request, [])
         # Headers now, so the device may sleep while we hold (§6.3).
         request.write(b"")
-        return held.addCallback(lambda ignored: b"")
+        return held.addCallback(self._heldEnded, request)
+
+    def _heldEnded(self, ignored: None, request: IRequest) -> bytes:
+        if self.hub.closed:
+            # A shutdown's end of the hold makes the device resubscribe at
+            # once (PROTOCOL.md §12, tickle); on this connection it would
+            # reach a server that no longer writes.
+            _closeAfter(request)
+        return b""
 
     def put(self, request: IRequest) -> Deferred[bytes]:
         serial = self._callerSerial(request)
@@ -355,6 +368,14 @@ class DeviceAPI:
 def _headerText(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")[:128]
+
+
+def _closeAfter(request: IRequest) -> None:
+    """Close the connection once C{request}'s response is complete."""
+    request.setHeader(b"connection", b"close")
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
 
 
 def _chunkWriter(request: IRequest) -> Deliver:
