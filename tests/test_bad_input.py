@@ -398,13 +398,16 @@ class OtherRequestTests(BadInputTestCase):
 
     def test_nonUTF8Path(self) -> None:
         """
-        A path that is not UTF-8 once percent-decoded is refused with a 400
-        (by Klein, before routing) and the server keeps serving.
+        A path that is not UTF-8 once percent-decoded answers a JSON 400,
+        logs no error, and the server keeps serving.
         """
-        answer = self.receive(self.stub.get(DEVICE_URL + "/nest/transport/%ff"))
-        self.successResultOf(answer.done)
-        self.assertEqual(answer.response.code, 400)
-        self.flushLoggedErrors(UnicodeDecodeError)
+        for method, path in [
+            ("GET", "/nest/transport/%ff"),
+            ("POST", "/nest/transport/%ff/put"),
+            ("GET", "/nest/%c3%28"),
+        ]:
+            self.assertJSONError(method, path, 400)
+        self.assertEqual(self.flushLoggedErrors(), [])
         self.assertServes()
 
     def test_listingWithoutUsableSerial(self) -> None:
