@@ -1063,6 +1063,7 @@ def memoryServer(
     from .control.api import ControlAPI
     from .device.api import DeviceAPI
     from .hub import SubscriberHub
+    from .pairing import Pairing
     from .state import DeviceState
     from .store import SQLiteStore, runInline
     from .uploads import LogStore
@@ -1071,14 +1072,17 @@ def memoryServer(
     store = SQLiteStore.open(":memory:", runInline)
     hub = SubscriberHub(clock)
     state = DeviceState(store, hub, clock)
+    # One Pairing for both ports, as the service has it.
+    pairing = Pairing(state)
     device = (deviceClass or DeviceAPI)(
         state=state,
         hub=hub,
+        pairing=pairing,
         weather=WeatherService(NoWeather(), clock),
         logs=LogStore(None, clock),
         runInThread=runInline,
     )
-    control = ControlAPI(state=state)
+    control = ControlAPI(state=state, pairing=pairing)
     return device.app.resource(), control.app.resource()
 
 
