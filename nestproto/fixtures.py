@@ -233,7 +233,8 @@ class Redactor:
         if lowered == "authorization":
             credentials = basicCredentials(value.encode("latin-1"))
             if credentials is None:
-                return "REDACTED"
+                # A control token (Bearer) or anything else: only its scheme.
+                return value.split(" ", 1)[0] + " " + REDACTED_PASSWORD
             token = f"{self.text(credentials.username)}:{REDACTED_PASSWORD}"
             return "Basic " + base64.b64encode(token.encode("utf-8")).decode("ascii")
         if lowered == "x-nl-set-client-credentials":
@@ -1052,15 +1053,16 @@ ServerFactory = Callable[[Any], tuple[IResource, IResource]]
 
 
 def memoryServer(
-    clock: Any, deviceClass: type[Any] | None = None
+    clock: Any, deviceClass: type[Any] | None = None, controlToken: str | None = None
 ) -> tuple[IResource, IResource]:
     """
     A whole nestproto in memory on C{clock}, as tests/helpers.makeServer
     builds it: SQLite in memory with commits made inline.
 
     @param deviceClass: a L{DeviceAPI} subclass to serve instead.
+    @param controlToken: the control port's Bearer token, if it has one.
     """
-    from .control.api import ControlAPI
+    from .control.api import ControlAPI, ControlSettings
     from .device.api import DeviceAPI
     from .hub import SubscriberHub
     from .pairing import Pairing
@@ -1082,7 +1084,9 @@ def memoryServer(
         logs=LogStore(None, clock),
         runInThread=runInline,
     )
-    control = ControlAPI(state=state, pairing=pairing)
+    control = ControlAPI(
+        state=state, pairing=pairing, settings=ControlSettings(token=controlToken)
+    )
     return device.app.resource(), control.app.resource()
 
 
@@ -1233,12 +1237,15 @@ class Replayer:
     with the recording.
 
     @ivar tolerance: seconds by which a chunk or an end may be early or late.
+    @ivar controlToken: sent as C{Authorization: Bearer} on control
+        exchanges recorded with a (redacted) token.
     """
 
     target: ReplayTarget
     fixture: Fixture
     tolerance: float = 0.01
     bindings: Bindings = field(factory=Bindings)
+    controlToken: str | None = None
     _start: float = field(default=0.0, init=False)
     _lives: list[_Live] = field(factory=list, init=False)
     _mismatches: list[Mismatch] = field(factory=list, init=False)
@@ -1335,6 +1342,11 @@ class Replayer:
             for name, value in exchange.requestHeaders.items()
             if name.lower() != "content-length"
         }
+        if headers.get("authorization") == f"Bearer {REDACTED_PASSWORD}":
+            if self.controlToken is None:
+                del headers["authorization"]
+            else:
+                headers["authorization"] = f"Bearer {self.controlToken}"
         try:
             d = self.target.request(
                 exchange.kind, exchange.method, exchange.path, headers, data

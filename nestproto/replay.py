@@ -51,6 +51,13 @@ class Options(usage.Options):
             "(default: the --against host on port 8082).",
         ],
         [
+            "control-token",
+            None,
+            None,
+            "Bearer token of that control port, for recorded control exchanges "
+            "(recordings keep no token).",
+        ],
+        [
             "tolerance",
             None,
             None,
@@ -135,7 +142,13 @@ def replayOverTCP(
         results = []
         for fixture in fixtures:
             target = TCPTarget(reactor, options["against"], options["control"])
-            results.append(await Replayer(target, fixture, options["tolerance"]).run())
+            replayer = Replayer(
+                target,
+                fixture,
+                options["tolerance"],
+                controlToken=options["control-token"],
+            )
+            results.append(await replayer.run())
         return results
 
     return Deferred.fromCoroutine(run())

@@ -62,11 +62,14 @@ PASSWORD = "s3cr3t-device-token"
 class _Session:
     """An in-memory server behind a recorder, and clients of both ports."""
 
-    def __init__(self, directory: str, raw: bool = False) -> None:
+    def __init__(
+        self, directory: str, raw: bool = False, controlToken: str | None = None
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(START_SECONDS)
         self.recorder = Recorder(directory, self.clock, raw=raw)
-        device, control = memoryServer(self.clock)
+        self.controlToken = controlToken
+        device, control = memoryServer(self.clock, controlToken=controlToken)
         self.device = StubTreq(self.recorder.wrap(device, DEVICE))
         self.control = StubTreq(self.recorder.wrap(control, CONTROL))
 
@@ -136,6 +139,9 @@ class _Session:
         return held
 
     def command(self, value: float) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.controlToken is not None:
+            headers["Authorization"] = f"Bearer {self.controlToken}"
         return self.request(
             self.control,
             "POST",
@@ -143,7 +149,7 @@ class _Session:
             data=json.dumps(
                 {"serial": SERIAL, "command": "set_temperature", "value": value}
             ).encode(),
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
 
     def put(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -482,6 +488,43 @@ class ReplayTests(SynchronousTestCase):
         result = replayInMemory(loadFixture(self.path))
         self.assertEqual(
             [m.where for m in result.mismatches], ["end (s)"], result.describe()
+        )
+
+
+class ControlTokenTests(SynchronousTestCase):
+    """A control port with a Bearer token: recorded without it, replayed with it."""
+
+    def setUp(self) -> None:
+        self.path = _Session(self.mktemp(), controlToken="s3cret").record()
+        self.fixture = loadFixture(self.path)
+
+    def replay(self, token: str | None) -> Any:
+        target = MemoryTarget(
+            self.fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
+        )
+        results: list[Any] = []
+        Replayer(target, self.fixture, controlToken=token).run().addCallback(
+            results.append
+        )
+        return results[0]
+
+    def test_tokenRedacted(self) -> None:
+        """The token is not in the file; the scheme is."""
+        with open(self.path, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertNotIn("s3cret", text)
+        self.assertIn('"Authorization": "Bearer redacted"', text)
+
+    def test_replayWithToken(self) -> None:
+        """Given the token, the replay matches."""
+        self.assertEqual(self.replay("s3cret").describe(), [])
+
+    def test_replayWithoutToken(self) -> None:
+        """Without it, the control exchange is refused: a status mismatch."""
+        result = self.replay(None)
+        self.assertIn(
+            ("status", 200, 401),
+            [(m.where, m.recorded, m.replayed) for m in result.mismatches],
         )
 
 
