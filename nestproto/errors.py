@@ -95,3 +95,12 @@ class UploadTooLarge(BodyTooLarge):
 
     def __init__(self, limitBytes: int) -> None:
         super().__init__(f"Device log is over {limitBytes} bytes")
+
+
+class StoreClosed(Unavailable):
+    """The server is shutting down: nothing more can be made durable."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("Server is shutting down")

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from .buckets import Bucket
+from .errors import StoreClosed
 
 T = TypeVar("T")
 
@@ -187,7 +188,7 @@ class SQLiteStore:
 
     def write(self, writes: Sequence[Write]) -> Deferred[None]:
         if self._closed:
-            raise RuntimeError("write to a closed store")
+            raise StoreClosed()
         writes = list(writes)
         for one in writes:
             self._applyInMemory(one)

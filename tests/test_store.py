@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from nestproto.buckets import Bucket
+from nestproto.errors import StoreClosed
 from nestproto.store import (
     BucketWrite,
     IBucketStore,
@@ -180,6 +181,19 @@ class SQLiteStoreTests(SynchronousTestCase):
         self.successResultOf(closed)
         self.assertEqual(rowCount(self.path), 1)
 
+    def test_writeAfterCloseRefused(self) -> None:
+        """
+        A write after close is refused with a 503 error (the server is
+        shutting down) rather than a crash, and changes nothing.
+        """
+        store = SQLiteStore.open(self.path, runInline)
+        self.successResultOf(store.close())
+        error = self.assertRaises(
+            StoreClosed, store.write, [BucketWrite("S", Bucket("device.S0000000001"))]
+        )
+        self.assertEqual(error.status, 503)
+        self.assertIsNone(store.get("S", "device.S0000000001"))
+
     def test_walMode(self) -> None:
         """The file is in WAL mode, so readers never block the writer."""
         SQLiteStore.open(self.path, runInline)
@@ -196,6 +210,7 @@ _WRITER = textwrap.dedent(
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
     from nestproto.buckets import Bucket
+from nestproto.errors import StoreClosed
     from nestproto.store import BucketWrite, SQLiteStore
 
     pool = ThreadPool(1, 1)
