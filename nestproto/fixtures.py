@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -579,6 +579,8 @@ class RecordingResource:
 
 @frozen
 class Chunk:
+    """One write of a recorded answer: its time (offset, s) and its body."""
+
     at: float
     body: dict[str, Any] | None
 
@@ -606,6 +608,8 @@ class Exchange:
 
 @frozen
 class Fixture:
+    """A fixture file: its header line and its exchanges in order of start."""
+
     path: str
     header: dict[str, Any]
     exchanges: tuple[Exchange, ...]
@@ -685,6 +689,9 @@ def _parseExchange(path: str, line: int, document: Any) -> tuple[int, Exchange]:
     end = _need(path, line, response, "end", _OPTIONAL_NUMBER)
     lost = response.get("lost")
     headersAt = response.get("headersAt")
+    for name, moment in (("lost", lost), ("headersAt", headersAt)):
+        if moment is not None and not _isNumber(moment):
+            raise FixtureError(path, line, f"field {name!r} has the wrong type")
     return sequence, Exchange(
         0,
         line,
@@ -755,15 +762,10 @@ def loadFixture(path: str) -> Fixture:
     ]
     parsed.sort(key=lambda pair: (pair[1].start, pair[0]))
     exchanges = tuple(
-        _renumber(exchange, number) for number, (seq, exchange) in enumerate(parsed, 1)
+        evolve(exchange, number=number)
+        for number, (seq, exchange) in enumerate(parsed, 1)
     )
     return Fixture(path, header, exchanges)
-
-
-def _renumber(exchange: Exchange, number: int) -> Exchange:
-    from attrs import evolve
-
-    return evolve(exchange, number=number)
 
 
 # Matching
