@@ -328,6 +328,25 @@ class RecorderTests(SynchronousTestCase):
         result = replayInMemory(loadFixture(path))
         self.assertEqual(result.describe(), [])
 
+    def test_lost(self) -> None:
+        """
+        A client that leaves a held subscribe is recorded with the time it
+        left and no end; the replay leaves at the same time and matches.
+        """
+        session = _Session(self.directory)
+        held = session.boot()
+        session.clock.advance(7)
+        held["response"].original._transport.loseConnection()
+        session.flush()
+        session.clock.advance(1)
+        session.recorder.close()
+        (path,) = session.recorder.paths()
+        (line,) = [line for line in _lines(path) if line.get("seq") == 3]
+        self.assertEqual(
+            (line["response"]["lost"], line["response"]["end"]), (7.5, None)
+        )
+        self.assertEqual(replayInMemory(loadFixture(path)).describe(), [])
+
     def test_serviceOption(self) -> None:
         """
         C{--record DIR} wraps both listening ports' resources in recorders
