@@ -90,8 +90,12 @@ class _Session:
             exchange["ended"] = True
 
         request: Any = client.request  # type: ignore[attr-defined]
-        request(*args, unbuffered=True, **kwargs).addCallback(arrived).addCallback(
-            ended
+
+        def failed(failure: Any) -> None:
+            exchange["failure"] = failure
+
+        request(*args, unbuffered=True, **kwargs).addCallback(arrived).addCallbacks(
+            ended, failed
         )
         self.flush()
         return exchange
