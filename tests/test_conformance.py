@@ -828,16 +828,71 @@ class ConformanceMachine(RuleBasedStateMachine):
         """
         device = data.draw(st.sampled_from(self.deviceList()))
         document = data.draw(controlCommands(device.serial, garbage=False))
+        before = self.storedCopies()
+        nowMs = self.nowMs()
+        status, answer = self.control("POST", "/command", document)
+        check(status < 500, "a command never fails", answer)
+        if status != 200 or answer.get("success") is not True:
+            check(
+                self.storedCopies() == before,
+                "a refused command changes nothing",
+                answer,
+            )
+            self.collectPushes()
+            return
+        structureMembers = self.model.devicesSeeing(
+            "", self.model.structureKey(device.serial)
+        )
+        written = self.serverWrites(
+            before, nowMs, {device.serial, "", *structureMembers}, "a command"
+        )
+        check(written, "a command writes", answer)
+
+    @precondition(lambda self: set(self.devices) - set(self.model.owners))
+    @rule(data=st.data())
+    def claim(self, data: st.DataObject) -> None:
+        """
+        An unclaimed device shows its entry key (PROTOCOL.md §5) and the
+        user claims it (§13): the user and structure buckets are written,
+        moving revision and timestamp, and pushed to every held device that
+        now sees them.
+        """
+        serial = data.draw(
+            st.sampled_from(sorted(set(self.devices) - set(self.model.owners)))
+        )
+        before = self.storedCopies()
+        nowMs = self.nowMs()
+        client = self.server.deviceClient
+        d = client.get(DEVICE_URL + "/nest/passphrase", headers=basicAuth(serial))
+        client.flush()
+        response = result(d)
+        key = json.loads(result(treq.content(response)))
+        check(response.code == 200, "an unclaimed device gets an entry key", key)
+        self.serverWrites(before, nowMs, {serial}, "an entry key")
+        before = self.storedCopies()
+        status, answer = self.control(
+            "POST", "/api/register", {"code": key["value"], "userId": USER}
+        )
+        check(status == 200 and answer["success"], "a valid code claims", answer)
+        self.model.owners[serial] = USER
+        self.serverWrites(before, nowMs, {""}, "a claim")
+
+    def storedCopies(self) -> dict[tuple[str, str], Copy]:
         store = self.server.store
-        before = {
+        return {
             (scope, bucket.key): Copy(bucket.revision, bucket.timestamp, bucket.value)
             for scope in store.scopes()
             for bucket in store.buckets(scope)
         }
-        nowMs = self.nowMs()
+
+    def control(
+        self, method: str, path: str, document: Mapping[str, Any]
+    ) -> tuple[int, Any]:
+        """A control API request; its status and JSON answer."""
         client = self.server.controlClient
-        d = client.post(
-            CONTROL_URL + "/command",
+        d = client.request(
+            method,
+            CONTROL_URL + path,
             data=json.dumps(document).encode("utf-8"),
             headers={"Content-Type": "application/json"},
         )
@@ -845,36 +900,33 @@ class ConformanceMachine(RuleBasedStateMachine):
         response = result(d)
         answer = json.loads(result(treq.content(response)))
         self.server.deviceClient.flush()
-        after = {
-            (scope, bucket.key): Copy(bucket.revision, bucket.timestamp, bucket.value)
-            for scope in store.scopes()
-            for bucket in store.buckets(scope)
-        }
+        return response.code, answer
+
+    def serverWrites(
+        self,
+        before: Mapping[tuple[str, str], Copy],
+        nowMs: int,
+        scopes: set[str],
+        what: str,
+    ) -> dict[tuple[str, str], Copy]:
+        """
+        Check what a change not made by a device (a command, pairing) wrote
+        since C{before}: only in C{scopes}, each bucket's revision and
+        timestamp moved (§11.5), each pushed to every held device that sees
+        it. The model takes the writes.
+        """
         written = {
-            where: copy for where, copy in after.items() if before.get(where) != copy
+            where: copy
+            for where, copy in self.storedCopies().items()
+            if before.get(where) != copy
         }
-        check(response.code < 500, "a command never fails", answer)
-        if response.code != 200 or answer.get("success") is not True:
-            check(not written, "a refused command changes nothing", written)
-            self.collectPushes()
-            return
-        check(written, "a command writes", answer)
-        structureMembers = set(
-            self.model.devicesSeeing("", self.model.structureKey(device.serial))
-        )
         for (scope, key), copy in written.items():
+            check(scope in scopes, f"{what} changes only its own", (scope, key))
+            previous = self.model.buckets.get((scope, key), PLACEHOLDER)
             check(
-                scope in ({device.serial, ""} | structureMembers),
-                "a command changes only its device and its structure",
-                (scope, key),
-            )
-            check(
-                copy
-                == afterChange(
-                    self.model.buckets.get((scope, key), PLACEHOLDER), copy.value, nowMs
-                ),
-                "a command always moves revision and timestamp (§11.5)",
-                (key, self.model.buckets.get((scope, key)), copy),
+                copy == afterChange(previous, copy.value, nowMs),
+                f"{what} always moves revision and timestamp (§11.5)",
+                (key, previous, copy),
             )
             self.model.buckets[scope, key] = copy
             self.movedUnchanged.add((scope, key))
@@ -896,6 +948,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             self.takeObjects(self.devices[held.serial], objects, expected)
             held.deadline = self.clock.seconds() + BATCH_SECONDS
         self.collectPushes()
+        return written
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
