@@ -584,9 +584,12 @@ class ScheduleTests(ControlTestCase):
         cool = {
             "ver": 2,
             "mode": "cool",
-            "days": [[{"type": "COOL", "time": 0, "temp": 25.0}]],
+            "days": [[{"type": "cool", "time": 0, "temp": 25.0}]],
         }
         self.ok("set_schedule", cool)
+        self.assertEqual(
+            self.value(f"schedule.{SERIAL}")["days"]["0"]["0"]["type"], "COOL"
+        )
         self.assertEqual(self.value(f"shared.{SERIAL}")["schedule_mode"], "COOL")
         self.assertEqual(self.value(f"schedule.{SERIAL}")["schedule_mode"], "COOL")
 

@@ -318,6 +318,7 @@ def _scheduleEntry(entry: object, mode: str, where: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise CommandError(f"{where} must be an object")
     kind = entry.get("type")
+    kind = kind.upper() if isinstance(kind, str) else kind
     if kind not in SCHEDULE_MODES:
         raise CommandError(f"{where}: type must be one of {', '.join(SCHEDULE_MODES)}")
     if kind != mode:
@@ -333,6 +334,7 @@ def _scheduleEntry(entry: object, mode: str, where: str) -> dict[str, Any]:
     # Unknown fields are dropped: clients post back what they read.
     cleaned = {name: v for name, v in entry.items() if name in _ENTRY_FIELDS}
     cleaned["entry_type"] = entryType
+    cleaned["type"] = kind
     if kind == "RANGE":
         low = _scheduleTemperature(entry, "temp-min", where)
         high = _scheduleTemperature(entry, "temp-max", where)
