@@ -1160,15 +1160,6 @@ class ConformanceMachine(RuleBasedStateMachine):
         check(stored == self.model.buckets, "the store holds what the model says", "")
 
 
-def conformanceSettings(maxExamples: int, steps: int) -> settings:
-    """Settings for one run of the machine, derived from the loaded profile."""
-    return settings(
-        settings.default,
-        max_examples=maxExamples,
-        stateful_step_count=steps,
-    )
-
-
 class ConformanceTests(SynchronousTestCase):
     """
     The server conforms to the model under generated sequences of device
@@ -1183,7 +1174,7 @@ class ConformanceTests(SynchronousTestCase):
         """
         run_state_machine_as_test(
             ConformanceMachine,
-            settings=settings(settings.default, stateful_step_count=30),
+            settings=settings(settings.default, stateful_step_count=50),
         )
 
     def test_putNamingABucketTwice(self) -> None:
