@@ -190,15 +190,16 @@ class Model:
                 self.buckets[scope, key] = new
         owner = self.owners.get(serial)
         if owner is not None:
-            for key, value in [
+            created: list[tuple[str, dict[str, Any]]] = [
                 (f"user.{owner}", {"name": owner}),
                 (
                     self.structureKey(serial),
                     {"name": "Home", "devices": [f"device.{serial}"]},
                 ),
-            ]:
+            ]
+            for key, initial in created:
                 if ("", key) not in self.buckets:
-                    self.buckets["", key] = afterChange(PLACEHOLDER, value, nowMs)
+                    self.buckets["", key] = afterChange(PLACEHOLDER, initial, nowMs)
         answer: dict[str, Copy] = {}
         for key, clientTimestamp in announced.items():
             current = self.view(serial, key) or PLACEHOLDER
@@ -206,12 +207,12 @@ class Model:
                 answer[key] = current
         structureKey = self.structureKey(serial)
         for key in self.linked(serial):
-            current = self.buckets.get(("", key))
-            if current is None or key in answer:
+            linked = self.buckets.get(("", key))
+            if linked is None or key in answer:
                 continue
             forced = key == structureKey and serial not in self.structureSent
             if key not in announced or forced:
-                answer[key] = current
+                answer[key] = linked
         if structureKey in answer:
             self.structureSent.add(serial)
         return answer
@@ -542,8 +543,10 @@ class ConformanceMachine(RuleBasedStateMachine):
             response.headers,
         )
         if expected or not chunked:
-            check(body.ended is not None, "an answer with data ends at once", body)
-            check(body.ended.check(ResponseDone), "ends cleanly", body.ended)
+            ended = body.ended
+            check(ended is not None, "an answer with data ends at once", body)
+            assert ended is not None
+            check(ended.check(ResponseDone), "ends cleanly", ended)
             objects = objectsOf(body.unread(), OBJECT_FIELDS)
             self.checkImmediate(device, objects, announced, firstOfProcess)
             self.takeObjects(device, objects, expected)
@@ -586,8 +589,10 @@ class ConformanceMachine(RuleBasedStateMachine):
             fresh = held.body.unread()
             check(fresh == b"", "nothing pushed unexpectedly", (held.serial, fresh))
             if held.deadline <= nowSeconds:
-                check(held.body.ended is not None, "a hold ends on time", held)
-                check(held.body.ended.check(ResponseDone), "ends cleanly", held)
+                ended = held.body.ended
+                check(ended is not None, "a hold ends on time", held)
+                assert ended is not None
+                check(ended.check(ResponseDone), "ends cleanly", held)
                 self.held.remove(held)
             else:
                 check(held.body.ended is None, "a hold lasts until its time", held)
@@ -641,7 +646,14 @@ class ConformanceMachine(RuleBasedStateMachine):
             data.draw(st.sampled_from(FORMS)),
             chunked=data.draw(st.sampled_from([True, True, True, False])),
             path=data.draw(
-                st.sampled_from(["/nest/transport", "/nest/transport/v7/subscribe"])
+                st.sampled_from(
+                    [
+                        "/nest/transport",
+                        "/nest/transport/v7/subscribe",
+                        "/transport",
+                        "/czfe/v7/subscribe",
+                    ]
+                )
             ),
         )
 
@@ -662,7 +674,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             return
         value = {**mine.value, **data.draw(bucketValues(minSize=1, maxSize=2))}
         timestamp = mine.timestamp + data.draw(st.integers(1, 10_000))
-        entries = [
+        entries: list[tuple[str, int, int, dict[str, Any] | None]] = [
             (k, c.revision, c.timestamp, None)
             for k, c in ((k, device.copies.get(k, PLACEHOLDER)) for k in device.ownKeys)
             if k != key
@@ -848,7 +860,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         )
         check(written, "a command writes", answer)
 
-    @precondition(lambda self: set(self.devices) - set(self.model.owners))
+    @precondition(lambda self: bool(set(self.devices) - set(self.model.owners)))
     @rule(data=st.data())
     def claim(self, data: st.DataObject) -> None:
         """
@@ -967,6 +979,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def drop(self, data: st.DataObject) -> None:
         """A device's held connection drops (its wake timer, a reset)."""
         held = data.draw(st.sampled_from(self.held))
+        assert held.body.transport is not None
         held.body.transport.loseConnection()
         self.held.remove(held)
         self.collectPushes()
