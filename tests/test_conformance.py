@@ -889,6 +889,22 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.model.owners[serial] = USER
         self.serverWrites(before, nowMs, {""}, "a claim")
 
+    @precondition(lambda self: bool(self.model.owners))
+    @rule(data=st.data())
+    def unclaim(self, data: st.DataObject) -> None:
+        """
+        The user unregisters a device: it leaves the owner's structure,
+        which is pushed to the devices still in it, and it sees its user
+        and that structure no more.
+        """
+        serial = data.draw(st.sampled_from(sorted(self.model.owners)))
+        before = self.storedCopies()
+        nowMs = self.nowMs()
+        status, answer = self.control("DELETE", f"/api/registered-devices/{serial}", {})
+        check(status == 200 and answer["success"], "an owned device unclaims", answer)
+        del self.model.owners[serial]
+        self.serverWrites(before, nowMs, {""}, "an unclaim")
+
     def storedCopies(self) -> dict[tuple[str, str], Copy]:
         store = self.server.store
         return {
