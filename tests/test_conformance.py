@@ -60,6 +60,8 @@ OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 RECEIPT_FIELDS = ["object_revision", "object_timestamp", "object_key"]
 #: Time steps: inside and at the edges of the batch window and the hold.
 STEPS = (0.001, 0.5, 1.0, 2.999, 3.0, 10.0, 100.0, 289.999, 290.0, 300.0)
+#: Subscribe body forms: the objects list, or named by key or by type.
+SUBSCRIBE_FORMS = ("objects", "named", "typed")
 
 
 class ConformanceError(AssertionError):
@@ -526,8 +528,12 @@ class ConformanceMachine(RuleBasedStateMachine):
         if form == "objects":
             document["objects"] = documentEntries
         else:
-            for entry in documentEntries:
-                document[entry["object_key"]] = entry
+            types = [entry["object_key"].split(".")[0] for entry in documentEntries]
+            for entry, bucketType in zip(documentEntries, types, strict=True):
+                # Named by type as the firmware does ("device": {...}), or by
+                # key when a type comes twice (PROTOCOL.md §6.1).
+                typed = form == "typed" and types.count(bucketType) == 1
+                document[bucketType if typed else entry["object_key"]] = entry
         firstOfProcess = device.serial not in self.model.structureSent
         expected = self.model.subscribe(device.serial, entries, self.nowMs())
         announced = {
@@ -627,7 +633,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             held = fieldsHeld(previous.get(key, PLACEHOLDER).value)
             value = data.draw(bucketValues(minSize=1, maxSize=3) | held)
             entries.append((key, 0, 0, value))
-        self.subscribeAs(device, entries, data.draw(st.sampled_from(FORMS)))
+        self.subscribeAs(device, entries, data.draw(st.sampled_from(SUBSCRIBE_FORMS)))
 
     @rule(data=st.data())
     def subscribe(self, data: st.DataObject) -> None:
@@ -643,7 +649,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         self.subscribeAs(
             device,
             entries,
-            data.draw(st.sampled_from(FORMS)),
+            data.draw(st.sampled_from(SUBSCRIBE_FORMS)),
             chunked=data.draw(st.sampled_from([True, True, True, False])),
             path=data.draw(
                 st.sampled_from(
@@ -684,7 +690,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         # The device's timestamp is adopted even when its value adds nothing:
         # otherwise it would hold a later timestamp than the server's.
         self.movedUnchanged.add((device.serial, key))
-        self.subscribeAs(device, entries, data.draw(st.sampled_from(FORMS)))
+        self.subscribeAs(device, entries, data.draw(st.sampled_from(SUBSCRIBE_FORMS)))
 
     @rule(data=st.data())
     def put(self, data: st.DataObject) -> None:
@@ -988,6 +994,15 @@ class ConformanceMachine(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         """Time passes: holds and batch windows end (§6.4)."""
         self.clock.advance(seconds)
+        self.collectPushes()
+
+    @rule(seconds=st.sampled_from([0.001, 1.0, 10.0]))
+    def clockStepsBack(self, seconds: float) -> None:
+        """
+        The server's clock steps back (an NTP correction on a board without
+        a real-time clock): changes must still move timestamps forward.
+        """
+        self.clock.advance(-seconds)
         self.collectPushes()
 
     @precondition(lambda self: self.held)
