@@ -210,7 +210,6 @@ _WRITER = textwrap.dedent(
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
     from nestproto.buckets import Bucket
-from nestproto.errors import StoreClosed
     from nestproto.store import BucketWrite, SQLiteStore
 
     pool = ThreadPool(1, 1)
