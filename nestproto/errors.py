@@ -104,3 +104,9 @@ class StoreClosed(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("Server is shutting down")
+
+
+class TooManyBuckets(NestError):
+    """A device's change would take it past the buckets one device may hold."""
+
+    code = "too_many_buckets"

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from . import buckets as rules
 from .buckets import GLOBAL_TYPES, SERIAL_KEYED_TYPES, Bucket
 from .device.wire import ClientObject, PutEntry
+from .errors import TooManyBuckets
 from .hub import SubscriberHub
 from .store import BucketWrite, IBucketStore, RecordWrite, Write
 
@@ -29,6 +30,9 @@ GLOBAL_SCOPE = ""
 #: Structure of every device nobody has claimed (PROTOCOL.md §10.5).
 DEFAULT_STRUCTURE_ID = "default"
 OWNER_RECORD = "owner"
+#: Buckets one device may hold: the firmware knows 28 types, a few of them
+#: (where, message, kryptonite, custom_schedule) with several ids each.
+MAX_BUCKETS_PER_DEVICE = 256
 
 
 def structureIdFor(userId: str) -> str:
@@ -186,6 +190,7 @@ class DeviceState:
             updated = self._applySubscribeEntry(stored, entry, nowMs, weaveDeviceId)
             if updated is not stored:
                 writes.append(BucketWrite(scope, updated))
+        self._checkBucketLimit(serial, writes)
         writes.extend(self._ensureLinked(serial, nowMs))
 
         def decide(ignored: None) -> SubscribeOutcome:
@@ -298,6 +303,29 @@ class DeviceState:
                 replay.append(current)
         return replay
 
+    def _checkBucketLimit(self, serial: str, writes: Sequence[Write]) -> None:
+        """
+        Refuse a device's change that would give it more than
+        L{MAX_BUCKETS_PER_DEVICE} buckets: a device names its own buckets, so
+        without a bound one client could grow the store without end.
+
+        @raise TooManyBuckets: before anything is written.
+        """
+        created = {
+            one.bucket.key
+            for one in writes
+            if isinstance(one, BucketWrite)
+            and one.scope == serial
+            and self.store.get(serial, one.bucket.key) is None
+        }
+        if (
+            created
+            and len(self.store.buckets(serial)) + len(created) > MAX_BUCKETS_PER_DEVICE
+        ):
+            raise TooManyBuckets(
+                f"a device holds at most {MAX_BUCKETS_PER_DEVICE} buckets"
+            )
+
     def put(
         self, serial: str, entries: Sequence[PutEntry], weaveDeviceId: str | None = None
     ) -> Deferred[list[Bucket]]:
@@ -345,6 +373,7 @@ class DeviceState:
                 writes.append(BucketWrite(scope, updated))
                 updates[scope, entry.key] = updated
             receipts.append(updated)
+        self._checkBucketLimit(serial, writes)
 
         def written(ignored: None) -> list[Bucket]:
             if writes:

@@ -12,6 +12,7 @@ from typing import Any
 
 from nestproto.buckets import Bucket
 from nestproto.device.wire import MAX_BODY_BYTES, MAX_OBJECTS, MAX_VALUE_DEPTH
+from nestproto.state import MAX_BUCKETS_PER_DEVICE
 from tests.helpers import DEVICE_URL, SERIAL, basicAuth, clientObject
 from tests.test_transport import DEVICE, SHARED, TransportTestCase
 
@@ -279,6 +280,29 @@ class TransportBodyTests(BadInputTestCase):
         )
         self.assertEqual(answer.response.code, 200)
         self.assertEqual(body, {"objects": []})
+        self.assertServes()
+
+    def test_bucketLimit(self) -> None:
+        """
+        A device at the bucket limit cannot create another bucket, by put or
+        by inline subscribe (400, nothing changed); its existing buckets
+        still take changes.
+        """
+        self.seed(
+            *(
+                Bucket(f"where.w{n}", 1, self.start - 100, {"n": n})
+                for n in range(MAX_BUCKETS_PER_DEVICE - 2)
+            )
+        )
+        self.assertEqual(len(self.server.store.buckets(SERIAL)), MAX_BUCKETS_PER_DEVICE)
+        put = json.dumps(
+            {"objects": [{"object_key": "message.new", "value": {"a": 1}}]}
+        ).encode()
+        self.assertRefused(put, paths=[PUT])
+        inline = json.dumps(
+            {"chunked": True, "objects": [clientObject("message.new", value={"a": 1})]}
+        ).encode()
+        self.assertRefused(inline, paths=[SUBSCRIBE])
         self.assertServes()
 
     def test_noSerial(self) -> None:
