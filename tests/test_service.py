@@ -5,6 +5,7 @@ Tests for L{nestproto.service}: options and the service tree.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -16,11 +17,18 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto.service import LISTEN_BACKLOG, Options, makeService
+from nestproto.service import (
+    COLLECTOR_THRESHOLDS,
+    LISTEN_BACKLOG,
+    Options,
+    makeService,
+)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: twistd as a Python program, so the test runs the source tree's plugin.
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+TWISTD = (
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -102,6 +110,24 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(ports, [(18000, LISTEN_BACKLOG), (18082, LISTEN_BACKLOG)])
         finally:
             service.stopService()
+
+    def test_collectorTunedWhileRunning(self) -> None:
+        """
+        While the service runs the garbage collector uses
+        L{COLLECTOR_THRESHOLDS}; stopping puts the previous thresholds back.
+        """
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()])
+        previous = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *previous)
+        service = makeService(options, MemoryReactorClock())
+        self.assertEqual(gc.get_threshold(), previous)
+        service.startService()
+        try:
+            self.assertEqual(gc.get_threshold(), COLLECTOR_THRESHOLDS)
+        finally:
+            service.stopService()
+        self.assertEqual(gc.get_threshold(), previous)
 
     def test_explicitBacklogKept(self) -> None:
         """A backlog given in the endpoint string is left alone."""
