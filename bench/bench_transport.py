@@ -59,6 +59,8 @@ PUT_PATH = b"/nest/transport/v7/put"
 NOFILE_WANTED = 131072
 #: Seconds one connect-and-request may take before it counts as failed.
 ATTEMPT_SECONDS = 30
+#: Server garbage collections shorter than this are not reported.
+GC_REPORT_MS = 5.0
 #: Descriptors kept free beside the held connections in each process.
 _SPARE_FILES = 16
 #: Targets of issue 3, printed beside each figure.
@@ -629,71 +631,80 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
-_PUSH_SHIM_PATH = "/bench/set_temperature"
 _SERVER_CODE = "from twisted.scripts.twistd import run; run()"
-_SHIM_SERVER_CODE = (
-    "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
-    "bench_transport.installPushShim(); " + _SERVER_CODE
-)
+_BENCH_IMPORT = "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
 
 
-def controlHasCommand() -> bool:
-    """Whether the source tree's control API routes C{POST /command}."""
-    sys.path.insert(0, str(ROOT))
-    from nestproto.control.api import ControlAPI
-
-    return any(rule.rule == "/command" for rule in ControlAPI.app.url_map.iter_rules())
-
-
-def installPushShim() -> None:
+def installGCWatch(path: str) -> None:
     """
-    Bench-only stand-in for the control API's C{set_temperature} while
-    C{POST /command} is not in the tree: C{POST /bench/set_temperature}
-    merges C{target_temperature} and C{target_change_pending: true} into
-    C{shared.SERIAL} through L{DeviceState.change}, which persists and
-    pushes exactly as a command does. Runs inside the server process only.
+    Bench-only: append every garbage collection of the server that pauses
+    it for C{GC_REPORT_MS} or more to C{path} (JSON lines, monotonic clock,
+    which is one clock for both processes).
     """
-    from nestproto import buckets as rules
-    from nestproto.control.api import ControlAPI
-    from nestproto.httpjson import jsonResponse
+    import gc
 
-    @ControlAPI.app.route(_PUSH_SHIM_PATH, methods=["POST"])
-    def benchSetTemperature(self: Any, request: Any) -> Any:
-        document = json.loads(request.content.read())
-        serial = document["serial"]
-        key = "shared." + serial
+    log = open(path, "a", buffering=1)
+    started = [0.0]
 
-        def newVersions(nowMs: int) -> list[Any]:
-            stored = self.state.store.get(serial, key) or rules.empty(key)
-            fields = {
-                "target_temperature": document["value"],
-                "target_change_pending": True,
-            }
-            return [rules.forceMerge(stored, fields, nowMs)]
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.monotonic()
+            return
+        pausedMs = (time.monotonic() - started[0]) * 1000
+        if pausedMs >= GC_REPORT_MS:
+            log.write(
+                json.dumps(
+                    {
+                        "at": started[0],
+                        "generation": info["generation"],
+                        "ms": round(pausedMs, 1),
+                        "collected": info["collected"],
+                    }
+                )
+                + "\n"
+            )
 
-        return self.state.change(serial, newVersions).addCallback(
-            lambda written: jsonResponse(request, {"success": True})
+    gc.callbacks.append(watch)
+
+    def census(signum: int, frame: Any) -> None:
+        log.write(
+            json.dumps(
+                {
+                    "census": time.monotonic(),
+                    "tracked": len(gc.get_objects()),
+                    "gen2": len(gc.get_objects(2)),
+                    "counts": gc.get_count(),
+                    "thresholds": gc.get_threshold(),
+                }
+            )
+            + "\n"
         )
+
+    signal.signal(signal.SIGUSR2, census)
 
 
 class Server:
     """A C{twistd -n nestproto} child process on loopback ports."""
 
-    def __init__(self, args: argparse.Namespace, shim: bool) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.devicePort = freePort()
         self.controlPort = freePort()
         self.ownsData = args.data is None
         self.data = args.data or tempfile.mkdtemp(prefix="nestproto-bench-")
         self.profile = args.server_profile
-        self.shim = shim
+        self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = os.path.join(self.data, "twistd.log")
 
     def command(self) -> list[str]:
         code = _SERVER_CODE
-        if self.shim:
-            code = _SHIM_SERVER_CODE.format(benchDir=str(Path(__file__).parent))
+        if self.gcLog:
+            code = (
+                _BENCH_IMPORT.format(benchDir=str(Path(__file__).parent))
+                + f"bench_transport.installGCWatch({self.gcLog!r}); "
+                + code
+            )
         command = [sys.executable, "-c", code, "--pidfile=", "-n"]
         if self.profile:
             command += [
@@ -756,6 +767,42 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
+
+    def gcPauses(self, since: float) -> dict[str, Any] | None:
+        """
+        The server's collections of at least C{GC_REPORT_MS} since
+        C{since} (monotonic), or C{None} with C{--no-gc-watch}.
+        """
+        if self.gcLog is None:
+            return None
+        pauses = []
+        if os.path.exists(self.gcLog):
+            with open(self.gcLog) as f:
+                pauses = [json.loads(line) for line in f if line.strip()]
+        pauses = [p["ms"] for p in pauses if p.get("at", 0) >= since]
+        return {
+            "count": len(pauses),
+            "max_ms": max(pauses, default=0),
+            "total_ms": round(sum(pauses), 1),
+        }
+
+    async def census(self) -> dict[str, Any] | None:
+        """
+        The server's count of objects tracked by the garbage collector
+        (not with C{--no-gc-watch}): signals it and reads its answer.
+        """
+        if self.gcLog is None:
+            return None
+        asked = time.monotonic()
+        os.kill(self.pid, signal.SIGUSR2)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            with open(self.gcLog) as f:
+                for line in f:
+                    row: dict[str, Any] = json.loads(line)
+                    if row.get("census", 0) >= asked:
+                        return row
+        return None
 
     def openFiles(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -835,6 +882,7 @@ def serials(prefix: str, count: int) -> list[str]:
 
 
 async def bootScenario(server: Server, count: int, concurrency: int) -> None:
+    since = time.monotonic()
     devices = [
         Device(serial, index, server.devicePort)
         for index, serial in enumerate(serials("02BB01AC", count))
@@ -848,6 +896,7 @@ async def bootScenario(server: Server, count: int, concurrency: int) -> None:
     emit(
         {
             "scenario": "boot",
+            "server_gc_pauses": server.gcPauses(since),
             "devices": count,
             "concurrency": concurrency,
             "errors": len(errors),
@@ -885,6 +934,7 @@ def heldCapacity(server: Server) -> int:
 
 
 async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]:
+    since = time.monotonic()
     capacity = heldCapacity(server)
     count = min(args.held, capacity)
     devices = [
@@ -899,21 +949,35 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
     booted = [d for d in devices if len(d.objects) >= 2]
 
     await asyncio.sleep(1)
+    censusBefore = await server.census()
     rssBefore = server.rssMiB()
     errors, holdSeconds = await holdAll(booted, args.connect_concurrency)
     held = [d for d in booted if d.holding]
     await asyncio.sleep(1)
     serverHeld = await server.waitForSubscriptions(len(held), 10)
     rssAfter = server.rssMiB()
+    censusAfter = await server.census()
+    trackedPerHeld = (
+        None
+        if censusBefore is None or censusAfter is None
+        else round((censusAfter["tracked"] - censusBefore["tracked"]) / len(held), 1)
+    )
     perThousand = (rssAfter - rssBefore) / max(1, len(held)) * 1000
     unexpected = sum(d.unexpected for d in held)
     emit(
         {
             "scenario": "held",
+            "server_gc_pauses": server.gcPauses(since),
             "held": len(held),
             "target_held": TARGETS["held"],
             "requested": args.held,
             "nofile_capacity": capacity,
+            "limited_by": (
+                f"RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[1]} "
+                "(hard limit; raising it needs CAP_SYS_RESOURCE)"
+            )
+            if capacity < args.held
+            else None,
             "server_subscriptions": serverHeld,
             "hold_errors": len(errors),
             "first_errors": errors[:3],
@@ -922,6 +986,8 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
             "server_rss_mib_before": round(rssBefore, 1),
             "server_rss_mib_after": round(rssAfter, 1),
             "mib_per_1000_held": round(perThousand, 2),
+            "gc_tracked_objects_per_held": trackedPerHeld,
+            "gc_tracked_objects_after": censusAfter and censusAfter["tracked"],
             "target_mib_per_1000_held": TARGETS["mib_per_1000_held"],
             "prep_boot_devices": count,
             "prep_boot_errors": len(bootErrors),
@@ -940,6 +1006,7 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
 async def stormScenario(
     server: Server, devices: Sequence[Device], args: argparse.Namespace
 ) -> None:
+    since = time.monotonic()
     for device in devices:
         drop(device, reset=True)
     # One turn of the loop lets every reset go out before the reconnects.
@@ -954,6 +1021,7 @@ async def stormScenario(
     emit(
         {
             "scenario": "reconnect_storm",
+            "server_gc_pauses": server.gcPauses(since),
             "dropped": len(devices),
             "reconnected_and_held": sum(1 for d in devices if d.holding),
             "failed": len(errors),
@@ -979,6 +1047,7 @@ async def _controlRequest(
 async def pushScenario(
     server: Server, held: list[Device], args: argparse.Namespace
 ) -> None:
+    since = time.monotonic()
     count = args.push_devices
     if len(held) < count:
         fresh = [
@@ -993,8 +1062,6 @@ async def pushScenario(
         drop(device, reset=False)
     serverHeld = await server.waitForSubscriptions(len(devices), 15)
 
-    shim = server.shim
-    path = _PUSH_SHIM_PATH.encode() if shim else b"/command"
     sentAt: dict[str, float] = {}
     latencies: list[float] = []
     commandLatencies: list[float] = []
@@ -1024,7 +1091,7 @@ async def pushScenario(
         response = await _controlRequest(
             connection,
             server.controlPort,
-            path,
+            b"/command",
             {"serial": device.serial, "command": "set_temperature", "value": value},
         )
         commandLatencies.append(time.perf_counter() - started)
@@ -1056,12 +1123,8 @@ async def pushScenario(
     emit(
         {
             "scenario": "push",
-            "path": (
-                f"BENCH SHIM POST {_PUSH_SHIM_PATH} (control POST /command not in "
-                "the tree yet): DeviceState.change on shared, as a command would"
-            )
-            if shim
-            else "control POST /command set_temperature",
+            "server_gc_pauses": server.gcPauses(since),
+            "path": "control POST /command set_temperature",
             "held": len(devices),
             "server_subscriptions": serverHeld,
             "commands": total,
@@ -1091,11 +1154,13 @@ async def pushScenario(
 
 
 async def putScenario(server: Server, args: argparse.Namespace) -> None:
+    since = time.monotonic()
     devices = [
         Device(serial, index, server.devicePort)
         for index, serial in enumerate(serials("02CC01AC", args.put_devices))
     ]
     bootErrors = await bootAll(devices, args.boot_concurrency)
+    census = await server.census()
     latencies: list[float] = []
     errors: list[str] = []
     conflicts = 0
@@ -1145,6 +1210,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
     emit(
         {
             "scenario": "put",
+            "server_gc_pauses": server.gcPauses(since),
             "devices": len(devices),
             "boot_errors": len(bootErrors),
             "seconds": round(elapsed, 2),
@@ -1159,6 +1225,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
             "first_errors": errors[:3],
             "target_errors": TARGETS["put_errors"],
             "revision_conflicts": conflicts,
+            "gc_tracked_objects_at_start": census and census["tracked"],
             "met": perSecond >= TARGETS["put_acks_per_s"]
             and p99 is not None
             and p99 * 1000 <= TARGETS["put_p99_ms"]
@@ -1212,6 +1279,13 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "--keep-data", action="store_true", help="keep the temp dir and twistd.log"
     )
     parser.add_argument(
+        "--no-gc-watch",
+        dest="gc_watch",
+        action="store_false",
+        help="run plain twistd, without the hook that reports the server's "
+        "garbage-collection pauses and tracked-object counts",
+    )
+    parser.add_argument(
         "--server-profile",
         default=None,
         metavar="FILE",
@@ -1226,8 +1300,7 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    shim = "push" in args.scenarios and not controlHasCommand()
-    server = Server(args, shim)
+    server = Server(args)
     emit(
         {
             "scenario": "setup",
@@ -1235,7 +1308,6 @@ async def run(args: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "server_command": server.command(),
-            "push_path": "bench shim" if shim else "control /command",
         }
     )
     await server.start()
