@@ -683,6 +683,45 @@ def installGCWatch(path: str) -> None:
     signal.signal(signal.SIGUSR2, census)
 
 
+#: Klein's render ends every request in a reference cycle: its error
+#: handler closure refers to itself, and through its cell to the request,
+#: the transport and the headers, so only a collection of the generation
+#: they reached frees them. The experiment drops the self-reference once
+#: the request is answered.
+_KLEIN_CYCLE_ANCHOR = """\
+        d.addErrback(log.err, _why="Unhandled Error writing response")
+"""
+_KLEIN_CYCLE_FIX = """
+        def _forgetHandler(result):
+            nonlocal processing_failed
+            processing_failed = None
+            return result
+
+        d.addBoth(_forgetHandler)
+"""
+
+
+def patchedKlein(data: str) -> str:
+    """
+    Bench-only experiment (C{--patch-klein-cycle}): a copy of the installed
+    Klein under C{data} whose render breaks its per-request reference cycle;
+    the directory to put first on the server's C{PYTHONPATH}.
+    """
+    import klein
+
+    target = os.path.join(data, "klein-patched")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(os.path.dirname(klein.__file__), os.path.join(target, "klein"))
+    source = Path(target, "klein", "_resource.py")
+    text = source.read_text()
+    if text.count(_KLEIN_CYCLE_ANCHOR) != 1:
+        raise RuntimeError("this Klein's render is not the one the patch knows")
+    source.write_text(
+        text.replace(_KLEIN_CYCLE_ANCHOR, _KLEIN_CYCLE_ANCHOR + _KLEIN_CYCLE_FIX)
+    )
+    return target
+
+
 class Server:
     """A C{twistd -n nestproto} child process on loopback ports."""
 
@@ -692,6 +731,7 @@ class Server:
         self.ownsData = args.data is None
         self.data = args.data or tempfile.mkdtemp(prefix="nestproto-bench-")
         self.profile = args.server_profile
+        self.patchKlein = args.patch_klein_cycle
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -727,8 +767,11 @@ class Server:
 
     async def start(self) -> None:
         env = dict(os.environ)
+        paths = [str(ROOT)]
+        if self.patchKlein:
+            paths.append(patchedKlein(self.data))
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
         log = open(self.logPath, "wb")
         self.process = subprocess.Popen(
@@ -1286,6 +1329,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "garbage-collection pauses and tracked-object counts",
     )
     parser.add_argument(
+        "--patch-klein-cycle",
+        action="store_true",
+        help="experiment: serve with a copy of Klein whose render does not "
+        "leave each request in a reference cycle",
+    )
+    parser.add_argument(
         "--server-profile",
         default=None,
         metavar="FILE",
@@ -1305,6 +1354,9 @@ async def run(args: argparse.Namespace) -> int:
         {
             "scenario": "setup",
             "nofile": raiseFileLimit(),
+            "klein": "patched: no per-request reference cycle (experiment)"
+            if args.patch_klein_cycle
+            else "as installed",
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "server_command": server.command(),
