@@ -181,6 +181,8 @@ def buckets(draw: DrawFn, key: str | None = None) -> Bucket:
 
 #: The two body forms of PROTOCOL.md §6.1 and §7.1.
 FORMS = ("objects", "named")
+#: A subscribe's named form may name entries by type too (§6.1).
+SUBSCRIBE_FORMS = ("objects", "named", "typed")
 
 
 def subscribeDocument(
@@ -192,14 +194,19 @@ def subscribeDocument(
     """
     A subscribe body naming C{entries} (each with C{object_key} and
     optionally revision, timestamp and value): as an C{objects} list, or
-    named, each entry under its own key (PROTOCOL.md §6.1).
+    named, each entry under its own key or (C{typed}) its type
+    (PROTOCOL.md §6.1).
     """
     document: dict[str, Any] = {"chunked": chunked, "session": session}
     if form == "objects":
         document["objects"] = [dict(entry) for entry in entries]
-    else:
-        for entry in entries:
-            document[entry["object_key"]] = dict(entry)
+        return document
+    types = [entry["object_key"].split(".")[0] for entry in entries]
+    for entry, bucketType in zip(entries, types, strict=True):
+        # "typed" names each entry by its type, as the firmware does
+        # ("device": {...}), where a type comes once.
+        typed = form == "typed" and types.count(bucketType) == 1
+        document[bucketType if typed else entry["object_key"]] = dict(entry)
     return document
 
 
@@ -253,8 +260,8 @@ def subscribeEntries(draw: DrawFn, serial: str) -> dict[str, Any]:
 def subscribeBodies(draw: DrawFn, serial: str) -> dict[str, Any]:
     """A valid subscribe body in either form."""
     entries = draw(st.lists(subscribeEntries(serial), max_size=5))
-    form = draw(st.sampled_from(FORMS))
-    if form == "named":
+    form = draw(st.sampled_from(SUBSCRIBE_FORMS))
+    if form != "objects":
         # The named form can name a bucket once only.
         entries = list({entry["object_key"]: entry for entry in entries}.values())
     return subscribeDocument(

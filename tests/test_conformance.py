@@ -22,7 +22,7 @@ from typing import Any
 
 import treq
 from attrs import define, field
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -47,10 +47,19 @@ from .helpers import CONTROL_URL, DEVICE_URL, SERIAL, Server, basicAuth, makeSer
 from .strategies import (
     FORMS,
     PUT_META_KEYS,
+    SUBSCRIBE_FORMS,
+    bucketKeys,
     bucketValues,
     commandChanges,
     controlCommands,
+    putDocument,
+    putEntries,
     serials,
+    subscribeDocument,
+    subscribeEntries,
+)
+from .strategies import (
+    buckets as bucketStrategy,
 )
 
 HOLD_SECONDS = 290.0
@@ -60,8 +69,6 @@ OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 RECEIPT_FIELDS = ["object_revision", "object_timestamp", "object_key"]
 #: Time steps: inside and at the edges of the batch window and the hold.
 STEPS = (0.001, 0.5, 1.0, 2.999, 3.0, 10.0, 100.0, 289.999, 290.0, 300.0)
-#: Subscribe body forms: the objects list, or named by key or by type.
-SUBSCRIBE_FORMS = ("objects", "named", "typed")
 
 
 class ConformanceError(AssertionError):
@@ -1257,3 +1264,84 @@ class ConformanceTests(SynchronousTestCase):
             (stored.revision, stored.timestamp, stored.value),
             (2, nowMs + 1, {"a": 1, "b": 2}),
         )
+
+
+class BodyFormTests(SynchronousTestCase):
+    """
+    Both body forms mean the same (PROTOCOL.md §19 scenarios 22 and 33):
+    the same entries as an C{objects} list or named (by key, or by type)
+    get the same answer and leave the same buckets.
+    """
+
+    def outcome(
+        self, seeded: Sequence[buckets.Bucket], path: str, document: dict[str, Any]
+    ) -> tuple[int, Any, dict[str, list[buckets.Bucket]]]:
+        server = makeServer()
+        self.addCleanup(server.store.close)
+        server.seed(SERIAL, *seeded)
+        d = server.deviceClient.post(
+            DEVICE_URL + path,
+            data=json.dumps(document).encode("utf-8"),
+            headers=basicAuth(SERIAL),
+        )
+        server.deviceClient.flush()
+        response = self.successResultOf(d)
+        answer = json.loads(self.successResultOf(treq.content(response)))
+        store = server.store
+        return (
+            response.code,
+            answer,
+            {scope: store.buckets(scope) for scope in store.scopes()},
+        )
+
+    def seeded(self, data: st.DataObject) -> list[buckets.Bucket]:
+        own = [f"{t}.{SERIAL}" for t in ("device", "shared", "schedule")]
+        keys = st.sampled_from(own) | bucketKeys(SERIAL).filter(
+            lambda key: not key.startswith(("user.", "structure."))
+        )
+        return data.draw(
+            st.lists(
+                keys.flatmap(bucketStrategy),
+                max_size=4,
+                unique_by=lambda bucket: bucket.key,
+            )
+        )
+
+    @given(st.data())
+    def test_subscribe(self, data: st.DataObject) -> None:
+        """A non-chunked subscribe answers and stores alike in every form."""
+        seeded = self.seeded(data)
+        entries = data.draw(
+            st.lists(
+                subscribeEntries(SERIAL),
+                max_size=5,
+                unique_by=lambda entry: entry["object_key"],
+            )
+        )
+        outcomes = [
+            self.outcome(
+                seeded,
+                "/nest/transport",
+                subscribeDocument(entries, form, chunked=False),
+            )
+            for form in SUBSCRIBE_FORMS
+        ]
+        self.assertEqual(outcomes[1], outcomes[0])
+        self.assertEqual(outcomes[2], outcomes[0])
+
+    @given(st.data())
+    def test_put(self, data: st.DataObject) -> None:
+        """A put answers and stores alike in both forms."""
+        seeded = self.seeded(data)
+        entries = data.draw(
+            st.lists(
+                putEntries(SERIAL),
+                max_size=5,
+                unique_by=lambda entry: entry["object_key"],
+            )
+        )
+        objects, named = [
+            self.outcome(seeded, "/nest/transport/put", putDocument(entries, form))
+            for form in FORMS
+        ]
+        self.assertEqual(named, objects)
