@@ -1036,6 +1036,8 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
             "prep_boot_errors": len(bootErrors),
             "prep_boot_seconds": round(bootSeconds, 1),
             "prep_boot_cpu_ms_per_device": round(bootCpu / count * 1000, 2),
+            "met_count": len(held) >= TARGETS["held"],
+            "met_memory": perThousand <= TARGETS["mib_per_1000_held"],
             "met": len(held) >= TARGETS["held"]
             and perThousand <= TARGETS["mib_per_1000_held"],
         }
