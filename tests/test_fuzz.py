@@ -41,6 +41,7 @@ from .helpers import (
     OTHER_SERIAL,
     SERIAL,
     Server,
+    basicAuth,
     makeServer,
 )
 from .strategies import (
@@ -57,6 +58,7 @@ from .strategies import (
     subscribeBodies,
 )
 
+OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 #: Long enough for any held answer to end: the hold (§12) and the SSE
 #: stream's keep-alive both end or tick within it.
 LONGEST_HOLD_SECONDS = 300.0
@@ -185,6 +187,7 @@ class Fuzzer:
     def __init__(self, case: SynchronousTestCase, server: Server) -> None:
         self.case = case
         self.server = server
+        self.held: Body | None = None
 
     def send(
         self,
@@ -249,8 +252,56 @@ class Fuzzer:
         )
         if refused:
             self.case.assertEqual(snapshot(self.server), before, request)
-        # No timer outlives the request: held answers have ended.
-        self.case.assertEqual(self.server.clock.getDelayedCalls(), [])
+        self.endHeld(request)
+
+    def holdSubscriber(self) -> None:
+        """
+        Hold a subscribe of C{SERIAL}, announcing what is stored, so that
+        whatever the fuzzed request changes may be pushed to it.
+        """
+        server = self.server
+        for _ in range(3):
+            entries = [
+                {
+                    "object_key": bucket.key,
+                    "object_revision": bucket.revision,
+                    "object_timestamp": bucket.timestamp,
+                }
+                for bucket in server.state.listing(SERIAL)
+                if bucket.timestamp
+            ]
+            d = server.deviceClient.post(
+                DEVICE_URL + "/nest/transport",
+                data=json.dumps({"chunked": True, "objects": entries}).encode(),
+                headers=basicAuth(SERIAL),
+            )
+            server.deviceClient.flush()
+            body = Body()
+            self.case.successResultOf(d).deliverBody(body)
+            server.deviceClient.flush()
+            if body.ended is None:
+                self.held = body
+                return
+        self.case.fail("a subscribe announcing what is stored is held")
+
+    def endHeld(self, request: object) -> None:
+        """
+        Let every hold end: the held subscriber got only complete JSON
+        chunks in the wire field order, and no waiter or timer is left.
+        """
+        self.server.clock.advance(LONGEST_HOLD_SECONDS)
+        self.server.deviceClient.flush()
+        if self.held is not None:
+            self.case.assertIsNot(self.held.ended, None, request)
+            text = self.held.data.decode("utf-8")
+            decoder = json.JSONDecoder()
+            position = 0
+            while position < len(text):
+                document, position = decoder.raw_decode(text, position)
+                for obj in document["objects"]:
+                    self.case.assertEqual(list(obj), OBJECT_FIELDS, request)
+        self.case.assertEqual(self.server.hub.total(), 0, request)
+        self.case.assertEqual(self.server.clock.getDelayedCalls(), [], request)
 
 
 def _multipart(headers: dict[str, str]) -> bool:
@@ -311,7 +362,10 @@ def fuzzDevice(case: SynchronousTestCase, data: st.DataObject) -> None:
     """One generated request to the device port, checked."""
     server = seeded(data)
     case.addCleanup(server.store.close)
-    Fuzzer(case, server).check(
+    fuzzer = Fuzzer(case, server)
+    if data.draw(st.booleans(), label="held subscriber"):
+        fuzzer.holdSubscriber()
+    fuzzer.check(
         server.deviceClient,
         data.draw(st.sampled_from(METHODS)),
         _url(DEVICE_URL, data.draw(paths(DEVICE_PATHS, SERIAL))),
@@ -331,7 +385,10 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
         )
     if data.draw(st.booleans()):
         headers["Content-Type"] = "application/json"
-    Fuzzer(case, server).check(
+    fuzzer = Fuzzer(case, server)
+    if data.draw(st.booleans(), label="held subscriber"):
+        fuzzer.holdSubscriber()
+    fuzzer.check(
         server.controlClient,
         data.draw(st.sampled_from(METHODS)),
         _url(CONTROL_URL, data.draw(paths(CONTROL_PATHS, SERIAL))),
@@ -362,7 +419,9 @@ class ControlFuzzTests(SynchronousTestCase):
         """
         server = seeded(data)
         self.addCleanup(server.store.close)
-        Fuzzer(self, server).check(
+        fuzzer = Fuzzer(self, server)
+        fuzzer.holdSubscriber()
+        fuzzer.check(
             server.controlClient,
             "POST",
             CONTROL_URL + "/command",
