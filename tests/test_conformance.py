@@ -651,8 +651,14 @@ class ConformanceMachine(RuleBasedStateMachine):
         device = data.draw(st.sampled_from(self.deviceList()))
         entries = self.beliefs(device)
         if data.draw(st.booleans()):
+            # Reading it, writing it inline, or claiming a later copy of it.
             foreign = data.draw(self.foreignKeys(device))
-            entries.append((foreign, 1, 1, None))
+            revision, timestamp, value = data.draw(
+                st.sampled_from(
+                    [(1, 1, None), (0, 0, {"x": 1}), (9, 2 * self.nowMs(), {"x": 2})]
+                )
+            )
+            entries.append((foreign, revision, timestamp, value))
         self.subscribeAs(
             device,
             entries,
