@@ -13,14 +13,18 @@ import sys
 import time
 import urllib.request
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from nestproto.service import (
     COLLECTOR_THRESHOLDS,
     LISTEN_BACKLOG,
     Options,
+    _site,
     makeService,
 )
 
@@ -143,6 +147,38 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(backlogs[18000], 7)
         finally:
             service.stopService()
+
+
+class _ArgsRecorder(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[bytes, list[bytes]]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        self.seen.append(dict(request.args))
+        return b"ok"
+
+
+class SiteTests(SynchronousTestCase):
+    def test_formBodiesLeftToHandlers(self) -> None:
+        """
+        A POST's query arguments reach C{request.args}; its form body does
+        not (handlers parse bodies themselves).
+        """
+        recorder = _ArgsRecorder()
+        channel = _site(recorder).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert channel is not None
+        channel.makeConnection(StringTransport())
+        body = b"serial=02AA01AC0000000002&mac=18B430000001"
+        channel.dataReceived(
+            b"POST /nest/entry?serial=02AA01AC0000000001 HTTP/1.1\r\n"
+            b"Host: h\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.assertEqual(recorder.seen, [{b"serial": [b"02AA01AC0000000001"]}])
 
 
 class TwistdTests(SynchronousTestCase):
