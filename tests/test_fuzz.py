@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from nestproto.buckets import Bucket
+from nestproto.control.api import ControlAPI, ControlSettings
 from nestproto.pairing import ENTRY_KEY_RECORD
 from nestproto.state import GLOBAL_SCOPE, OWNER_RECORD
 from nestproto.store import BucketWrite, RecordWrite
@@ -63,6 +64,7 @@ OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 #: stream's keep-alive both end or tick within it.
 LONGEST_HOLD_SECONDS = 300.0
 RECORD_KINDS = (OWNER_RECORD, ENTRY_KEY_RECORD)
+TOKEN = "s3cret-token"
 METHODS = ("GET", "POST", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
 
 
@@ -228,7 +230,10 @@ class Fuzzer:
         url: str,
         headers: dict[str, str],
         body: bytes,
-    ) -> None:
+    ) -> int:
+        """
+        Send one request and check its answer; return its status.
+        """
         before = snapshot(self.server)
         status, answer, contentType = self.send(client, method, url, headers, body)
         request = (method, url, headers, body[:200], status, answer[:300], contentType)
@@ -253,6 +258,7 @@ class Fuzzer:
         if refused:
             self.case.assertEqual(snapshot(self.server), before, request)
         self.endHeld(request)
+        return status
 
     def holdSubscriber(self) -> None:
         """
@@ -375,26 +381,51 @@ def fuzzDevice(case: SynchronousTestCase, data: st.DataObject) -> None:
 
 
 def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
-    """One generated request to the control port, checked."""
+    """
+    One generated request to the control port, open or protected by a
+    token, checked; without the token a protected port grants nothing.
+    """
     server = seeded(data)
     case.addCleanup(server.store.close)
+    client = server.controlClient
+    protected = data.draw(st.booleans(), label="token required")
+    if protected:
+        api = ControlAPI(
+            state=server.state,
+            settings=ControlSettings(token=TOKEN),
+            pairing=server.device.pairing,
+        )
+        client = StubTreq(api.app.resource())
     headers: dict[str, str] = {}
     if data.draw(st.booleans()):
         headers["Authorization"] = data.draw(
-            st.sampled_from(["Bearer x", "Bearer", "Basic eA==", ""])
+            st.sampled_from(
+                [
+                    f"Bearer {TOKEN}",
+                    f"bearer {TOKEN}",
+                    "Bearer x",
+                    "Bearer",
+                    "Basic eA==",
+                    "",
+                ]
+            )
         )
     if data.draw(st.booleans()):
         headers["Content-Type"] = "application/json"
     fuzzer = Fuzzer(case, server)
     if data.draw(st.booleans(), label="held subscriber"):
         fuzzer.holdSubscriber()
-    fuzzer.check(
-        server.controlClient,
-        data.draw(st.sampled_from(METHODS)),
+    method = data.draw(st.sampled_from(METHODS))
+    status = fuzzer.check(
+        client,
+        method,
         _url(CONTROL_URL, data.draw(paths(CONTROL_PATHS, SERIAL))),
         headers,
         data.draw(controlBodies(SERIAL)),
     )
+    authorized = headers.get("Authorization", "").lower() == f"bearer {TOKEN}"
+    if protected and not authorized:
+        case.assertNotEqual(status, 200, (method, headers))
 
 
 class ControlFuzzTests(SynchronousTestCase):
