@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto import buckets, hub
 from nestproto.buckets import Bucket
+from nestproto.control.api import ControlAPI
 from nestproto.device import api as deviceAPI
 from nestproto.device import wire
 from nestproto.errors import BadBody
@@ -360,3 +361,14 @@ class FuzzTeethTests(SynchronousTestCase):
 
         self.patch(deviceAPI, "jsonResponse", text)
         self.assertIn("text/plain", self.assertFuzzFails())
+
+    def test_tokenIgnored(self) -> None:
+        """A control port that forgets to check its token is caught."""
+        self.patch(ControlAPI, "_authorize", lambda self, request: None)
+
+        @settings(TEETH, max_examples=200)
+        @given(st.data())
+        def fuzz(data: st.DataObject) -> None:
+            test_fuzz.fuzzControl(self, data)
+
+        self.assertRaises(AssertionError, fuzz)
