@@ -14,8 +14,11 @@ import time
 import urllib.request
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -168,7 +171,10 @@ class SiteTests(SynchronousTestCase):
         not (handlers parse bodies themselves).
         """
         recorder = _ArgsRecorder()
-        channel = _site(recorder).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        site = _site(recorder)
+        clock = Clock()
+        site.reactor = clock
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         assert channel is not None
         channel.makeConnection(StringTransport())
         body = b"serial=02AA01AC0000000002&mac=18B430000001"
@@ -179,6 +185,8 @@ class SiteTests(SynchronousTestCase):
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         self.assertEqual(recorder.seen, [{b"serial": [b"02AA01AC0000000001"]}])
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class TwistdTests(SynchronousTestCase):
