@@ -736,6 +736,8 @@ class ConformanceMachine(RuleBasedStateMachine):
                 "stale": mine.revision - 1 if mine.revision > INT32_MIN else 5,
             }[condition]
             entries.append((key, fields, ifRevision))
+            # base_object_revision is informational only, so a wrong one is
+            # accepted (§7.2 step 2, §19 scenario 38).
             one: dict[str, Any] = {"object_key": key, "base_object_revision": 0}
             if ifRevision is not None:
                 one["if_object_revision"] = ifRevision
