@@ -1058,38 +1058,24 @@ def memoryServer(
     clock: Any, deviceClass: type[Any] | None = None, controlToken: str | None = None
 ) -> tuple[IResource, IResource]:
     """
-    A whole nestproto in memory on C{clock}, as tests/helpers.makeServer
-    builds it: SQLite in memory with commits made inline.
+    A whole nestproto in memory on C{clock}: SQLite in memory with commits
+    made inline.
 
     @param deviceClass: a L{DeviceAPI} subclass to serve instead.
     @param controlToken: the control port's Bearer token, if it has one.
     """
-    from .control.api import ControlAPI, ControlSettings
-    from .device.api import DeviceAPI
-    from .hub import SubscriberHub
-    from .pairing import Pairing
-    from .state import DeviceState
+    from .apps import AppSettings, buildApps
+    from .control.api import ControlSettings
     from .store import SQLiteStore, runInline
-    from .uploads import LogStore
-    from .weather import NoWeather, WeatherService
 
-    store = SQLiteStore.open(":memory:", runInline)
-    hub = SubscriberHub(clock)
-    state = DeviceState(store, hub, clock)
-    # One Pairing for both ports, as the service has it.
-    pairing = Pairing(state)
-    device = (deviceClass or DeviceAPI)(
-        state=state,
-        hub=hub,
-        pairing=pairing,
-        weather=WeatherService(NoWeather(), clock),
-        logs=LogStore(None, clock),
+    apps = buildApps(
+        SQLiteStore.open(":memory:", runInline),
+        clock,
         runInThread=runInline,
+        settings=AppSettings(control=ControlSettings(token=controlToken)),
+        **({} if deviceClass is None else {"deviceClass": deviceClass}),
     )
-    control = ControlAPI(
-        state=state, pairing=pairing, settings=ControlSettings(token=controlToken)
-    )
-    return device.app.resource(), control.app.resource()
+    return apps.device.app.resource(), apps.control.app.resource()
 
 
 #: Nudge past a step's instant, so a timer due exactly then has fired

@@ -26,15 +26,15 @@ from twisted.web.http import Request
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from .control.api import ControlAPI, ControlSettings
-from .device.api import DeviceAPI, TransportSettings
+from .apps import AppSettings, buildApps
+from .control.api import ControlSettings
+from .device.api import TransportSettings
 from .fixtures import CONTROL, DEVICE, Recorder, RecorderService
 from .hub import SubscriberHub
-from .pairing import MIN_REMAINING_SECONDS, Pairing
-from .state import DeviceState
+from .pairing import MIN_REMAINING_SECONDS
 from .store import SQLiteStore
 from .uploads import LogStore
-from .weather import NoWeather, OpenMeteoSource, WeatherService
+from .weather import NoWeather, OpenMeteoSource
 
 _ORIGIN_PATTERN = re.compile(
     r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$"
@@ -327,45 +327,36 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         os.path.join(options["data"], STORE_FILE),
         partial(deferToThreadPool, reactor, pool),
     )
-    hub = SubscriberHub(
-        reactor,
-        holdSeconds=options["hold-timeout"],
-    )
-    state = DeviceState(store, hub, reactor)
-    settings = TransportSettings(
-        origin=options["origin"],
-        suspendTimeMaxSeconds=int(options["suspend-time-max"]),
-    )
-    pairing = Pairing(state, ttlSeconds=options["entry-key-ttl"])
     weatherSource = (
         NoWeather() if options["weather"] == "none" else OpenMeteoSource(treq, reactor)
     )
     keepLogs = options["keep-logs"]
-    device = DeviceAPI(
-        state=state,
-        hub=hub,
-        weather=WeatherService(
-            weatherSource, reactor, ttlSeconds=options["weather-ttl"]
-        ),
-        logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
+    apps = buildApps(
+        store,
+        reactor,
         runInThread=partial(deferToThreadPool, reactor, ioPool),
-        settings=settings,
-        pairing=pairing,
-    )
-    control = ControlAPI(
-        state=state,
-        pairing=pairing,
-        settings=ControlSettings(
-            token=options["control-token"],
-            unavailableAfterSeconds=options["unavailable-after"],
+        settings=AppSettings(
+            holdSeconds=options["hold-timeout"],
+            transport=TransportSettings(
+                origin=options["origin"],
+                suspendTimeMaxSeconds=int(options["suspend-time-max"]),
+            ),
+            control=ControlSettings(
+                token=options["control-token"],
+                unavailableAfterSeconds=options["unavailable-after"],
+            ),
+            entryKeyTtlSeconds=options["entry-key-ttl"],
+            weatherTtlSeconds=options["weather-ttl"],
         ),
+        weatherSource=weatherSource,
+        logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
     )
 
     root = MultiService()
     _CollectorService().setServiceParent(root)
-    _StoreService(store, [pool, ioPool], hub).setServiceParent(root)
-    deviceResource: IResource = device.app.resource()
-    controlResource: IResource = control.app.resource()
+    _StoreService(store, [pool, ioPool], apps.hub).setServiceParent(root)
+    deviceResource: IResource = apps.device.app.resource()
+    controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:
         recorder = Recorder(options["record"], reactor, raw=bool(options["record-raw"]))
         RecorderService(recorder).setServiceParent(root)

@@ -14,14 +14,16 @@ from attrs import define
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
+from nestproto.apps import AppSettings, buildApps
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlAPI
 from nestproto.device.api import DeviceAPI, TransportSettings
 from nestproto.hub import SubscriberHub
+from nestproto.pairing import Pairing
 from nestproto.state import DeviceState
-from nestproto.store import SQLiteStore, runInline
+from nestproto.store import BucketWrite, SQLiteStore, runInline
 from nestproto.uploads import LogStore
-from nestproto.weather import IWeatherSource, NoWeather, WeatherService
+from nestproto.weather import IWeatherSource
 
 SERIAL = "02AA01AC0000000001"
 OTHER_SERIAL = "02AA01AC0000000002"
@@ -40,6 +42,7 @@ class Server:
     store: SQLiteStore
     hub: SubscriberHub
     state: DeviceState
+    pairing: Pairing
     device: DeviceAPI
     control: ControlAPI
     deviceClient: StubTreq
@@ -50,8 +53,6 @@ class Server:
 
     def seed(self, serial: str, *buckets: Bucket) -> None:
         """Store C{buckets} in C{serial}'s scope, as if received earlier."""
-        from nestproto.store import BucketWrite
-
         self.store.write([BucketWrite(serial, bucket) for bucket in buckets])
 
 
@@ -71,26 +72,26 @@ def makeServer(
         clock = Clock()
         clock.advance(START_SECONDS)
     store = SQLiteStore.open(path, runInline)
-    hub = SubscriberHub(clock, holdSeconds=holdSeconds)
-    state = DeviceState(store, hub, clock)
-    device = DeviceAPI(
-        state=state,
-        hub=hub,
-        weather=WeatherService(weatherSource or NoWeather(), clock),
-        logs=logs or LogStore(None, clock),
+    apps = buildApps(
+        store,
+        clock,
         runInThread=runInline,
-        settings=settings or TransportSettings(),
+        settings=AppSettings(
+            holdSeconds=holdSeconds, transport=settings or TransportSettings()
+        ),
+        weatherSource=weatherSource,
+        logs=logs,
     )
-    control = ControlAPI(state=state)
     return Server(
         clock,
         store,
-        hub,
-        state,
-        device,
-        control,
-        StubTreq(device.app.resource()),
-        StubTreq(control.app.resource()),
+        apps.hub,
+        apps.state,
+        apps.pairing,
+        apps.device,
+        apps.control,
+        StubTreq(apps.device.app.resource()),
+        StubTreq(apps.control.app.resource()),
     )
 
 

@@ -1,0 +1,81 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The one place that wires nestproto's parts together: store, hub, state,
+pairing and both HTTP apps. The twistd service, the in-memory replay server
+and the tests all build through L{buildApps}, so they serve the same thing.
+"""
+
+from __future__ import annotations
+
+from attrs import Factory, frozen
+from twisted.internet.interfaces import IReactorTime
+
+from .control.api import ControlAPI, ControlSettings
+from .device.api import DeviceAPI, TransportSettings
+from .hub import HOLD_SECONDS, SubscriberHub
+from .pairing import DEFAULT_TTL_SECONDS, Pairing
+from .state import DeviceState
+from .store import IBucketStore, ThreadRunner
+from .uploads import LogStore
+from .weather import IWeatherSource, NoWeather, WeatherService
+
+
+@frozen(kw_only=True)
+class AppSettings:
+    """Everything about the apps that a user may choose."""
+
+    holdSeconds: float = HOLD_SECONDS
+    transport: TransportSettings = Factory(TransportSettings)
+    control: ControlSettings = Factory(ControlSettings)
+    entryKeyTtlSeconds: int = DEFAULT_TTL_SECONDS
+    weatherTtlSeconds: float = 600.0
+
+
+@frozen(eq=False)
+class Apps:
+    """A wired nestproto: its parts and the two Klein apps."""
+
+    store: IBucketStore
+    hub: SubscriberHub
+    state: DeviceState
+    pairing: Pairing
+    device: DeviceAPI
+    control: ControlAPI
+
+
+def buildApps(
+    store: IBucketStore,
+    clock: IReactorTime,
+    runInThread: ThreadRunner,
+    settings: AppSettings | None = None,
+    weatherSource: IWeatherSource | None = None,
+    logs: LogStore | None = None,
+    deviceClass: type[DeviceAPI] = DeviceAPI,
+) -> Apps:
+    """
+    Wire every part of nestproto around C{store}.
+
+    @param runInThread: where blocking request work (log uploads) runs.
+    @param weatherSource: defaults to none (503 to the device).
+    @param logs: defaults to discarding uploads.
+    @param deviceClass: a L{DeviceAPI} subclass to serve instead (tests of
+        the replayer serve deliberately broken ones).
+    """
+    settings = settings or AppSettings()
+    hub = SubscriberHub(clock, holdSeconds=settings.holdSeconds)
+    state = DeviceState(store, hub, clock)
+    # One Pairing for both ports: codes shown on one are claimed on the other.
+    pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
+    device = deviceClass(
+        state=state,
+        hub=hub,
+        pairing=pairing,
+        weather=WeatherService(
+            weatherSource or NoWeather(), clock, ttlSeconds=settings.weatherTtlSeconds
+        ),
+        logs=logs or LogStore(None, clock),
+        runInThread=runInThread,
+        settings=settings.transport,
+    )
+    control = ControlAPI(state=state, pairing=pairing, settings=settings.control)
+    return Apps(store, hub, state, pairing, device, control)
