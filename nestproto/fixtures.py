@@ -1066,6 +1066,7 @@ def memoryServer(
     """
     from .apps import AppSettings, buildApps
     from .control.api import ControlSettings
+    from .device.api import DeviceAPI
     from .store import SQLiteStore, runInline
 
     apps = buildApps(
@@ -1073,7 +1074,7 @@ def memoryServer(
         clock,
         runInThread=runInline,
         settings=AppSettings(control=ControlSettings(token=controlToken)),
-        **({} if deviceClass is None else {"deviceClass": deviceClass}),
+        deviceClass=deviceClass or DeviceAPI,
     )
     return apps.device.app.resource(), apps.control.app.resource()
 
