@@ -36,8 +36,20 @@ class SerialRequired(NestError):
 
     code = "serial_required"
 
-    def __init__(self) -> None:
-        super().__init__("Device serial required")
+    def __init__(self, message: str = "Device serial required") -> None:
+        super().__init__(message)
+
+
+class UnknownDevice(NestError):
+    """No device with that serial has ever talked to this server."""
+
+    status = 404
+    code = "unknown_device"
+
+    def __init__(self, serial: str | None = None) -> None:
+        super().__init__(
+            "Device not found" if serial is None else f"Device {serial} not found"
+        )
 
 
 class NotFound(NestError):

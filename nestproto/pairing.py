@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
-from .errors import NestError
+from .errors import NestError, UnknownDevice
 from .state import (
     GLOBAL_SCOPE,
     OWNER_RECORD,
@@ -71,16 +71,6 @@ class NotPaired(NestError):
 
     status = 404
     code = "not_paired"
-
-
-class UnknownDevice(NestError):
-    """No device with that serial has ever talked to this server."""
-
-    status = 404
-    code = "unknown_device"
-
-    def __init__(self) -> None:
-        super().__init__("Device not found")
 
 
 @frozen

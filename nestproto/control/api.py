@@ -24,14 +24,13 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
-from ..errors import BadBody, NestError, Unavailable
+from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
 from ..httpjson import JSONKlein, jsonResponse, readBody
 from ..pairing import (
     INVALID_KEY_MESSAGE,
     ClaimThrottle,
     Pairing,
     TooManyAttempts,
-    UnknownDevice,
     checkUserId,
     normaliseCode,
 )
@@ -48,6 +47,9 @@ _CORS_HEADERS = {
     b"access-control-max-age": b"600",
 }
 
+#: The anchor's words for a control call that names no device.
+CONTROL_SERIAL_REQUIRED = "Serial parameter required"
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -59,15 +61,6 @@ class Unauthorized(NestError):
 
     def __init__(self) -> None:
         super().__init__("Missing or wrong Authorization: Bearer token")
-
-
-class SerialRequired(NestError):
-    """A control request that must name a device did not."""
-
-    code = "serial_required"
-
-    def __init__(self) -> None:
-        super().__init__("Serial parameter required")
 
 
 @frozen
@@ -117,7 +110,7 @@ def _queryText(request: IRequest, name: bytes) -> str | None:
 def _pathSerial(raw: str) -> str:
     serial = normaliseSerial(raw)
     if serial is None:
-        raise SerialRequired()
+        raise SerialRequired(CONTROL_SERIAL_REQUIRED)
     return serial
 
 
@@ -125,7 +118,7 @@ def _bodySerial(document: dict[str, Any]) -> str:
     raw = document.get("serial")
     serial = normaliseSerial(raw) if isinstance(raw, str) else None
     if serial is None:
-        raise SerialRequired()
+        raise SerialRequired(CONTROL_SERIAL_REQUIRED)
     return serial
 
 

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults
 
 from .. import buckets as rules
 from ..buckets import Bucket
-from ..errors import NestError
+from ..errors import NestError, UnknownDevice
 from ..state import GLOBAL_SCOPE, DeviceState
 
 #: Setpoints are clamped into this range by default: 45 °F to 95 °F
@@ -53,16 +53,6 @@ class CommandError(NestError):
     """A command that is unknown, malformed, or not possible for the device."""
 
     code = "bad_command"
-
-
-class UnknownDevice(NestError):
-    """The command names a device that has never connected."""
-
-    status = 404
-    code = "unknown_device"
-
-    def __init__(self, serial: str) -> None:
-        super().__init__(f"Device {serial} not found")
 
 
 @frozen
