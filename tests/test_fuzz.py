@@ -9,7 +9,9 @@ changes nothing that is stored. The only answers without a JSON body are
 deliberate: a held subscribe ending with no data (PROTOCOL.md §6.4), the
 control API's event stream (text/event-stream) and a CORS preflight (204);
 and one is Twisted's: a POST declaring a multipart body that does not parse
-gets a bare 400 from twisted.web before nestproto sees it.
+gets a bare 400 from twisted.web before nestproto sees it. Weather comes from
+a source that answers: an unavailable upstream is a deliberate 503
+(PROTOCOL.md §9), outside what fuzzing checks.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -58,8 +58,8 @@ from .strategies import (
     putBodies,
     subscribeBodies,
 )
+from .test_conformance import OBJECT_FIELDS, Body, chunksOf, objectsOf
 
-OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 #: Long enough for any held answer to end: the hold (§12) and the SSE
 #: stream's keep-alive both end or tick within it.
 LONGEST_HOLD_SECONDS = 300.0
@@ -74,20 +74,6 @@ class FixedWeather:
 
     def fetch(self, query: str) -> Deferred[dict[str, Any]]:
         return succeed({"current": {"temp_c": 10.0}, "location": {}, "forecast": {}})
-
-
-class Body(Protocol):
-    """A response body as it arrives; can drop the connection."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.ended: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.ended = reason
 
 
 def snapshot(server: Server) -> tuple[dict[str, list[Bucket]], dict[str, Any]]:
@@ -299,13 +285,8 @@ class Fuzzer:
         self.server.deviceClient.flush()
         if self.held is not None:
             self.case.assertIsNot(self.held.ended, None, request)
-            text = self.held.data.decode("utf-8")
-            decoder = json.JSONDecoder()
-            position = 0
-            while position < len(text):
-                document, position = decoder.raw_decode(text, position)
-                for obj in document["objects"]:
-                    self.case.assertEqual(list(obj), OBJECT_FIELDS, request)
+            for chunk in chunksOf(self.held.data):
+                objectsOf(chunk, OBJECT_FIELDS)
         self.case.assertEqual(self.server.hub.total(), 0, request)
         self.case.assertEqual(self.server.clock.getDelayedCalls(), [], request)
 
