@@ -70,6 +70,17 @@ BATCH_SECONDS = 3.0
 USER = "homeowner"
 OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 RECEIPT_FIELDS = ["object_revision", "object_timestamp", "object_key"]
+#: Fields whose presence in an immediate answer asks the device to put dial
+#: changes at once for a while (PROTOCOL.md §6.3).
+SETPOINT_FIELDS = frozenset(
+    {
+        "target_temperature",
+        "target_temperature_high",
+        "target_temperature_low",
+        "target_temperature_type",
+        "hvac_mode",
+    }
+)
 #: Time steps: inside and at the edges of the batch window and the hold.
 STEPS = (0.001, 0.5, 1.0, 2.999, 3.0, 10.0, 100.0, 289.999, 290.0, 300.0)
 
@@ -554,10 +565,19 @@ class ConformanceMachine(RuleBasedStateMachine):
         }
         response, body = self.request(path, document, device.serial)
         check(response.code == 200, "subscribe answered 200", response.code)
+        headers = response.headers
         check(
-            response.headers.hasHeader(b"x-nl-service-timestamp"),
-            "transport headers",
-            response.headers,
+            headers.getRawHeaders(b"x-nl-service-timestamp") == [b"%d" % self.nowMs()],
+            "the service timestamp is now, in ms (§6.3)",
+            headers,
+        )
+        setpoint = any(
+            SETPOINT_FIELDS.intersection(copy.value) for copy in expected.values()
+        )
+        check(
+            headers.hasHeader(b"x-nl-disable-defer-window") == setpoint,
+            "disable-defer-window only with a setpoint in the answer (§6.3)",
+            (headers, expected),
         )
         full = len(self.live(device.serial)) >= MAX_HELD
         if expected or not chunked or full:
