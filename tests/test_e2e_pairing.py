@@ -11,94 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-from base64 import b64encode
-from collections.abc import Coroutine
-from typing import Any
 
 import treq
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTPConnectionPool
+from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto.service import CONTROL_TOKEN_FILE, Options, makeService
+from nestproto.service import CONTROL_TOKEN_FILE, Options
 
-from .test_e2e_transport import BodyReader, boundPort, sleep
+from .e2e import DEVICE_HEADERS, BodyReader, LiveServiceTestCase, sleep
+from .helpers import SERIAL, objectsBody
 
-SERIAL = "02AA01AC0000000001"
 TOKEN = "e2e-token-0123456789"
 
 
-def _deviceHeaders() -> dict[str, str]:
-    basic = b64encode(f"nest.{SERIAL}:token".encode()).decode()
-    return {
-        "Authorization": f"Basic {basic}",
-        "X-nl-protocol-version": "1",
-        "Content-Type": "application/json",
-    }
-
-
-def _subscribeBody(objects: list[dict[str, Any]]) -> bytes:
-    return json.dumps({"chunked": True, "session": "s", "objects": objects}).encode()
-
-
-class PairingEndToEndTests(TestCase):
+class PairingEndToEndTests(LiveServiceTestCase):
     """
     Claiming a thermostat over real TCP.
     """
 
-    timeout = 60
-
     def setUp(self) -> None:
-        self.data = self.mktemp()
+        super().setUp()
         os.makedirs(self.data)
         with open(os.path.join(self.data, CONTROL_TOKEN_FILE), "w") as f:
             f.write(TOKEN + "\n")
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.services: list[IService] = []
-        self.addCleanup(self.stopAll)
-        self.addCleanup(lambda: sleep(0.05))
-        self.addCleanup(self.pool.closeCachedConnections)
-
-    def stopAll(self) -> Deferred[None]:
-        async def stop() -> None:
-            for service in self.services:
-                if service.running:
-                    await service.stopService()
-
-        return Deferred.fromCoroutine(stop())
-
-    async def start(self) -> tuple[str, str]:
-        options = Options()
-        options.parseOptions(
-            [
-                "--device",
-                "tcp:0:interface=127.0.0.1",
-                "--control",
-                "tcp:0:interface=127.0.0.1",
-                "--data",
-                self.data,
-                "--weather",
-                "none",
-            ]
-        )
-        service = makeService(options)
-        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]  # type: ignore[attr-defined]
-        service.startService()
-        self.services.append(service)
-        found = [boundPort(listener) for listener in listeners]
-        devicePort, controlPort = [await d for d in found]
-        return f"http://127.0.0.1:{devicePort}", f"http://127.0.0.1:{controlPort}"
-
-    async def json(self, d: Deferred[Any]) -> tuple[int, Any]:
-        response = await d
-        return response.code, json.loads(await treq.content(response))
-
-    def asDeferred(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
-        return Deferred.fromCoroutine(coroutine)
 
     def test_claimReachesHeldSubscribe(self) -> Deferred[None]:
         """
@@ -111,51 +47,43 @@ class PairingEndToEndTests(TestCase):
 
     async def claimScenario(self) -> None:
         device, control = await self.start()
-        headers = _deviceHeaders()
+        headers = DEVICE_HEADERS
         auth = {"Authorization": f"Bearer {TOKEN}"}
 
         status, entry = await self.json(
-            treq.post(
-                device + "/nest/entry",
-                data=b"mac=18B430000001&software_version=5.9.3-5",
-                headers={"X-nl-device-id": SERIAL},
-                pool=self.pool,
-            )
+            "POST",
+            device + "/nest/entry",
+            data=b"mac=18B430000001&software_version=5.9.3-5",
+            headers={"X-nl-device-id": SERIAL},
         )
         self.assertEqual(status, 200)
-        status, key = await self.json(
-            treq.get(entry["passphrase_url"], headers=headers, pool=self.pool)
-        )
+        status, key = await self.json("GET", entry["passphrase_url"], headers=headers)
         self.assertEqual(status, 200)
         self.assertIsInstance(key["expires"], int)
 
         # The device's state, then a subscribe in sync with it: held.
         status, receipts = await self.json(
-            treq.post(
-                device + "/nest/transport/put",
-                data=json.dumps(
-                    {"objects": [{"object_key": f"device.{SERIAL}", "value": {"x": 1}}]}
-                ).encode(),
-                headers=headers,
-                pool=self.pool,
-            )
+            "POST",
+            device + "/nest/transport/put",
+            data=json.dumps(
+                {"objects": [{"object_key": f"device.{SERIAL}", "value": {"x": 1}}]}
+            ).encode(),
+            headers=headers,
         )
         self.assertEqual(status, 200)
         status, first = await self.json(
-            treq.post(
-                entry["transport_url"],
-                data=_subscribeBody(
-                    [
-                        {"object_key": f"device.{SERIAL}", "object_timestamp": 0},
-                        {
-                            "object_key": f"device_alert_dialog.{SERIAL}",
-                            "object_timestamp": 0,
-                        },
-                    ]
-                ),
-                headers=headers,
-                pool=self.pool,
-            )
+            "POST",
+            entry["transport_url"],
+            data=objectsBody(
+                [
+                    {"object_key": f"device.{SERIAL}", "object_timestamp": 0},
+                    {
+                        "object_key": f"device_alert_dialog.{SERIAL}",
+                        "object_timestamp": 0,
+                    },
+                ]
+            ),
+            headers=headers,
         )
         inSync = [
             {
@@ -166,11 +94,8 @@ class PairingEndToEndTests(TestCase):
             for one in first["objects"]
         ]
         self.assertEqual(len(inSync), 2)
-        response = await treq.post(
-            entry["transport_url"],
-            data=_subscribeBody(inSync),
-            headers=headers,
-            pool=self.pool,
+        response = await self.request(
+            "POST", entry["transport_url"], data=objectsBody(inSync), headers=headers
         )
         self.assertEqual(response.code, 200)
         reader = BodyReader()
@@ -179,22 +104,20 @@ class PairingEndToEndTests(TestCase):
         self.assertEqual(reader.received, [])
 
         # Without the token the control port refuses the claim.
-        refused = await treq.post(
+        refused = await self.request(
+            "POST",
             control + "/api/register",
             json={"code": key["value"], "userId": "homeowner"},
-            pool=self.pool,
         )
         self.assertEqual(refused.code, 401)
         await treq.content(refused)
 
         code = f"{key['value'][:3]}-{key['value'][3:]}".lower()
         status, claimed = await self.json(
-            treq.post(
-                control + "/api/register",
-                json={"code": code, "userId": "homeowner"},
-                headers=auth,
-                pool=self.pool,
-            )
+            "POST",
+            control + "/api/register",
+            json={"code": code, "userId": "homeowner"},
+            headers=auth,
         )
         self.assertEqual((status, claimed["success"]), (200, True))
         self.assertEqual(claimed["serial"], SERIAL)
@@ -213,16 +136,12 @@ class PairingEndToEndTests(TestCase):
         await self.services[0].stopService()
         device, control = await self.start()
         status, document = await self.json(
-            treq.get(
-                device + "/nest/passphrase/status", headers=headers, pool=self.pool
-            )
+            "GET", device + "/nest/passphrase/status", headers=headers
         )
         self.assertEqual(
             (document["status"], document["claimedBy"]), ("claimed", "homeowner")
         )
-        status, listed = await self.json(
-            treq.get(control + "/api/devices", headers=auth, pool=self.pool)
-        )
+        status, listed = await self.json("GET", control + "/api/devices", headers=auth)
         self.assertEqual([d["serial"] for d in listed["devices"]], [SERIAL])
         self.assertIs(listed["devices"][0]["paired"], True)
 

@@ -11,87 +11,38 @@ from __future__ import annotations
 import glob
 import json
 import os
-from base64 import b64encode
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent
 
 from nestproto import replay
 from nestproto.fixtures import loadFixture, replayInMemory
-from nestproto.service import Options, makeService
 from nestproto.simulator import SimulatedThermostat
 
-from .test_e2e_transport import boundPort
+from .e2e import LiveServiceTestCase, sleep
+from .helpers import SERIAL, basicAuth
 
-SERIAL = "02AA01AC0000000001"
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-class SimulatorEndToEndTests(TestCase):
+class SimulatorEndToEndTests(LiveServiceTestCase):
     """A simulated thermostat against the real service over TCP."""
 
-    timeout = 60
-
     def setUp(self) -> None:
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        super().setUp()
         self.http = HTTPClient(Agent(reactor, pool=self.pool))
-        self.services: list[IService] = []
         self.thermostats: list[SimulatedThermostat] = []
-        self.addCleanup(self.stopAll)
 
-    def stopAll(self) -> Deferred[None]:
-        async def stop() -> None:
-            for thermostat in self.thermostats:
-                thermostat.stop()
-            await sleep(0.05)
-            for service in self.services:
-                if service.running:
-                    await service.stopService()
-            await self.pool.closeCachedConnections()
-
-        return Deferred.fromCoroutine(stop())
-
-    def run_(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
-        return Deferred.fromCoroutine(coroutine)
-
-    async def start(self, *extra: str) -> tuple[str, str]:
-        """A service on loopback ports; its device and control origins."""
-        options = Options()
-        options.parseOptions(
-            [
-                "--device",
-                "tcp:0:interface=127.0.0.1",
-                "--control",
-                "tcp:0:interface=127.0.0.1",
-                "--data",
-                self.mktemp(),
-                "--weather",
-                "none",
-                *extra,
-            ]
-        )
-        service = makeService(options)
-        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]  # type: ignore[attr-defined]
-        service.startService()
-        self.services.append(service)
-        found = [boundPort(listener) for listener in listeners]
-        devicePort, controlPort = [await d for d in found]
-        return f"http://127.0.0.1:{devicePort}", f"http://127.0.0.1:{controlPort}"
+    async def closeConnections(self) -> None:
+        for thermostat in self.thermostats:
+            thermostat.stop()
+        await super().closeConnections()
 
     def thermostat(self, origin: str) -> SimulatedThermostat:
         thermostat = SimulatedThermostat(
@@ -113,12 +64,11 @@ class SimulatorEndToEndTests(TestCase):
         return json.loads(await treq.content(response))
 
     async def listing(self, origin: str) -> dict[str, tuple[int, int]]:
-        token = b64encode(f"nest.{SERIAL}:x".encode()).decode()
-        response = await self.http.get(
+        _code, document = await self.json(
+            "GET",
             f"{origin}/nest/transport/device/{SERIAL}",
-            headers=Headers({"Authorization": [f"Basic {token}"]}),
+            headers=basicAuth(SERIAL, "x"),
         )
-        document = json.loads(await treq.content(response))
         return {
             o["object_key"]: (o["object_revision"], o["object_timestamp"])
             for o in document["objects"]
@@ -190,7 +140,7 @@ class SimulatorEndToEndTests(TestCase):
             self.assertIn("structure.homeowner", thermostat.subscribeKeys())
             self.assertEqual(thermostat.errors, 0)
 
-        return self.run_(go())
+        return self.asDeferred(go())
 
     def test_recordedSessionReplays(self) -> Deferred[None]:
         """
@@ -222,7 +172,7 @@ class SimulatorEndToEndTests(TestCase):
             self.assertEqual(kinds, {"device", "control"})
             inMemory = replayInMemory(fixture, tolerance=0.25)
             self.assertEqual(inMemory.describe(), [])
-            fresh, freshControl = await self.start()
+            fresh, freshControl = await self.start(data=self.mktemp())
             options = replay.Options()
             options.parseOptions(
                 replay.optionsFirst(
@@ -234,7 +184,7 @@ class SimulatorEndToEndTests(TestCase):
             self.assertEqual(overTCP.describe(), [])
             self.assertEqual(overTCP.matched, len(fixture.exchanges))
 
-        return self.run_(go())
+        return self.asDeferred(go())
 
 
 async def _maybe(value: Any) -> Any:

@@ -8,86 +8,27 @@ socket, a command through the control port, and a restart.
 from __future__ import annotations
 
 import json
-from base64 import b64encode
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import treq
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
-from twisted.web.client import (
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseNeverReceived,
-)
-from twisted.web.iweb import IResponse
+from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 
-from nestproto.service import Options, makeService
+from .e2e import DEVICE_HEADERS, BodyReader, LiveServiceTestCase, sleep
+from .helpers import SERIAL, basicAuth, clientObject, objectsBody
 
-SERIAL = "02AA01AC0000000001"
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
 ENTRY_FORM = (
     b"reset=FALSE&mac=18B430000001&model=Diamond-2.6&request_id=1"
     b"&software_version=5.9.3-5&wireless_reg_domain=US"
 )
-
-
-def _basic() -> str:
-    return "Basic " + b64encode(f"nest.{SERIAL}:token".encode()).decode()
-
-
-DEVICE_HEADERS = {
-    "Authorization": _basic(),
-    "X-nl-protocol-version": "1",
-    "Content-Type": "application/json",
-}
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
-
-
-class BodyReader(Protocol):
-    """
-    Receives a response body as it arrives: each decoded chunk goes to a
-    queue, and C{finished} fires when the body ends.
-    """
-
-    def __init__(self) -> None:
-        self.chunks: DeferredQueue[bytes] = DeferredQueue()
-        self.received: list[bytes] = []
-        self.finished: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-        self.chunks.put(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if reason.check(ResponseDone):
-            self.finished.callback(None)
-        else:
-            self.finished.errback(reason)
-
-    async def document(self) -> Any:
-        """The next complete JSON document of the body."""
-        buffered = b""
-        while True:
-            buffered += await self.chunks.get()
-            try:
-                return json.loads(buffered)
-            except ValueError:
-                continue
 
 
 class RawClient(Protocol):
@@ -115,108 +56,26 @@ class RawClient(Protocol):
             return succeed(self.received)
         d: Deferred[bytes] = Deferred()
         self._waiting.append((predicate, d))
-        return d.addTimeout(10, reactor)  # type: ignore[arg-type]
+        return d.addTimeout(10, reactor)
 
 
-def boundPort(service: StreamServerEndpointService) -> Deferred[int]:
-    """
-    The port C{service} listens on, once it does. The service's own
-    Deferred keeps its result: stopping the service needs it.
-    """
-    found: Deferred[int] = Deferred()
-
-    def seen(port: IListeningPort) -> IListeningPort:
-        found.callback(port.getHost().port)  # type: ignore[attr-defined]
-        return port
-
-    service._waitingForPort.addCallback(seen)  # type: ignore[union-attr]
-    return found
-
-
-class TransportEndToEndTests(TestCase):
+class TransportEndToEndTests(LiveServiceTestCase):
     """
     A device against the real service over TCP.
     """
 
-    timeout = 60
+    persistentConnections = True
 
     def setUp(self) -> None:
-        self.data = self.mktemp()
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.retryAutomatically = False
+        super().setUp()
         self.raw: list[RawClient] = []
-        self.services: list[IService] = []
-        # Cleanups run last-added first: clients close before the services
-        # stop, and a moment passes for the server side to see them go.
-        self.addCleanup(self.stopAll)
-        self.addCleanup(lambda: sleep(0.05))
-        self.addCleanup(self.closeClients)
 
-    def asDeferred(self, coroutine: Coroutine[Any, Any, None]) -> Deferred[None]:
-        return Deferred.fromCoroutine(coroutine)
-
-    async def start(self) -> tuple[str, str]:
-        """
-        Start a service on loopback ports and the test's data directory.
-
-        @return: the device and control origins.
-        """
-        options = Options()
-        options.parseOptions(
-            [
-                "--device",
-                "tcp:0:interface=127.0.0.1",
-                "--control",
-                "tcp:0:interface=127.0.0.1",
-                "--data",
-                self.data,
-                "--weather",
-                "none",
-            ]
-        )
-        service = makeService(options)
-        listeners = [
-            s
-            for s in service
-            if isinstance(s, StreamServerEndpointService)  # type: ignore[attr-defined]
-        ]
-        service.startService()
-        found = [boundPort(listener) for listener in listeners]
-        self.services.append(service)
-        devicePort, controlPort = [await d for d in found]
-        return f"http://127.0.0.1:{devicePort}", f"http://127.0.0.1:{controlPort}"
-
-    async def stop(self, service: IService) -> None:
-        if service.running:
-            await service.stopService()
-
-    async def stopAllServices(self) -> None:
-        for service in self.services:
-            await self.stop(service)
-
-    def stopAll(self) -> Deferred[None]:
-        return self.asDeferred(self.stopAllServices())
-
-    async def closeAllClients(self) -> None:
+    async def closeConnections(self) -> None:
         for client in self.raw:
             if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
                 client.transport.loseConnection()
                 await client.closed
-        await self.pool.closeCachedConnections()
-
-    def closeClients(self) -> Deferred[None]:
-        return self.asDeferred(self.closeAllClients())
-
-    async def request(self, method: str, url: str, **kwargs: Any) -> IResponse:
-        response: IResponse = await treq.request(
-            method, url, pool=self.pool, unbuffered=True, **kwargs
-        )
-        return response
-
-    async def json(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
-        response = await self.request(method, url, **kwargs)
-        body = await treq.content(response)
-        return response.code, json.loads(body)
+        await super().closeConnections()
 
     async def listing(self, origin: str) -> Any:
         code, body = await self.json("GET", f"{origin}/nest/transport/device/{SERIAL}")
@@ -282,9 +141,7 @@ class TransportEndToEndTests(TestCase):
         response = await self.request(
             "POST",
             f"{deviceOrigin}/nest/transport/v7/subscribe",
-            data=json.dumps(
-                {"chunked": True, "session": "s", "objects": list(held.values())}
-            ).encode(),
+            data=objectsBody(held.values()),
             headers=DEVICE_HEADERS,
         )
         self.assertEqual(response.code, 200)
@@ -342,20 +199,12 @@ class TransportEndToEndTests(TestCase):
         response = await self.request(
             "POST",
             f"{deviceOrigin}/nest/transport",
-            data=json.dumps(
-                {
-                    "chunked": True,
-                    "session": "s",
-                    "objects": [
-                        {
-                            "object_key": o["object_key"],
-                            "object_revision": o["object_revision"],
-                            "object_timestamp": o["object_timestamp"],
-                        }
-                        for o in after["objects"]
-                    ],
-                }
-            ).encode(),
+            data=objectsBody(
+                clientObject(
+                    o["object_key"], o["object_revision"], o["object_timestamp"]
+                )
+                for o in after["objects"]
+            ),
             headers=DEVICE_HEADERS,
         )
         reader = BodyReader()
@@ -377,20 +226,9 @@ class TransportEndToEndTests(TestCase):
         deviceOrigin, controlOrigin = await self.start()
         port = int(deviceOrigin.rsplit(":", 1)[1])
 
-        body = json.dumps(
-            {
-                "chunked": True,
-                "session": "s",
-                "objects": [
-                    {
-                        "object_key": SHARED,
-                        "object_revision": 0,
-                        "object_timestamp": 0,
-                        "value": {"can_heat": True, "target_temperature": 19.0},
-                    }
-                ],
-            }
-        ).encode()
+        body = objectsBody(
+            [clientObject(SHARED, value={"can_heat": True, "target_temperature": 19.0})]
+        )
         code, first = await self.json(
             "POST", f"{deviceOrigin}/nest/transport", data=body, headers=DEVICE_HEADERS
         )
@@ -399,25 +237,20 @@ class TransportEndToEndTests(TestCase):
         client = RawClient()
         self.raw.append(client)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        held = json.dumps(
-            {
-                "chunked": True,
-                "session": "s",
-                "objects": [
-                    {
-                        "object_key": SHARED,
-                        "object_revision": stored["object_revision"],
-                        "object_timestamp": stored["object_timestamp"],
-                    }
-                ],
-            }
-        ).encode()
+        held = objectsBody(
+            [
+                clientObject(
+                    SHARED, stored["object_revision"], stored["object_timestamp"]
+                )
+            ]
+        )
         client.transport.write(  # type: ignore[union-attr]
             b"POST /nest/transport HTTP/1.1\r\n"
             b"Host: 127.0.0.1:%d\r\n"
             b"Authorization: %s\r\n"
             b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (port, _basic().encode(), len(held), held)
+            b"Content-Length: %d\r\n\r\n%s"
+            % (port, basicAuth()["Authorization"].encode(), len(held), held)
         )
         received = await client.waitFor(lambda data: b"\r\n\r\n" in data)
         await sleep(0.2)
@@ -457,7 +290,7 @@ class TransportEndToEndTests(TestCase):
         document = json.loads(rest[: int(size, 16)])
         self.assertEqual(document["objects"][0]["value"]["target_temperature"], 22.0)
 
-    def test_resubscribeDuringShutdown(self) -> None:
+    def test_resubscribeDuringShutdown(self) -> Deferred[None]:
         """
         A device that resubscribes the moment shutdown ends its hold is
         never answered with a 500: its connection is closed after the hold
@@ -467,15 +300,7 @@ class TransportEndToEndTests(TestCase):
 
     async def resubscribeDuringShutdown(self) -> None:
         deviceOrigin, controlOrigin = await self.start()
-        body = json.dumps(
-            {
-                "chunked": True,
-                "session": "s",
-                "objects": [
-                    {"object_key": SHARED, "object_revision": 1, "object_timestamp": 5}
-                ],
-            }
-        ).encode()
+        body = objectsBody([clientObject(SHARED, 1, 5)])
         url = f"{deviceOrigin}/nest/transport"
         response = await self.request("POST", url, data=body, headers=DEVICE_HEADERS)
         reader = BodyReader()
