@@ -10,9 +10,16 @@ from base64 import b64encode
 from collections.abc import Iterable
 from typing import Any
 
+import treq
 from attrs import define
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 
 from nestproto.apps import AppSettings, buildApps
 from nestproto.buckets import Bucket
@@ -127,3 +134,79 @@ def clientObject(
 def parseChunks(chunks: list[bytes]) -> list[dict[str, Any]]:
     """Each received chunk decoded as one JSON document."""
     return [json.loads(chunk) for chunk in chunks if chunk]
+
+
+@define
+class Answer:
+    """A response whose body is being collected chunk by chunk."""
+
+    response: IResponse
+    chunks: list[bytes]
+    done: Deferred[None]
+
+    def documents(self) -> list[dict[str, Any]]:
+        """Each chunk received, decoded as one JSON document."""
+        return parseChunks(self.chunks)
+
+    def keys(self) -> list[str]:
+        """The object keys of every document received, in order."""
+        return [
+            entry["object_key"]
+            for document in self.documents()
+            for entry in document["objects"]
+        ]
+
+    def header(self, name: str) -> str | None:
+        values = self.response.headers.getRawHeaders(name)
+        return None if values is None else values[0]
+
+
+class DroppableBody(Protocol):
+    """
+    Collects a response body like C{treq.collect}, and can drop the
+    connection as a client that gives up does.
+    """
+
+    def __init__(self, chunks: list[bytes], done: Deferred[None]) -> None:
+        self.chunks = chunks
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def disconnect(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def receive(response: IResponse) -> Answer:
+    """Start collecting the body of C{response}, whose headers arrived."""
+    chunks: list[bytes] = []
+    return Answer(response, chunks, treq.collect(response, chunks.append))
+
+
+def receiveDroppable(response: IResponse) -> tuple[Answer, DroppableBody]:
+    """Like L{receive}, with a body protocol that can drop the connection."""
+    chunks: list[bytes] = []
+    done: Deferred[None] = Deferred()
+    body = DroppableBody(chunks, done)
+    response.deliverBody(body)
+    return Answer(response, chunks, done), body
+
+
+def completed(
+    case: SynchronousTestCase, client: StubTreq, requested: Deferred[IResponse]
+) -> tuple[IResponse, bytes]:
+    """
+    Flush C{client}; then the response to C{requested}, which has ended,
+    and its whole body.
+    """
+    client.flush()
+    response = case.successResultOf(requested)
+    return response, case.successResultOf(treq.content(response))

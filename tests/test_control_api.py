@@ -13,17 +13,23 @@ from typing import Any
 
 from hypothesis import given
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone
 
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlAPI, ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.state import GLOBAL_SCOPE
 
-from .helpers import CONTROL_URL, DEVICE_URL, OTHER_SERIAL, SERIAL, basicAuth
+from .helpers import (
+    CONTROL_URL,
+    DEVICE_URL,
+    OTHER_SERIAL,
+    SERIAL,
+    DroppableBody,
+    basicAuth,
+    completed,
+    receiveDroppable,
+)
 from .strategies import controlCommands
 from .test_pairing import ServerTestCase
 
@@ -907,33 +913,12 @@ class StatusTests(ControlTestCase):
         self.assertEqual(status, 404)
 
 
-class _Stream(Protocol):
-    """An event-stream client that can hang up."""
-
-    def __init__(self, chunks: list[bytes], done: Deferred[None]) -> None:
-        self.chunks = chunks
-        self.done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def disconnect(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()
-
-
 class EventTests(ControlTestCase):
     """
     C{GET /api/events} (Server-Sent Events).
     """
 
-    def openStream(self) -> tuple[_Stream, list[bytes], Deferred[None]]:
+    def openStream(self) -> tuple[DroppableBody, list[bytes], Deferred[None]]:
         d = self.server.controlClient.get(CONTROL_URL + "/api/events")
         self.server.controlClient.flush()
         response = self.successResultOf(d)
@@ -941,13 +926,10 @@ class EventTests(ControlTestCase):
         self.assertEqual(
             response.headers.getRawHeaders("content-type"), ["text/event-stream"]
         )
-        chunks: list[bytes] = []
-        done: Deferred[None] = Deferred()
-        stream = _Stream(chunks, done)
-        response.deliverBody(stream)
-        return stream, chunks, done
+        answer, stream = receiveDroppable(response)
+        return stream, answer.chunks, answer.done
 
-    def leave(self, stream: _Stream, done: Deferred[None]) -> None:
+    def leave(self, stream: DroppableBody, done: Deferred[None]) -> None:
         """The client disconnects; nothing of it remains."""
         stream.disconnect()
         self.server.controlClient.flush()
@@ -1124,12 +1106,10 @@ class CORSTests(ServerTestCase):
         """
         for path in ["/health", "/status", "/nowhere"]:
             d = self.server.controlClient.get(CONTROL_URL + path)
-            self.server.controlClient.flush()
-            response = self.successResultOf(d)
+            response, _body = completed(self, self.server.controlClient, d)
             self.assertEqual(
                 response.headers.getRawHeaders("access-control-allow-origin"), ["*"]
             )
-            self.successResultOf(response.content())
 
 
 class CommandPropertyTests(SynchronousTestCase):

@@ -13,14 +13,17 @@ from base64 import b64encode
 from typing import Any
 from urllib.parse import urlsplit
 
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IResponse
 
 from nestproto.device.api import TransportSettings
 from nestproto.uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 
-from .helpers import DEVICE_URL, SERIAL, basicAuth, makeServer
+from .helpers import DEVICE_URL, SERIAL, basicAuth, completed, makeServer
 
 ENTRY_FORM = (
     b"reset=FALSE&mac=18B430000001&model=Diamond-2.6&request_id=1"
@@ -42,18 +45,23 @@ ENTRY_FIELDS = {
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
+def _jsonAnswer(
+    case: SynchronousTestCase, client: StubTreq, requested: Deferred[IResponse]
+) -> tuple[int, Any]:
+    """The status and decoded body of a response that is JSON."""
+    response, body = completed(case, client, requested)
+    case.assertEqual(
+        response.headers.getRawHeaders("content-type"), ["application/json"]
+    )
+    return response.code, json.loads(body)
+
+
 class EntryTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = makeServer()
 
     def answer(self, d: Any) -> tuple[int, Any]:
-        self.server.deviceClient.flush()
-        response = self.successResultOf(d)
-        body = self.successResultOf(response.content())
-        self.assertEqual(
-            response.headers.getRawHeaders("content-type"), ["application/json"]
-        )
-        return response.code, json.loads(body)
+        return _jsonAnswer(self, self.server.deviceClient, d)
 
     def test_scenario1PostAndGet(self) -> None:
         """
@@ -116,8 +124,7 @@ class EntryTests(SynchronousTestCase):
         )
         server.deviceClient.flush()
         d = server.deviceClient.get(DEVICE_URL + "/nest/entry")
-        server.deviceClient.flush()
-        entry = json.loads(self.successResultOf(self.successResultOf(d).content()))
+        entry = json.loads(completed(self, server.deviceClient, d)[1])
         self.assertEqual(
             entry["passphrase_url"], "https://thermo.lan:8443/nest/passphrase"
         )
@@ -167,9 +174,10 @@ class PingTests(SynchronousTestCase):
         """Scenario 57: /nest/ping answers status ok and the time in ms."""
         server = makeServer()
         d = server.deviceClient.get(DEVICE_URL + "/nest/ping")
-        server.deviceClient.flush()
-        body = json.loads(self.successResultOf(self.successResultOf(d).content()))
-        self.assertEqual(body, {"status": "ok", "timestamp": server.nowMs()})
+        _response, body = completed(self, server.deviceClient, d)
+        self.assertEqual(
+            json.loads(body), {"status": "ok", "timestamp": server.nowMs()}
+        )
 
 
 class CallerTests(SynchronousTestCase):
@@ -180,9 +188,7 @@ class CallerTests(SynchronousTestCase):
     ) -> int:
         server = makeServer()
         d = server.deviceClient.get(DEVICE_URL + path, headers=headers)
-        server.deviceClient.flush()
-        response = self.successResultOf(d)
-        self.successResultOf(response.content())
+        response, _body = completed(self, server.deviceClient, d)
         self.serial = next(iter(server.state.lastSeen), None)
         return int(response.code)
 
@@ -237,11 +243,9 @@ class CallerTests(SynchronousTestCase):
         server = makeServer()
         for path in ["/nest/transport", "/nest/transport/put"]:
             d = server.deviceClient.post(DEVICE_URL + path, data=b'{"objects":[]}')
-            server.deviceClient.flush()
-            response = self.successResultOf(d)
+            response, body = completed(self, server.deviceClient, d)
             self.assertEqual(response.code, 400)
-            body = json.loads(self.successResultOf(response.content()))
-            self.assertEqual(body["error"], "Device serial required")
+            self.assertEqual(json.loads(body)["error"], "Device serial required")
         d = server.deviceClient.get(DEVICE_URL + "/nest/entry")
         server.deviceClient.flush()
         self.assertEqual(self.successResultOf(d).code, 200)
@@ -255,13 +259,7 @@ class RestOfEntryMapTests(SynchronousTestCase):
         self, server: Any, method: str, path: str, **kwargs: Any
     ) -> tuple[int, Any]:
         d = server.deviceClient.request(method, DEVICE_URL + path, **kwargs)
-        server.deviceClient.flush()
-        response = self.successResultOf(d)
-        body = self.successResultOf(response.content())
-        self.assertEqual(
-            response.headers.getRawHeaders("content-type"), ["application/json"]
-        )
-        return response.code, json.loads(body)
+        return _jsonAnswer(self, server.deviceClient, d)
 
     def test_weatherNeedsQuery(self) -> None:
         """Weather without a query is a 400 JSON error."""

@@ -12,8 +12,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import treq
-from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -39,34 +37,18 @@ from .helpers import (
     DEVICE_URL,
     OTHER_SERIAL,
     SERIAL,
+    Answer,
     Server,
     basicAuth,
     clientObject,
+    completed,
     makeServer,
     objectsBody,
+    receive,
 )
 
 CODE_PATTERN = re.compile(r"^[0-9]{3}[A-Z]{4}$")
 INVALID = "Invalid, expired, or already claimed entry key"
-
-
-@define
-class Held:
-    """A subscribe answer whose body is being collected."""
-
-    response: IResponse
-    chunks: list[bytes]
-    done: Deferred[None]
-
-    def documents(self) -> list[dict[str, Any]]:
-        return [json.loads(chunk) for chunk in self.chunks if chunk]
-
-    def keys(self) -> list[str]:
-        return [
-            entry["object_key"]
-            for document in self.documents()
-            for entry in document["objects"]
-        ]
 
 
 class ServerTestCase(SynchronousTestCase):
@@ -95,17 +77,15 @@ class ServerTestCase(SynchronousTestCase):
 
     def subscribe(
         self, objects: Sequence[Mapping[str, Any]], serial: str = SERIAL
-    ) -> Held:
+    ) -> Answer:
         d = self.server.deviceClient.post(
             DEVICE_URL + "/nest/transport",
             data=objectsBody(objects),
             headers=basicAuth(serial),
         )
-        response = self.successResultOf(d)
-        chunks: list[bytes] = []
-        return Held(response, chunks, treq.collect(response, chunks.append))
+        return receive(self.successResultOf(d))
 
-    def held(self, serial: str = SERIAL) -> Held:
+    def held(self, serial: str = SERIAL) -> Answer:
         """
         A subscribe in sync with the server, so it is held. A paired device's
         first subscribe of the process gets its structure regardless
@@ -151,9 +131,7 @@ class ServerTestCase(SynchronousTestCase):
         return self.control("POST", "/api/register", {"code": code, "userId": userId})
 
     def answer(self, d: Deferred[IResponse], client: Any) -> tuple[int, Any]:
-        client.flush()
-        response = self.successResultOf(d)
-        body = self.successResultOf(response.content())
+        response, body = completed(self, client, d)
         return response.code, json.loads(body) if body else None
 
     # Store

@@ -11,21 +11,17 @@ moves only by the test's L{Clock}.
 from __future__ import annotations
 
 import json
-from base64 import b64encode
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import treq
-from attrs import define
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
@@ -39,11 +35,15 @@ from tests.helpers import (
     DEVICE_URL,
     OTHER_SERIAL,
     SERIAL,
+    Answer,
+    DroppableBody,
     Server,
     basicAuth,
     clientObject,
     makeServer,
     objectsBody,
+    receive,
+    receiveDroppable,
 )
 
 SHARED = f"shared.{SERIAL}"
@@ -53,47 +53,6 @@ HOLD_SECONDS = 290.0
 BATCH_SECONDS = 3.0
 OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 RECEIPT_FIELDS = ["object_revision", "object_timestamp", "object_key"]
-
-
-@define
-class Answer:
-    """A response whose body is being collected chunk by chunk."""
-
-    response: IResponse
-    chunks: list[bytes]
-    done: Deferred[None]
-
-    def documents(self) -> list[dict[str, Any]]:
-        """Each chunk received, decoded as one JSON document."""
-        return [json.loads(chunk) for chunk in self.chunks]
-
-    def header(self, name: str) -> str | None:
-        values = self.response.headers.getRawHeaders(name)
-        return None if values is None else values[0]
-
-
-class _DroppableBody(Protocol):
-    """
-    Collects a response body like C{treq.collect}, and can drop the
-    connection as a thermostat whose wake timer expired does.
-    """
-
-    def __init__(self, chunks: list[bytes], done: Deferred[None]) -> None:
-        self.chunks = chunks
-        self.done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def disconnect(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()
 
 
 def orderedObjects(body: bytes) -> list[list[str]]:
@@ -146,19 +105,12 @@ class TransportTestCase(SynchronousTestCase):
 
     def receive(self, requested: Deferred[IResponse]) -> Answer:
         """Start collecting the body of a response whose headers arrived."""
-        response = self.successResultOf(requested)
-        chunks: list[bytes] = []
-        return Answer(response, chunks, treq.collect(response, chunks.append))
+        return receive(self.successResultOf(requested))
 
     def receiveDroppable(
         self, requested: Deferred[IResponse]
-    ) -> tuple[Answer, _DroppableBody]:
-        response = self.successResultOf(requested)
-        chunks: list[bytes] = []
-        done: Deferred[None] = Deferred()
-        body = _DroppableBody(chunks, done)
-        response.deliverBody(body)
-        return Answer(response, chunks, done), body
+    ) -> tuple[Answer, DroppableBody]:
+        return receiveDroppable(self.successResultOf(requested))
 
     def answered(self, requested: Deferred[IResponse]) -> tuple[Answer, Any]:
         """A response that is complete now, and its decoded body."""
@@ -1319,11 +1271,10 @@ class RawHTTPTests(SynchronousTestCase):
 
     def send(self, objects: list[dict[str, Any]]) -> None:
         body = objectsBody(objects)
-        token = b64encode(f"nest.{SERIAL}:token".encode())
         self.channel.dataReceived(
             b"POST /nest/transport HTTP/1.1\r\n"
             b"Host: 192.168.1.10:8000\r\n"
-            b"Authorization: Basic " + token + b"\r\n"
+            b"Authorization: " + basicAuth()["Authorization"].encode() + b"\r\n"
             b"Content-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (len(body),) + body
         )
