@@ -23,12 +23,12 @@ from twisted.web.iweb import IResponse
 
 from nestproto.apps import AppSettings, buildApps
 from nestproto.buckets import Bucket
-from nestproto.control.api import ControlAPI
+from nestproto.control.api import ControlAPI, ControlSettings
 from nestproto.device.api import DeviceAPI, TransportSettings
 from nestproto.hub import SubscriberHub
 from nestproto.pairing import Pairing
 from nestproto.state import DeviceState
-from nestproto.store import BucketWrite, SQLiteStore, runInline
+from nestproto.store import BucketWrite, SQLiteStore, ThreadRunner, runInline
 from nestproto.uploads import LogStore
 from nestproto.weather import IWeatherSource
 
@@ -70,21 +70,28 @@ def makeServer(
     holdSeconds: float = 290.0,
     weatherSource: IWeatherSource | None = None,
     logs: LogStore | None = None,
+    controlSettings: ControlSettings | None = None,
+    storeRunner: ThreadRunner = runInline,
 ) -> Server:
     """
     Build a whole server on C{path} (a real SQLite file when given), with
     store writes committed inline so results are synchronous.
+
+    @param storeRunner: what runs the store's commits; inline unless a test
+        watches them.
     """
     if clock is None:
         clock = Clock()
         clock.advance(START_SECONDS)
-    store = SQLiteStore.open(path, runInline)
+    store = SQLiteStore.open(path, storeRunner)
     apps = buildApps(
         store,
         clock,
         runInThread=runInline,
         settings=AppSettings(
-            holdSeconds=holdSeconds, transport=settings or TransportSettings()
+            holdSeconds=holdSeconds,
+            transport=settings or TransportSettings(),
+            control=controlSettings or ControlSettings(),
         ),
         weatherSource=weatherSource,
         logs=logs,

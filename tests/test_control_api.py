@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto.buckets import Bucket
-from nestproto.control.api import ControlAPI, ControlSettings
+from nestproto.control.api import ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.state import GLOBAL_SCOPE
 
@@ -28,6 +28,7 @@ from .helpers import (
     DroppableBody,
     basicAuth,
     completed,
+    makeServer,
     receiveDroppable,
 )
 from .strategies import controlCommands
@@ -1014,14 +1015,7 @@ class AuthTests(ServerTestCase):
     C{--control-token}: Bearer auth on every control call.
     """
 
-    def setUp(self) -> None:
-        super().setUp()
-        self.server.control = ControlAPI(
-            state=self.server.state, settings=ControlSettings(token="s3cret")
-        )
-        self.server.controlClient = type(self.server.controlClient)(
-            self.server.control.app.resource()
-        )
+    controlSettings = ControlSettings(token="s3cret")
 
     def test_refused(self) -> None:
         """
@@ -1067,9 +1061,7 @@ class AuthTests(ServerTestCase):
         """
         Without a token configured, any Authorization header is accepted.
         """
-        server = self.server
-        open = ControlAPI(state=server.state)
-        client = type(server.controlClient)(open.app.resource())
+        client = makeServer().controlClient
         d = client.get(CONTROL_URL + "/health", headers={"Authorization": "Bearer x"})
         client.flush()
         self.assertEqual(self.successResultOf(d).code, 200)
@@ -1085,10 +1077,9 @@ class CORSTests(ServerTestCase):
         An OPTIONS preflight is answered 204 with the CORS headers, without
         a token.
         """
-        self.server.control = ControlAPI(
-            state=self.server.state, settings=ControlSettings(token="s3cret")
-        )
-        client = type(self.server.controlClient)(self.server.control.app.resource())
+        client = makeServer(
+            controlSettings=ControlSettings(token="s3cret")
+        ).controlClient
         d = client.request("OPTIONS", CONTROL_URL + "/command")
         client.flush()
         response = self.successResultOf(d)

@@ -19,18 +19,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 
 from nestproto.buckets import Bucket
-from nestproto.hub import SubscriberHub
+from nestproto.control.api import ControlSettings
 from nestproto.pairing import (
     ENTRY_KEY_RECORD,
     MIN_REMAINING_SECONDS,
     ClaimThrottle,
     EntryKey,
-    Pairing,
     TooManyAttempts,
     newCode,
 )
-from nestproto.state import GLOBAL_SCOPE, OWNER_RECORD, DeviceState
-from nestproto.store import BucketWrite, RecordWrite, SQLiteStore, runInline
+from nestproto.state import GLOBAL_SCOPE, OWNER_RECORD
+from nestproto.store import BucketWrite, RecordWrite, runInline
 
 from .helpers import (
     CONTROL_URL,
@@ -54,8 +53,11 @@ INVALID = "Invalid, expired, or already claimed entry key"
 class ServerTestCase(SynchronousTestCase):
     """A whole server in memory and the calls a thermostat and a user make."""
 
+    #: The control API's settings for the test's server.
+    controlSettings = ControlSettings()
+
     def setUp(self) -> None:
-        self.server: Server = makeServer()
+        self.server: Server = makeServer(controlSettings=self.controlSettings)
 
     def tearDown(self) -> None:
         # Every request a test made has ended: no timer left behind.
@@ -453,10 +455,9 @@ class ClaimTests(ServerTestCase):
             transactions.append(list(writes))
             return runInline(f, writes)
 
-        clock = self.server.clock
-        store = SQLiteStore.open(":memory:", recordingRunner)
-        state = DeviceState(store, SubscriberHub(clock), clock)
-        pairing = Pairing(state)
+        pairing = makeServer(
+            clock=self.server.clock, storeRunner=recordingRunner
+        ).pairing
         key = self.successResultOf(pairing.passphrase(SERIAL))
         del transactions[:]
         self.assertEqual(self.successResultOf(pairing.claim(key.code, "u")), SERIAL)
