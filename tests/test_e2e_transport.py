@@ -82,6 +82,17 @@ class TransportEndToEndTests(LiveServiceTestCase):
         self.assertEqual(code, 200)
         return body
 
+    async def setTemperature(self, controlOrigin: str, value: float) -> tuple[int, Any]:
+        """A C{set_temperature} command on the control port: its code and answer."""
+        return await self.json(
+            "POST",
+            f"{controlOrigin}/command",
+            data=json.dumps(
+                {"serial": SERIAL, "command": "set_temperature", "value": value}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+
     # The tests
 
     def test_bootSubscribePushRestart(self) -> Deferred[None]:
@@ -152,14 +163,7 @@ class TransportEndToEndTests(LiveServiceTestCase):
         self.assertEqual(reader.received, [])
         self.assertFalse(reader.finished.called)
 
-        code, answer = await self.json(
-            "POST",
-            f"{controlOrigin}/command",
-            data=json.dumps(
-                {"serial": SERIAL, "command": "set_temperature", "value": 21.5}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+        code, answer = await self.setTemperature(controlOrigin, 21.5)
         self.assertEqual((code, answer["success"]), (200, True))
         pushed = await reader.document()
         [bucket] = pushed["objects"]
@@ -269,14 +273,7 @@ class TransportEndToEndTests(LiveServiceTestCase):
         self.assertGreater(int(headers[b"x-nl-service-timestamp"]), 1_700_000_000_000)
         self.assertTrue(received)
 
-        code, answer = await self.json(
-            "POST",
-            f"{controlOrigin}/command",
-            data=json.dumps(
-                {"serial": SERIAL, "command": "set_temperature", "value": 22.0}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+        code, answer = await self.setTemperature(controlOrigin, 22.0)
         self.assertEqual(code, 200)
 
         def oneChunk(data: bytes) -> bool:
