@@ -8,8 +8,9 @@ Whatever arrives, the answer is below 500 and a JSON document (DESIGN.md
 changes nothing that is stored. The only answers without a JSON body are
 deliberate: a held subscribe ending with no data (PROTOCOL.md §6.4), the
 control API's event stream (text/event-stream) and a CORS preflight (204);
-and one is Twisted's: a POST declaring a multipart body that does not parse
-gets a bare 400 from twisted.web before nestproto sees it. Weather comes from
+and one is the test harness's: StubTreq's site parses POST forms, so a POST
+declaring a multipart body that does not parse gets twisted.web's bare 400
+(the service's sites do not parse POST forms). Weather comes from
 a source that answers: an unavailable upstream is a deliberate 503
 (PROTOCOL.md §9), outside what fuzzing checks.
 """
@@ -231,9 +232,10 @@ class Fuzzer:
         elif status == 204 or (status == 200 and answer == b""):
             self.case.assertEqual(answer, b"", request)
         elif status == 400 and answer == b"" and _multipart(headers):
-            # Twisted's own request parsing refuses a POST whose multipart
-            # body does not parse with a bare 400, before any resource
-            # runs; no thermostat or control client sends multipart.
+            # StubTreq's site parses POST forms, and Twisted refuses a
+            # multipart body that does not parse with a bare 400 before any
+            # resource runs; the service's sites do not parse POST forms
+            # (parsePOSTFormSubmission=False), so a real server never does.
             pass
         else:
             self.case.assertTrue(contentType.startswith("application/json"), request)
