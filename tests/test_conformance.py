@@ -953,6 +953,50 @@ class ConformanceMachine(RuleBasedStateMachine):
         del self.model.owners[serial]
         self.serverWrites(before, nowMs, {""}, "an unclaim")
 
+    @rule(data=st.data())
+    def dismissDialog(self, data: st.DataObject) -> None:
+        """
+        The user dismisses a device's pairing dialog (PROTOCOL.md §13 step
+        5): emptied, revision and timestamp moved, pushed to the device.
+        """
+        serial = data.draw(st.sampled_from(sorted(self.devices)))
+        before = self.storedCopies()
+        nowMs = self.nowMs()
+        status, answer = self.control("POST", f"/api/dismiss-pairing/{serial}", {})
+        check(status < 500, "a dismissal never fails", answer)
+        if status != 200:
+            check(
+                self.storedCopies() == before,
+                "a refused dismissal changes nothing",
+                answer,
+            )
+            return
+        self.serverWrites(before, nowMs, {serial}, "a dismissal")
+
+    @precondition(lambda self: len(self.devices) > 1)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        """
+        The user deletes a device (C{DELETE /api/device}): its buckets,
+        owner and key are gone, its structure no longer lists it (pushed to
+        the devices still in it), and the thermostat is taken away.
+        """
+        serial = data.draw(st.sampled_from(sorted(self.devices)))
+        before = self.storedCopies()
+        nowMs = self.nowMs()
+        status, answer = self.control("DELETE", "/api/device", {"serial": serial})
+        check(status == 200 and answer["success"], "a known device is removed", answer)
+        remaining = self.storedCopies()
+        for where in [where for where in before if where[0] == serial]:
+            check(where not in remaining, "a removed device's buckets are gone", where)
+            self.model.buckets.pop(where, None)
+            self.history.pop(where, None)
+            del before[where]
+        self.model.owners.pop(serial, None)
+        self.model.structureSent.discard(serial)
+        del self.devices[serial]
+        self.serverWrites(before, nowMs, {""}, "a removal")
+
     def storedCopies(self) -> dict[tuple[str, str], Copy]:
         store = self.server.store
         return {
