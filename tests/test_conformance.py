@@ -43,7 +43,15 @@ from nestproto.buckets import INT32_MAX, INT32_MIN, SERIAL_KEYED_TYPES
 from nestproto.state import OWNER_RECORD
 from nestproto.store import RecordWrite
 
-from .helpers import CONTROL_URL, DEVICE_URL, SERIAL, Server, basicAuth, makeServer
+from .helpers import (
+    CONTROL_URL,
+    DEVICE_URL,
+    SERIAL,
+    Server,
+    basicAuth,
+    clientObject,
+    makeServer,
+)
 from .strategies import (
     FORMS,
     PUT_META_KEYS,
@@ -71,7 +79,8 @@ USER = "homeowner"
 OBJECT_FIELDS = ["object_revision", "object_timestamp", "object_key", "value"]
 RECEIPT_FIELDS = ["object_revision", "object_timestamp", "object_key"]
 #: Fields whose presence in an immediate answer asks the device to put dial
-#: changes at once for a while (PROTOCOL.md §6.3).
+#: changes at once for a while (PROTOCOL.md §6.3). Stated again rather than
+#: imported from wire.py: the model must not inherit the server's mistakes.
 SETPOINT_FIELDS = frozenset(
     {
         "target_temperature",
@@ -536,16 +545,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         Send a subscribe, check the answer against the model, and return
         the held connection when it is held.
         """
-        documentEntries = []
-        for key, revision, timestamp, value in entries:
-            entry: dict[str, Any] = {
-                "object_key": key,
-                "object_revision": revision,
-                "object_timestamp": timestamp,
-            }
-            if value is not None:
-                entry["value"] = value
-            documentEntries.append(entry)
+        documentEntries = [
+            clientObject(key, revision, timestamp, value)
+            for key, revision, timestamp, value in entries
+        ]
         document: dict[str, Any] = {"chunked": chunked, "session": "s"}
         if form == "objects":
             document["objects"] = documentEntries
