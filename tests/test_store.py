@@ -214,7 +214,8 @@ _WRITER = textwrap.dedent(
 
     pool = ThreadPool(1, 1)
     pool.start()
-    store = SQLiteStore.open(sys.argv[1], functools.partial(deferToThreadPool, reactor, pool))
+    runner = functools.partial(deferToThreadPool, reactor, pool)
+    store = SQLiteStore.open(sys.argv[1], runner)
     counter = [0]
 
     def acknowledged(ignored, n):
@@ -264,7 +265,7 @@ class CrashTests(SynchronousTestCase):
         reopened = SQLiteStore.open(path, runInline)
         latest: dict[str, int] = {}
         for n in acknowledged:
-            latest["shared.S%09d" % (n % 50)] = n
+            latest[f"shared.S{n % 50:09d}"] = n
         for key, n in latest.items():
             found = reopened.get("S", key)
             assert found is not None, key
