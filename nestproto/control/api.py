@@ -130,10 +130,9 @@ class ControlAPI:
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
+    #: Shared with the device port: codes shown there are claimed here.
+    pairing: Pairing
     settings: ControlSettings = field(factory=ControlSettings)
-    pairing: Pairing = field(
-        default=Factory(lambda self: Pairing(self.state), takes_self=True)
-    )
     throttle: ClaimThrottle = field(
         default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
     )

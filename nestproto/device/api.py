@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
-from attrs import Factory, field, frozen
+from attrs import field, frozen
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -158,10 +158,9 @@ class DeviceAPI:
     logs: LogStore
     #: Where blocking work (log decompression and disk) runs.
     runInThread: ThreadRunner
+    #: Shared with the control port: codes shown here are claimed there.
+    pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
-    pairing: Pairing = field(
-        default=Factory(lambda self: Pairing(self.state), takes_self=True)
-    )
 
     # Errors
 
