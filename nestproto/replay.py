@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_fixtures -*-
 """
 C{python -m nestproto.replay FIXTURE... [--against URL]}: replay recorded
-exchanges and check every answer (the logic is in L{nestproto.fixtures}).
+exchanges and check every answer (the logic is in L{nestproto.recording}).
 
 Without C{--against}, each fixture runs against a fresh in-memory server
 on a clock the replay advances, so hours of holds replay at once. With it,
@@ -17,15 +17,9 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from twisted.python import usage
 
-from .fixtures import (
-    Fixture,
-    FixtureError,
-    Replayer,
-    ReplayResult,
-    TCPTarget,
-    loadFixture,
-    replayInMemory,
-)
+from .recording.format import Fixture, FixtureError, loadFixture
+from .recording.replayer import Replayer, ReplayResult, replayInMemory
+from .recording.targets import TCPTarget
 
 
 class Options(usage.Options):

@@ -29,9 +29,10 @@ from twisted.web.server import Site
 from .apps import AppSettings, buildApps
 from .control.api import ControlSettings
 from .device.api import TransportSettings
-from .fixtures import CONTROL, DEVICE, Recorder, RecorderService
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
+from .recording.format import CONTROL, DEVICE
+from .recording.recorder import Recorder, RecorderService
 from .store import SQLiteStore
 from .uploads import LogStore
 from .weather import NoWeather, OpenMeteoSource

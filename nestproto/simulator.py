@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .fixtures import splitDocuments
+from .recording.format import splitDocuments
 
 #: Firmware version and model the simulator reports (PROTOCOL.md §2.1, §4).
 SOFTWARE_VERSION = "5.9.3-5"

@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.client import Agent
 
 from nestproto import replay
-from nestproto.fixtures import loadFixture, replayInMemory
+from nestproto.recording.format import loadFixture
+from nestproto.recording.replayer import replayInMemory
 from nestproto.simulator import SimulatedThermostat
 
 from .e2e import LiveServiceTestCase, sleep

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_fixtures -*-
 """
-Tests for L{nestproto.fixtures} and the C{nestproto.replay} command: the
+Tests for L{nestproto.recording} and the C{nestproto.replay} command: the
 recorder's file format and redaction, the replayer's matching, and its
 errors on bad files.
 """
@@ -27,21 +27,18 @@ from twisted.web.resource import IResource
 from nestproto import replay
 from nestproto.device.api import DeviceAPI
 from nestproto.device.auth import deviceSerial
-from nestproto.fixtures import (
+from nestproto.recording.bindings import Bindings
+from nestproto.recording.compare import compareDocuments
+from nestproto.recording.format import (
     CONTROL,
     DEVICE,
     FORMAT_VERSION,
-    Bindings,
     FixtureError,
-    MemoryTarget,
-    Recorder,
-    RecordingResource,
-    Replayer,
-    compareDocuments,
     loadFixture,
-    memoryServer,
-    replayInMemory,
 )
+from nestproto.recording.recorder import Recorder, RecordingResource
+from nestproto.recording.replayer import Replayer, replayInMemory
+from nestproto.recording.targets import MemoryTarget, memoryServer
 from nestproto.service import Options, makeService
 
 from .helpers import (

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto.fixtures import MemoryTarget, Replayer, ReplayResult, loadFixture
+from nestproto.recording.format import loadFixture
+from nestproto.recording.replayer import Replayer, ReplayResult
+from nestproto.recording.targets import MemoryTarget
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 #: A week and a half second later than recorded: every server-made time

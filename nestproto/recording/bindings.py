@@ -1,0 +1,100 @@
+# -*- test-case-name: tests.test_fixtures -*-
+"""
+Symbolic binding of the values a server makes up (timestamps, revisions,
+entry codes): which fields hold them, how a recorded value binds to a
+replayed one, and what a recorded request becomes in the replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+
+#: Fields holding a time in ms made by the server's clock.
+MS_FIELDS = frozenset(
+    {"object_timestamp", "timestamp", "expires", "expiresAt", "claimedAt"}
+)
+#: Fields holding a time in seconds made by the server's clock (§10.2).
+SECONDS_FIELDS = frozenset(
+    {
+        "manual_eco_timestamp",
+        "fan_timer_timeout",
+        "touched_at",
+        "mode_update_timestamp",
+    }
+)
+#: Fields holding a bucket revision; matched per object key.
+REVISION_FIELDS = frozenset(
+    {"object_revision", "if_object_revision", "base_object_revision"}
+)
+
+
+@define
+class Bindings:
+    """
+    Values a server makes up, recorded on one side, replayed on the other:
+    each recorded value binds to the first replayed value seen in its place,
+    and must be the same everywhere after. Times and revisions keep their
+    order: a value recorded higher than another must replay higher too.
+    """
+
+    shiftMs: int = 0
+    milliseconds: dict[int, int] = field(factory=dict)
+    seconds: dict[int, int] = field(factory=dict)
+    revisions: dict[str, dict[int, int]] = field(factory=dict)
+    codes: dict[str, str] = field(factory=dict)
+
+    def bindOrdered(
+        self, table: dict[int, int], recorded: int, replayed: int
+    ) -> str | None:
+        """Bind C{recorded} to C{replayed}; a reason when that is inconsistent."""
+        if (recorded == 0) != (replayed == 0):
+            return "zero on one side only"
+        if recorded in table:
+            if table[recorded] != replayed:
+                return f"earlier bound to {table[recorded]}"
+            return None
+        for otherRecorded, otherReplayed in table.items():
+            if _sign(recorded - otherRecorded) != _sign(replayed - otherReplayed):
+                return (
+                    f"order differs from recorded {otherRecorded} "
+                    f"(replayed {otherReplayed})"
+                )
+        table[recorded] = replayed
+        return None
+
+    def requestValue(self, name: str, value: Any, objectKey: str | None) -> Any:
+        """What a recorded request field becomes in the replay."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.upper() in self.codes:
+                return self.codes[value.upper()]
+            return value
+        if name in MS_FIELDS:
+            if value == 0:
+                return 0
+            return self.milliseconds.get(value, value + self.shiftMs)
+        if name in SECONDS_FIELDS:
+            if value == 0:
+                return 0
+            return self.seconds.get(value, value + self.shiftMs // 1000)
+        if name in REVISION_FIELDS and objectKey is not None:
+            return self.revisions.get(objectKey, {}).get(value, value)
+        return value
+
+    def request(self, document: Any, objectKey: str | None = None) -> Any:
+        """A recorded request body with every bound value replaced."""
+        if isinstance(document, dict):
+            key = document.get("object_key")
+            key = key if isinstance(key, str) else objectKey
+            return {
+                name: self.requestValue(name, self.request(value, key), key)
+                for name, value in document.items()
+            }
+        if isinstance(document, list):
+            return [self.request(item, objectKey) for item in document]
+        return self.requestValue("", document, objectKey)
+
+
+def _sign(number: int) -> int:
+    return (number > 0) - (number < 0)
