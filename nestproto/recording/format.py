@@ -3,9 +3,9 @@
 The fixture file format: JSON lines, a header line naming the C{format}
 version, then one line per exchange (fixtures/README.rst has the fields).
 
-Here are the version, the kinds of exchange, how a body is stored, the
-values a file reads into and L{loadFixture}, which checks a file and names
-the file and line of the first problem.
+Here are the version, the kinds of exchange, how a body is stored,
+writing a file's lines, the values a file reads into and L{loadFixture},
+which checks a file and names the file and line of the first problem.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import evolve, frozen
+
+from .._version import __version__
 
 #: Version of the fixture format; the first line of every file names it.
 FORMAT_VERSION = 1
@@ -88,6 +90,35 @@ def splitDocuments(data: bytes) -> tuple[list[Any], bytes]:
         except ValueError:
             return documents, text[position:].encode("utf-8")
         documents.append(document)
+
+
+# Writing
+
+
+def startFile(path: str, serial: str | None, startMs: int, redacted: bool) -> None:
+    """
+    Create the fixture file C{path} holding only its header line.
+
+    @param startMs: the server's time at the first exchange; every time in
+        the file is an offset from it.
+    """
+    header = {
+        "format": FORMAT_VERSION,
+        "serial": serial,
+        "startMs": startMs,
+        "redacted": redacted,
+        "server": f"nestproto {__version__}",
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(header) + "\n")
+
+
+def appendExchange(path: str, document: dict[str, Any]) -> None:
+    """Add one exchange line, C{document}, to the fixture file C{path}."""
+    # Opened for each line: a server may see thousands of devices, and
+    # a line is on disk once written, whatever happens to the process.
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(document) + "\n")
 
 
 # Reading

@@ -6,7 +6,6 @@ as it happened on the server's clock, to redacted fixture files.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -21,9 +20,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from .._version import __version__
 from ..device.auth import deviceSerial, normaliseSerial
-from .format import CONTROL, DEVICE, FORMAT_VERSION, KINDS, encodeBody
+from .format import CONTROL, DEVICE, KINDS, appendExchange, encodeBody, startFile
 from .redaction import Redactor
 
 #: Request headers kept in a recording (lowercase); all C{X-nl-*} too.
@@ -265,25 +263,14 @@ class Recorder:
                 else _offset(exchange.lost, start),
             },
         }
-        # Opened for each line: a server may see thousands of devices, and
-        # a line is on disk once written, whatever happens to the process.
-        with open(filePath, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
+        appendExchange(filePath, line)
 
     def _file(self, name: str, started: float) -> tuple[str, float]:
         key = name or "unidentified"
         if key not in self._files:
             path = os.path.join(self.directory, f"{key}-{self._runName}.jsonl")
             self._paths.append(path)
-            header = {
-                "format": FORMAT_VERSION,
-                "serial": name or None,
-                "startMs": int(started * 1000),
-                "redacted": not self.raw,
-                "server": f"nestproto {__version__}",
-            }
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(header) + "\n")
+            startFile(path, name or None, int(started * 1000), not self.raw)
             self._files[key] = (path, started)
         return self._files[key]
 
