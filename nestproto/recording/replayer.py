@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+import treq
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from .bindings import Bindings
 from .compare import Mismatch, compareDocuments
@@ -216,8 +218,6 @@ class Replayer:
         live.request = d
 
         def arrived(response: Any) -> Deferred[None]:
-            import treq
-
             live.response = response
             live.headersAt = self._now()
 
@@ -312,7 +312,7 @@ class Replayer:
                 self._mismatch(
                     exchange, f"header {name}", recorded[name], replayed[name]
                 )
-        chunked = response.length is _unknownLength()
+        chunked = response.length is UNKNOWN_LENGTH
         if exchange.status is not None and exchange.chunked != chunked:
             self._mismatch(exchange, "chunked", exchange.chunked, chunked)
         if exchange.headersAt is not None and live.headersAt is not None:
@@ -379,12 +379,6 @@ class Replayer:
             self._mismatch(exchange, "end (s)", exchange.end, None)
         elif abs(live.end - exchange.end) > self.tolerance:
             self._mismatch(exchange, "end (s)", exchange.end, round(live.end, 6))
-
-
-def _unknownLength() -> Any:
-    from twisted.web.iweb import UNKNOWN_LENGTH
-
-    return UNKNOWN_LENGTH
 
 
 def replayInMemory(

@@ -9,10 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from treq.client import HTTPClient
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock, deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 
+from ..apps import AppSettings, buildApps
+from ..control.api import ControlSettings
+from ..device.api import DeviceAPI
+from ..store import SQLiteStore, runInline
 from .format import CONTROL, DEVICE
 
 
@@ -65,11 +73,6 @@ def memoryServer(
     @param deviceClass: a L{DeviceAPI} subclass to serve instead.
     @param controlToken: the control port's Bearer token, if it has one.
     """
-    from ..apps import AppSettings, buildApps
-    from ..control.api import ControlSettings
-    from ..device.api import DeviceAPI
-    from ..store import SQLiteStore, runInline
-
     apps = buildApps(
         SQLiteStore.open(":memory:", runInline),
         clock,
@@ -94,9 +97,6 @@ class MemoryTarget(ReplayTarget):
     def __init__(
         self, startSeconds: float, serverFactory: ServerFactory = memoryServer
     ) -> None:
-        from treq.testing import StubTreq
-        from twisted.internet.task import Clock
-
         clock = Clock()
         clock.advance(startSeconds)
         self.clock = clock
@@ -145,9 +145,6 @@ class TCPTarget(ReplayTarget):
     """
 
     def __init__(self, reactor: Any, deviceURL: str, controlURL: str | None) -> None:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-
         self.clock = reactor
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=False)
@@ -174,16 +171,12 @@ class TCPTarget(ReplayTarget):
         return d
 
     def settle(self, untilSeconds: float) -> Deferred[None]:
-        from twisted.internet.task import deferLater
-
         delay = max(0.0, untilSeconds - self._reactor.seconds())
         return deferLater(self._reactor, delay, lambda: None)
 
     def awaitAll(
         self, conditions: Sequence[Callable[[], bool]], timeoutSeconds: float
     ) -> Deferred[None]:
-        from twisted.internet.task import deferLater
-
         deadline = self._reactor.seconds() + timeoutSeconds
 
         async def poll() -> None:
