@@ -9,8 +9,8 @@ resources; the L{replayer.Replayer} plays them against a fresh in-memory
 server or a running one and compares every answer, with server-made
 timestamps, revisions and entry codes matched symbolically.
 
-  - L{format}: the file format, its version and bodies; loading with
-    file:line errors.
+  - L{format}: the file format: version, bodies, writing lines, and
+    loading with file:line errors.
   - L{redaction}: synthetic serials, MACs and codes; no passwords or tokens.
   - L{recorder}: recording a server's exchanges to fixture files.
   - L{targets}: where a replay sends its requests (memory or TCP).
