@@ -13,7 +13,8 @@ from typing import Any
 import treq
 from attrs import define
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -182,15 +183,15 @@ class DroppableBody(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone):
             self.done.callback(None)
         else:
             self.done.errback(reason)
 
     def disconnect(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        # A response body's transport is a producer (IResponse.deliverBody).
+        IPushProducer(self.transport).stopProducing()
 
 
 def receive(response: IResponse) -> Answer:
