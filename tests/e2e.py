@@ -14,11 +14,12 @@ from typing import Any
 
 import treq
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -50,10 +51,14 @@ def boundPort(service: StreamServerEndpointService) -> Deferred[int]:
     found: Deferred[int] = Deferred()
 
     def seen(port: IListeningPort) -> IListeningPort:
-        found.callback(port.getHost().port)  # type: ignore[attr-defined]
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        found.callback(address.port)
         return port
 
-    service._waitingForPort.addCallback(seen)  # type: ignore[union-attr]
+    waiting = service._waitingForPort
+    assert waiting is not None, "the service has not started"
+    waiting.addCallback(seen)
     return found
 
 
@@ -72,7 +77,7 @@ class BodyReader(Protocol):
         self.received.append(data)
         self.chunks.put(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone):
             self.finished.callback(None)
         else:
@@ -147,11 +152,8 @@ class LiveServiceTestCase(TestCase):
             ]
         )
         service = makeService(options)
-        listeners = [
-            s
-            for s in service  # type: ignore[attr-defined]
-            if isinstance(s, StreamServerEndpointService)
-        ]
+        assert isinstance(service, MultiService)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
         service.startService()
         self.services.append(service)
         found = [boundPort(listener) for listener in listeners]

@@ -1,20 +1,20 @@
 """
 Shared test scaffolding: a whole nestproto (store, hub, state, both APIs)
-in memory, driven by a Clock and reached through StubTreq.
+in memory, driven by a Clock and reached through L{StubClient}.
 """
 
 from __future__ import annotations
 
 import json
 from base64 import b64encode
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import treq
 from attrs import define
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,6 +31,8 @@ from nestproto.state import DeviceState
 from nestproto.store import BucketWrite, SQLiteStore, ThreadRunner, runInline
 from nestproto.uploads import LogStore
 from nestproto.weather import IWeatherSource
+
+from .stub import StubClient
 
 SERIAL = "02AA01AC0000000001"
 OTHER_SERIAL = "02AA01AC0000000002"
@@ -52,8 +54,8 @@ class Server:
     pairing: Pairing
     device: DeviceAPI
     control: ControlAPI
-    deviceClient: StubTreq
-    controlClient: StubTreq
+    deviceClient: StubClient
+    controlClient: StubClient
 
     def nowMs(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -104,8 +106,8 @@ def makeServer(
         apps.pairing,
         apps.device,
         apps.control,
-        StubTreq(apps.device.app.resource()),
-        StubTreq(apps.control.app.resource()),
+        StubClient(apps.device.app.resource()),
+        StubClient(apps.control.app.resource()),
     )
 
 
@@ -116,7 +118,7 @@ def basicAuth(serial: str = SERIAL, password: str = "token") -> dict[str, str]:
 
 
 def objectsBody(
-    objects: Iterable[dict[str, Any]], chunked: bool = True, session: str = "s"
+    objects: Iterable[Mapping[str, Any]], chunked: bool = True, session: str = "s"
 ) -> bytes:
     """A subscribe or put body in the objects-array form."""
     return json.dumps(
@@ -181,15 +183,15 @@ class DroppableBody(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone):
             self.done.callback(None)
         else:
             self.done.errback(reason)
 
     def disconnect(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        # A response body's transport is a producer (IResponse.deliverBody).
+        IPushProducer(self.transport).stopProducing()
 
 
 def receive(response: IResponse) -> Answer:
@@ -208,7 +210,7 @@ def receiveDroppable(response: IResponse) -> tuple[Answer, DroppableBody]:
 
 
 def completed(
-    case: SynchronousTestCase, client: StubTreq, requested: Deferred[IResponse]
+    case: SynchronousTestCase, client: StubClient, requested: Deferred[IResponse]
 ) -> tuple[IResponse, bytes]:
     """
     Flush C{client}; then the response to C{requested}, which has ended,

@@ -13,7 +13,6 @@ from base64 import b64encode
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -24,6 +23,7 @@ from nestproto.device.api import TransportSettings
 from nestproto.uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 
 from .helpers import DEVICE_URL, SERIAL, basicAuth, completed, makeServer
+from .stub import StubClient
 
 ENTRY_FORM = (
     b"reset=FALSE&mac=18B430000001&model=Diamond-2.6&request_id=1"
@@ -46,7 +46,7 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _jsonAnswer(
-    case: SynchronousTestCase, client: StubTreq, requested: Deferred[IResponse]
+    case: SynchronousTestCase, client: StubClient, requested: Deferred[IResponse]
 ) -> tuple[int, Any]:
     """The status and decoded body of a response that is JSON."""
     response, body = completed(case, client, requested)

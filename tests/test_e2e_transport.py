@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 
@@ -48,7 +48,7 @@ class RawClient(Protocol):
             else:
                 self._waiting.append((predicate, d))
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(None)
 
     def waitFor(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
@@ -72,7 +72,7 @@ class TransportEndToEndTests(LiveServiceTestCase):
 
     async def closeConnections(self) -> None:
         for client in self.raw:
-            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+            if client.transport is not None and not client.closed.called:
                 client.transport.loseConnection()
                 await client.closed
         await super().closeConnections()
@@ -248,7 +248,8 @@ class TransportEndToEndTests(LiveServiceTestCase):
                 )
             ]
         )
-        client.transport.write(  # type: ignore[union-attr]
+        assert client.transport is not None
+        client.transport.write(
             b"POST /nest/transport HTTP/1.1\r\n"
             b"Host: 127.0.0.1:%d\r\n"
             b"Authorization: %s\r\n"

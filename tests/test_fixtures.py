@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any
 
 import treq
-from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -51,6 +50,7 @@ from .helpers import (
     clientObject,
     objectsBody,
 )
+from .stub import StubClient
 
 MAC = "18B430000001"
 PASSWORD = "s3cr3t-device-token"
@@ -67,15 +67,15 @@ class _Session:
         self.recorder = Recorder(directory, self.clock, raw=raw)
         self.controlToken = controlToken
         device, control = memoryServer(self.clock, controlToken=controlToken)
-        self.device = StubTreq(self.recorder.wrap(device, DEVICE))
-        self.control = StubTreq(self.recorder.wrap(control, CONTROL))
+        self.device = StubClient(self.recorder.wrap(device, DEVICE))
+        self.control = StubClient(self.recorder.wrap(control, CONTROL))
 
     def flush(self) -> None:
         for _round in range(2):
             self.device.flush()
             self.control.flush()
 
-    def request(self, client: StubTreq, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def request(self, client: StubClient, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Send a request; the returned dict fills in as the answer comes."""
         exchange: dict[str, Any] = {"chunks": [], "ended": False}
 
@@ -86,14 +86,11 @@ class _Session:
         def ended(ignored: object) -> None:
             exchange["ended"] = True
 
-        request: Any = client.request  # type: ignore[attr-defined]
-
         def failed(failure: Any) -> None:
             exchange["failure"] = failure
 
-        request(*args, unbuffered=True, **kwargs).addCallback(arrived).addCallbacks(
-            ended, failed
-        )
+        d = client.request(*args, unbuffered=True, **kwargs)
+        d.addCallback(arrived).addCallbacks(ended, failed)
         self.flush()
         return exchange
 

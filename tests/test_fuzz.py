@@ -25,7 +25,6 @@ from urllib.parse import quote
 
 from hypothesis import given
 from hypothesis import strategies as st
-from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -59,6 +58,7 @@ from .strategies import (
     putBodies,
     subscribeBodies,
 )
+from .stub import StubClient
 from .test_conformance import OBJECT_FIELDS, Body, chunksOf, objectsOf
 
 #: Long enough for any held answer to end: the hold (§12) and the SSE
@@ -180,7 +180,7 @@ class Fuzzer:
 
     def send(
         self,
-        client: StubTreq,
+        client: StubClient,
         method: str,
         url: str,
         headers: dict[str, str],
@@ -212,7 +212,7 @@ class Fuzzer:
 
     def check(
         self,
-        client: StubTreq,
+        client: StubClient,
         method: str,
         url: str,
         headers: dict[str, str],
@@ -378,7 +378,7 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
             settings=ControlSettings(token=TOKEN),
             pairing=server.device.pairing,
         )
-        client = StubTreq(api.app.resource())
+        client = StubClient(api.app.resource())
     headers: dict[str, str] = {}
     if data.draw(st.booleans()):
         headers["Authorization"] = data.draw(

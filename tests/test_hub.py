@@ -180,7 +180,7 @@ class HoldTests(HubTestCase):
         )
         self.clock.advance(HOLD_SECONDS)
         self.assertEqual(self.hub.count(SERIAL), 1)
-        self.assertNoResult(again[0])  # type: ignore[arg-type]
+        self.assertNoResult(again[0])
         self.clock.advance(HOLD_SECONDS)
         self.assertClean()
 

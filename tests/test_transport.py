@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import treq
 from twisted.internet.address import IPv4Address
@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IRequest, IResponse
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -661,7 +661,9 @@ class HeldTests(TransportTestCase):
         L{DummyRequest}; the replay itself goes through the resource.
         """
         request = DummyRequest([b"nest", b"transport"])
-        held = self.server.hub.hold(SERIAL, _chunkWriter(request), lambda kept: [])
+        # DummyRequest has IRequest's methods but does not declare it.
+        writer = _chunkWriter(cast(IRequest, request))
+        held = self.server.hub.hold(SERIAL, writer, lambda kept: [])
         assert held is not None
         request.processingFailed(Failure(ConnectionLost()))
         written = self.command(key, fields)
@@ -1572,7 +1574,8 @@ class IsolationTests(TransportTestCase):
                 {"object_key": key, "value": {"hijacked": True}} for key in self.keys
             ]
         }
-        for document in [keyed, arrayed]:
+        documents: list[Mapping[str, Any]] = [keyed, arrayed]
+        for document in documents:
             answer, body = self.answered(self.put(document, serial=OTHER_SERIAL))
             self.assertEqual(answer.response.code, 200)
             self.assertEqual(body, {"objects": []})
