@@ -66,6 +66,11 @@ class DataLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         lockFile = os.fdopen(fd, "r+", encoding="ascii")
         try:
+            if os.geteuid() == 0:
+                # Root (a restore, or twistd before --uid) must not leave a
+                # lock file the server's own user cannot open.
+                owner = os.stat(directory)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
             fcntl.flock(lockFile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lockFile.close()
