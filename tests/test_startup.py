@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -190,6 +191,73 @@ class RefusedOptionsTests(StartupTestCase):
         """An unknown log level is one line listing the known ones."""
         server = self.twistd("--data", self.mktemp(), "--log-level", "chatty")
         self.assertRefused(server, "--log-level", "debug, info, warn, error")
+
+
+def selfSignedCertificate(directory: str) -> tuple[str, str]:
+    """A key and a self-signed certificate for 127.0.0.1, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    os.makedirs(directory, exist_ok=True)
+    keyPath = os.path.join(directory, "key.pem")
+    certificatePath = os.path.join(directory, "cert.pem")
+    with open(keyPath, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(certificatePath, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return keyPath, certificatePath
+
+
+class TLSTests(StartupTestCase):
+    def test_sslEndpoint(self) -> None:
+        """
+        An C{ssl:} device endpoint with a key and certificate serves the
+        device API over TLS, and the start-up log names its address.
+        """
+        keyPath, certificatePath = selfSignedCertificate(os.path.abspath(self.mktemp()))
+        server = self.twistd(
+            "--data",
+            self.mktemp(),
+            "--device",
+            f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certificatePath}",
+        )
+        port = server.ports()["device"]
+        context = ssl.create_default_context(cafile=certificatePath)
+        ping = urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/nest/ping", context=context, timeout=5
+        )
+        self.assertEqual(ping.status, 200)
+        self.assertIn(server.stop(), (0, -15))
 
 
 class StartupReportTests(StartupTestCase):
