@@ -5,29 +5,50 @@ C{twistd nestproto}: options and the service tree.
 
 from __future__ import annotations
 
+import atexit
+import errno
 import gc
 import os
 import re
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import treq
 from attrs import define, field
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.copyright import version as twistedVersion
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+)
 from twisted.python import usage
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import Request
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from ._version import __version__
 from .apps import AppSettings, buildApps
 from .control.api import ControlSettings
+from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
@@ -37,13 +58,14 @@ from .store import SQLiteStore
 from .uploads import LogStore
 from .weather import NoWeather, OpenMeteoSource
 
+log = Logger()
+
 _ORIGIN_PATTERN = re.compile(
     r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$"
 )
 #: Queued connections per listener: a reconnect storm of every held device
 #: at once must not be refused (the kernel caps it at somaxconn).
 LISTEN_BACKLOG = 4096
-STORE_FILE = "nestproto.sqlite3"
 #: A file in --data holding the control API's bearer token.
 CONTROL_TOKEN_FILE = "control-token"
 #: Shortest entry-key lifetime: a key is served only while 30 min of it
@@ -60,6 +82,37 @@ MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
 #: (bench/bench_transport.py).
 COLLECTOR_THRESHOLDS = (10_000, 10, 10)
 WEATHER_SOURCES = {"open-meteo", "none"}
+LOG_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+#: Namespaces that log a line per request at info; they are shown only at
+#: debug. Treq's connection pool starts a client factory per connection (the
+#: weather fetches).
+PER_REQUEST_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+
+
+class StartupError(Exception):
+    """
+    The server cannot start; the message says why, in one sentence that
+    names what to change.
+    """
+
+
+def _fail(options: usage.Options, error: Exception) -> NoReturn:
+    """
+    Refuse to start because of C{error}.
+
+    Under twistd (the options are its subcommand's) the process ends with
+    status 1 and the one line on stderr, before any logging starts: no
+    traceback and no usage text, which would bury the line. Called from
+    code, C{error} is raised as it is.
+    """
+    if options.parent is None:
+        raise error
+    raise SystemExit(f"nestproto: {error}")
 
 
 def _positiveNumber(text: str) -> float:
@@ -172,16 +225,37 @@ class Options(usage.Options):
             "Seconds of silence after which a device is shown unavailable.",
             _positiveNumber,
         ],
+        [
+            "log-level",
+            None,
+            "info",
+            "Least severe log events shown: debug (a line per request), info, "
+            "warn or error.",
+        ],
     ]
 
+    #: Where the control token came from: C{"--control-token"}, the path of
+    #: the token file, or C{None} (the API is open).
+    controlTokenSource: str | None = None
+
+    def opt_version(self) -> NoReturn:
+        """Display nestproto's version and exit."""
+        print(f"nestproto {__version__} (Twisted {twistedVersion})")
+        sys.exit(0)
+
     def postOptions(self) -> None:
+        try:
+            self._check()
+        except usage.UsageError as e:
+            _fail(self, e)
+
+    def _check(self) -> None:
         for name in ("device", "control"):
-            try:
-                serverFromString(MemoryReactor(), self[name])
-            except Exception as e:
-                raise usage.UsageError(
-                    f"--{name} {self[name]!r} is not a server endpoint: {e}"
-                ) from None
+            _checkEndpoint(name, self[name])
+        if self["log-level"] not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}"
+            )
         origin = self["origin"]
         if origin is not None:
             origin = origin.rstrip("/")
@@ -205,12 +279,7 @@ class Options(usage.Options):
                 "--hold-timeout must be below --suspend-time-max, or devices wake "
                 "before the server answers"
             )
-        try:
-            os.makedirs(self["data"], exist_ok=True)
-        except OSError as e:
-            raise usage.UsageError(
-                f"--data {self['data']!r} cannot be created: {e.strerror}"
-            ) from None
+        _checkDataDirectory(self["data"])
         if not MIN_ENTRY_KEY_TTL <= self["entry-key-ttl"] <= 7 * 24 * 3600:
             raise usage.UsageError(
                 f"--entry-key-ttl must be {MIN_ENTRY_KEY_TTL}-604800 seconds: a "
@@ -236,7 +305,47 @@ class Options(usage.Options):
                 f"{where}: the control token must be non-empty, printable, "
                 "without spaces"
             )
+        self.controlTokenSource = where
         return str(token)
+
+
+def _checkEndpoint(name: str, description: str) -> None:
+    """
+    Refuse an endpoint string Twisted cannot build a server from; for
+    C{ssl:} that includes a certificate or key file it cannot read.
+    """
+    try:
+        serverFromString(MemoryReactor(), description)
+    except OSError as e:
+        if e.filename is None:
+            raise usage.UsageError(
+                f"--{name} {description!r} is not a server endpoint: {e}"
+            ) from None
+        raise usage.UsageError(
+            f"--{name} {description!r}: the certificate or key file "
+            f"{e.filename} cannot be read: {e.strerror}"
+        ) from None
+    except Exception as e:
+        raise usage.UsageError(
+            f"--{name} {description!r} is not a server endpoint: {e}"
+        ) from None
+
+
+def _checkDataDirectory(path: str) -> None:
+    """Create the data directory if missing, and make sure it can be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise usage.UsageError(
+            f"--data {path!r} cannot be created: {e.strerror}"
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".nestproto-write-test-"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(
+            f"--data {path!r} cannot be written: {e.strerror}"
+        ) from None
 
 
 class _QuietSite(Site):
@@ -275,16 +384,20 @@ class _CollectorService(Service):
 class _StoreService(Service):
     """
     Starts the worker threads; at stop, ends held subscribes (so devices
-    reconnect at once), commits what is pending, closes the file and stops
-    the threads.
+    reconnect at once), commits what is pending, closes the file, stops the
+    threads and lets the data directory go.
     """
 
     store: SQLiteStore
     pools: list[ThreadPool]
     hub: SubscriberHub
+    lock: DataLock | None = None
 
     def startService(self) -> None:
         Service.startService(self)
+        if self.lock is not None:
+            # twistd has forked into the background by now: a new pid.
+            self.lock.writePid()
         for pool in self.pools:
             pool.start()
 
@@ -295,9 +408,219 @@ class _StoreService(Service):
         def stopPools(result: object) -> object:
             for pool in self.pools:
                 pool.stop()
+            if self.lock is not None:
+                self.lock.release()
             return result
 
         return self.store.close().addBoth(stopPools)
+
+
+def _exitAfterTwistd(status: int) -> None:
+    """
+    End the process with C{status} once twistd has finished its own
+    shutdown (removed its pidfile, logged "Server Shut Down."): twistd
+    itself always exits with 0.
+    """
+
+    def exitNow() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(exitNow)
+
+
+@define
+class _StopOnFailure:
+    """
+    Stops the server for good: the reactor stops and, once it has shut
+    down, the process is made to exit with status 1, so a service manager
+    sees a failure (and may restart it) instead of a server that runs with a
+    port missing.
+
+    @ivar exit: called with the status after the reactor's shutdown.
+    """
+
+    reactor: Any
+    exit: Callable[[int], object] = _exitAfterTwistd
+    stopping: bool = field(default=False, init=False)
+
+    def __call__(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.reactor.addSystemEventTrigger("after", "shutdown", self.exit, 1)
+        # A listen fails before the reactor runs (twistd listens first).
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+
+def _describeAddress(address: object) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return str(address) if name is None else str(name)
+
+
+def _listenFailureReason(failure: Failure) -> str:
+    error = failure.value
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+        socketError = error.socketError
+        reason = socketError.strerror or str(socketError)
+        port = error.port
+        if socketError.errno == errno.EACCES and isinstance(port, int) and port < 1024:
+            reason += (
+                " (a privileged port, below 1024 by default, needs root or "
+                "CAP_NET_BIND_SERVICE)"
+            )
+        return reason
+    return failure.getErrorMessage()
+
+
+class _Listener(StreamServerEndpointService):
+    """
+    One named listener (C{device} or C{control}): says where it listens
+    once it does, and stops the server when it cannot.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        endpoint: Any,
+        factory: Site,
+        onFailure: Callable[[], None],
+    ) -> None:
+        super().__init__(endpoint, factory)
+        self.name = name
+        self.description = description
+        self.onFailure = onFailure
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._waitingForPort = self.endpoint.listen(self.factory).addCallbacks(
+            self._listening, self._failed
+        )
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        log.info(
+            "{name} endpoint listening on {address} ({endpoint})",
+            name=self.name,
+            address=_describeAddress(port.getHost()),
+            endpoint=self.description,
+        )
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            return None
+        log.critical(
+            "{name} endpoint {endpoint} cannot listen: {reason}; stopping",
+            name=self.name,
+            endpoint=self.description,
+            reason=_listenFailureReason(failure),
+        )
+        self.onFailure()
+        return None
+
+
+@define
+class _Announce(Service):
+    """Says, once, at start-up, what this server is and what it serves."""
+
+    lines: list[tuple[str, dict[str, object]]]
+    _done: bool = field(default=False, init=False)
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._announce()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for format, fields in self.lines:
+            log.info(format, **fields)
+
+
+def _startupLines(
+    options: usage.Options, storePath: str, devices: int
+) -> list[tuple[str, dict[str, object]]]:
+    """
+    What the server says at start-up: never the token itself, only where
+    it came from.
+    """
+    source = getattr(options, "controlTokenSource", None)
+    if options["control-token"] is None:
+        protection = "open: no token, anyone who can reach it may use it"
+    elif source == "--control-token":
+        protection = "bearer token from --control-token"
+    else:
+        protection = f"bearer token from the file {source}"
+    record = options["record"]
+    if record is None:
+        recording = "off"
+    else:
+        redaction = "raw" if options["record-raw"] else "secrets redacted"
+        recording = f"to {os.path.abspath(record)} ({redaction})"
+    return [
+        (
+            "nestproto {version} (Twisted {twistedVersion}) starting",
+            {"version": __version__, "twistedVersion": twistedVersion},
+        ),
+        (
+            "store: SQLite database {path}; devices loaded: {devices}",
+            {"path": storePath, "devices": devices},
+        ),
+        ("control API access: {protection}", {"protection": protection}),
+        ("recording exchanges: {recording}", {"recording": recording}),
+    ]
+
+
+def _levelFilter(level: LogLevel) -> LogLevelFilterPredicate:
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    if level > LogLevel.debug:
+        for namespace in PER_REQUEST_NAMESPACES:
+            predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
+    return predicate
+
+
+class _ServerService(MultiService):
+    """
+    The root of the service tree. Under twistd it also gives the
+    application the log observer, so C{--log-level} applies to twistd's
+    output (stdout, C{--logfile} or C{--syslog}); a C{--logger} given to
+    twistd takes precedence and is not filtered.
+    """
+
+    def __init__(self, level: LogLevel, twistdOptions: usage.Options | None) -> None:
+        super().__init__()
+        self.level = level
+        self.twistdOptions = twistdOptions
+
+    def setServiceParent(self, parent: Any) -> None:
+        if (
+            self.twistdOptions is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            # The observer twistd would make from its own options, filtered.
+            # twistd asks the application for one before making its own.
+            from twisted.scripts._twistd_unix import UnixAppLogger
+
+            observer = UnixAppLogger(self.twistdOptions)._getLogObserver()
+            if not ILogObserver.providedBy(observer):
+                observer = LegacyLogObserverWrapper(observer)  # --syslog
+            parent.setComponent(
+                ILogObserver,
+                FilteringLogObserver(observer, [_levelFilter(self.level)]),
+            )
+        super().setServiceParent(parent)
 
 
 def _site(resource: IResource) -> Site:
@@ -307,14 +630,53 @@ def _site(resource: IResource) -> Site:
     # and copy form and multipart bodies into request.args.
     site = _QuietSite(resource, parsePOSTFormSubmission=False)
     site.displayTracebacks = False
+    # The listener says where it listens; "Starting factory" says nothing more.
+    site.noisy = False
     return site
+
+
+def _openStore(
+    options: usage.Options, runInThread: Any
+) -> tuple[DataLock, SQLiteStore, str]:
+    """
+    Take the data directory (one server per directory), then open the
+    store in it.
+
+    @raise StartupError: another process holds the directory, or the store
+        cannot be opened.
+    """
+    data = options["data"]
+    try:
+        lock = DataLock.acquire(data)
+    except DataDirectoryInUse as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(
+            f"the data directory {os.path.abspath(data)} cannot be written: "
+            f"{e.strerror}"
+        ) from None
+    storePath = os.path.abspath(os.path.join(data, STORE_FILE))
+    try:
+        store = SQLiteStore.open(storePath, runInThread)
+    except sqlite3.Error as e:
+        lock.release()
+        raise StartupError(f"the store {storePath} cannot be opened: {e}") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock, store, storePath
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
     """
     Build the service tree: store, hub, state and both HTTP listeners.
 
+    The data directory is locked from here until the service stops.
+
     @param reactor: defaults to the global reactor; tests pass a fake.
+
+    @raise StartupError: the server cannot start (under twistd: the
+        process exits with the one line instead).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -324,10 +686,12 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     # (log uploads) gets its own threads so it never delays a commit.
     pool = ThreadPool(minthreads=1, maxthreads=1, name="nestproto-store")
     ioPool = ThreadPool(minthreads=0, maxthreads=2, name="nestproto-io")
-    store = SQLiteStore.open(
-        os.path.join(options["data"], STORE_FILE),
-        partial(deferToThreadPool, reactor, pool),
-    )
+    try:
+        lock, store, storePath = _openStore(
+            options, partial(deferToThreadPool, reactor, pool)
+        )
+    except StartupError as e:
+        _fail(options, e)
     weatherSource = (
         NoWeather() if options["weather"] == "none" else OpenMeteoSource(treq, reactor)
     )
@@ -353,9 +717,11 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
     )
 
-    root = MultiService()
+    root = _ServerService(LOG_LEVELS[options["log-level"]], options.parent)
+    devices = sum(1 for scope in store.scopes() if scope)
+    _Announce(_startupLines(options, storePath, devices)).setServiceParent(root)
     _CollectorService().setServiceParent(root)
-    _StoreService(store, [pool, ioPool], apps.hub).setServiceParent(root)
+    _StoreService(store, [pool, ioPool], apps.hub, lock).setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:
@@ -363,10 +729,13 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         RecorderService(recorder).setServiceParent(root)
         deviceResource = recorder.wrap(deviceResource, DEVICE)
         controlResource = recorder.wrap(controlResource, CONTROL)
-    for description, resource in [
-        (options["device"], deviceResource),
-        (options["control"], controlResource),
+    stop = _StopOnFailure(reactor)
+    for name, description, resource in [
+        ("device", options["device"], deviceResource),
+        ("control", options["control"], controlResource),
     ]:
         endpoint = serverFromString(reactor, _withBacklog(description))
-        StreamServerEndpointService(endpoint, _site(resource)).setServiceParent(root)
+        _Listener(name, description, endpoint, _site(resource), stop).setServiceParent(
+            root
+        )
     return root

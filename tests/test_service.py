@@ -5,37 +5,52 @@ Tests for L{nestproto.service}: options and the service tree.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
+from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    capturedLogs,
+    formatEvent,
+)
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from nestproto.datadir import DataLock
 from nestproto.service import (
     COLLECTOR_THRESHOLDS,
     LISTEN_BACKLOG,
+    PER_REQUEST_NAMESPACES,
     Options,
+    StartupError,
+    _exitAfterTwistd,
+    _levelFilter,
+    _Listener,
     _site,
     makeService,
 )
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: twistd as a Python program, so the test runs the source tree's plugin.
-TWISTD = (
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-)
+from .twistd import Twistd
+
+TOKEN = "s3cret-token-value"
 
 
 class OptionsTests(SynchronousTestCase):
@@ -96,6 +111,73 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--origin", "http://192.168.1.10:8000/")
         self.assertEqual(options["origin"], "http://192.168.1.10:8000")
 
+    def test_logLevel(self) -> None:
+        """The log level is info unless given; an unknown one is refused."""
+        self.assertEqual(self.parse()["log-level"], "info")
+        self.assertEqual(self.parse("--log-level", "debug")["log-level"], "debug")
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--log-level", "verbose"
+        )
+        self.assertIn("--log-level", str(error))
+
+    def test_missingCertificate(self) -> None:
+        """A TLS endpoint whose key file is missing is refused, naming the file."""
+        missing = os.path.abspath(self.mktemp())
+        error = self.assertRaises(
+            usage.UsageError, self.parse, "--device", f"ssl:0:privateKey={missing}"
+        )
+        self.assertIn(missing, str(error))
+        self.assertIn("--device", str(error))
+
+    def test_dataDirectoryNotADirectory(self) -> None:
+        """A data path below a file is refused, naming it."""
+        path = self.mktemp()
+        with open(path, "w"):
+            pass
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--data", path + "/data"]
+        )
+        self.assertIn("--data", str(error))
+
+    def test_underTwistdOneLine(self) -> None:
+        """
+        As twistd's subcommand, a refused option ends the process with one
+        line (C{SystemExit} with the message) instead of twistd's usage text.
+        """
+        options = Options()
+        options.parent = usage.Options()
+        error = self.assertRaises(
+            SystemExit,
+            options.parseOptions,
+            ["--data", self.mktemp(), "--device", "tcp:notaport"],
+        )
+        self.assertIsInstance(error.code, str)
+        self.assertTrue(str(error.code).startswith("nestproto: --device"))
+        self.assertNotIn("\n", str(error.code))
+
+    def test_tokenSource(self) -> None:
+        """Options remember where the control token came from, not only it."""
+        self.assertIsNone(self.parse().controlTokenSource)
+        options = self.parse("--control-token", TOKEN)
+        self.assertEqual(options.controlTokenSource, "--control-token")
+
+
+class _RefusingReactor(MemoryReactorClock):
+    """A reactor where listening on C{port} fails as a port in use does."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.refused = port
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:
+        if port == self.refused:
+            raise CannotListenError(
+                interface, port, OSError(errno.EADDRINUSE, "Address already in use")
+            )
+        return super().listenTCP(port, factory, backlog, interface)
+
 
 class MakeServiceTests(SynchronousTestCase):
     def test_listensOnBothEndpoints(self) -> None:
@@ -151,6 +233,119 @@ class MakeServiceTests(SynchronousTestCase):
         finally:
             service.stopService()
 
+    def test_oneServicePerDataDirectory(self) -> None:
+        """
+        While a service built on a data directory runs, building another on
+        it fails with a L{StartupError} naming the directory and this
+        process; once the first stops, the directory is free.
+        """
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()])
+        first = makeService(options, MemoryReactorClock())
+        first.startService()
+        error = self.assertRaises(
+            StartupError, makeService, options, MemoryReactorClock()
+        )
+        self.assertIn(os.path.abspath(options["data"]), str(error))
+        self.assertIn(f"process {os.getpid()}", str(error))
+        first.stopService()
+        DataLock.acquire(options["data"]).release()
+
+    def test_listenFailureStopsTheServer(self) -> None:
+        """
+        A listener that cannot listen logs one critical line naming its
+        endpoint and the reason, stops the reactor, and arranges a failure
+        exit status for after the shutdown.
+        """
+        options = Options()
+        options.parseOptions(
+            ["--data", self.mktemp(), "--device", "tcp:18000", "--control", "tcp:18082"]
+        )
+        reactor = _RefusingReactor(18000)
+        service = makeService(options, reactor)
+        with capturedLogs() as events:
+            service.startService()
+        try:
+            critical = [e for e in events if e["log_level"] == LogLevel.critical]
+            self.assertEqual(len(critical), 1)
+            self.assertEqual(
+                formatEvent(critical[0]),
+                "device endpoint tcp:18000 cannot listen: Address already in use; "
+                "stopping",
+            )
+            self.assertFalse(reactor.hasStopped)
+            reactor.run()
+            self.assertTrue(reactor.hasStopped)
+            self.assertEqual(
+                reactor.triggers["after"]["shutdown"], [(_exitAfterTwistd, (1,), {})]
+            )
+            listening = [
+                formatEvent(e) for e in events if "listening on" in formatEvent(e)
+            ]
+            self.assertEqual(
+                listening, ["control endpoint listening on 0.0.0.0:18082 (tcp:18082)"]
+            )
+        finally:
+            service.stopService()
+
+    def test_startupSaysWhatItDoes(self) -> None:
+        """
+        Starting logs the version, the store and its devices, how the
+        control API is protected and whether recording is on; the token
+        itself appears in no event.
+        """
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), "--control-token", TOKEN])
+        service = makeService(options, MemoryReactorClock())
+        with capturedLogs() as events:
+            service.startService()
+        service.stopService()
+        text = [formatEvent(e) for e in events]
+        self.assertIn("control API access: bearer token from --control-token", text)
+        self.assertIn("recording exchanges: off", text)
+        self.assertTrue(any(line.startswith("nestproto ") for line in text))
+        path = os.path.join(os.path.abspath(options["data"]), "nestproto.sqlite3")
+        self.assertIn(f"store: SQLite database {path}; devices loaded: 0", text)
+        for event in events:
+            self.assertNotIn(TOKEN, repr(event))
+
+    def test_listenersNamed(self) -> None:
+        """The two listeners are named device and control."""
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()])
+        service: Any = makeService(options, MemoryReactorClock())
+        names = [s.name for s in service if isinstance(s, _Listener)]
+        self.assertEqual(names, ["device", "control"])
+        service.startService()
+        service.stopService()
+
+
+def _shownAt(level: LogLevel) -> set[str]:
+    """Which of three events pass the filter of C{level}."""
+    seen: list[str] = []
+
+    @implementer(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        seen.append(event["log_format"])
+
+    publisher = LogPublisher()
+    publisher.addObserver(FilteringLogObserver(observe, [_levelFilter(level)]))
+    Logger(namespace="nestproto.x", observer=publisher).debug("debug")
+    Logger(namespace="nestproto.x", observer=publisher).info("info")
+    Logger(namespace=PER_REQUEST_NAMESPACES[0], observer=publisher).info("request")
+    return set(seen)
+
+
+class LogLevelTests(SynchronousTestCase):
+    def test_levelFilter(self) -> None:
+        """
+        Events below the level are dropped; the per-request lines of
+        Twisted's HTTP client show only at debug.
+        """
+        self.assertEqual(_shownAt(LogLevel.debug), {"debug", "info", "request"})
+        self.assertEqual(_shownAt(LogLevel.info), {"info"})
+        self.assertEqual(_shownAt(LogLevel.warn), set())
+
 
 class _ArgsRecorder(Resource):
     isLeaf = True
@@ -195,51 +390,28 @@ class TwistdTests(SynchronousTestCase):
         C{twistd -n nestproto} starts in under 2 s, answers /nest/entry and
         /nest/ping, and stops cleanly on SIGTERM.
         """
-        data = os.path.abspath(self.mktemp())
-        env = dict(os.environ, PYTHONPATH=PROJECT_ROOT)
-        port = 18000 + os.getpid() % 1000
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                TWISTD,
-                "--pidfile=",
-                "-n",
-                "nestproto",
-                "--device",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--control",
-                f"tcp:{port + 1000}:interface=127.0.0.1",
-                "--data",
-                data,
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+        server = Twistd(
+            self,
+            "--device",
+            "tcp:0:interface=127.0.0.1",
+            "--control",
+            "tcp:0:interface=127.0.0.1",
+            "--data",
+            os.path.abspath(self.mktemp()),
+            "--weather",
+            "none",
         )
-        try:
-            started = time.monotonic()
-            ping = None
-            while time.monotonic() - started < 10:
-                try:
-                    ping = urllib.request.urlopen(
-                        f"http://127.0.0.1:{port}/nest/ping"
-                    ).read()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            elapsed = time.monotonic() - started
-            self.assertIsNotNone(ping, "server never answered")
-            self.assertLess(elapsed, 2.0)
-            entry = urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/nest/entry", data=b"reset=FALSE"
-            ).read()
-            self.assertIn(f"http://127.0.0.1:{port}/nest/transport".encode(), entry)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=10)
+        port = server.ports()["device"]
+        ping = urllib.request.urlopen(f"http://127.0.0.1:{port}/nest/ping").read()
+        elapsed = time.monotonic() - server.started
+        self.assertIsNotNone(ping)
+        self.assertLess(elapsed, 2.0)
+        entry = urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/nest/entry", data=b"reset=FALSE"
+        ).read()
+        self.assertIn(f"http://127.0.0.1:{port}/nest/transport".encode(), entry)
+        status = server.stop()
         # twistd re-raises the signal it stopped for once shutdown is done.
-        self.assertIn(process.returncode, (0, -signal.SIGTERM), output.decode())
-        self.assertIn(b"Server Shut Down", output)
-        self.assertNotIn(b"Traceback", output)
+        self.assertIn(status, (0, -signal.SIGTERM), server.output)
+        self.assertIn("Server Shut Down", server.output)
+        self.assertNotIn("Traceback", server.output)
