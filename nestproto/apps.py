@@ -11,9 +11,12 @@ from attrs import Factory, frozen
 from twisted.internet.interfaces import IReactorTime
 
 from .control.api import ControlAPI, ControlSettings
+from .control.events import EventStream
 from .device.api import DeviceAPI, TransportSettings
 from .hub import HOLD_SECONDS, SubscriberHub
+from .membership import Membership
 from .pairing import DEFAULT_TTL_SECONDS, Pairing
+from .presence import Presence
 from .state import DeviceState
 from .store import IBucketStore, ThreadRunner
 from .uploads import LogStore
@@ -39,6 +42,7 @@ class Apps:
     hub: SubscriberHub
     state: DeviceState
     pairing: Pairing
+    events: EventStream
     device: DeviceAPI
     control: ControlAPI
 
@@ -62,8 +66,14 @@ def buildApps(
         the replayer serve deliberately broken ones).
     """
     settings = settings or AppSettings()
+    # Every consumer learns of a change from the store's feed, in this order:
+    # membership first, so the others route by who sees what after it.
+    membership = Membership.following(store)
     hub = SubscriberHub(clock, holdSeconds=settings.holdSeconds)
-    state = DeviceState(store, hub, clock)
+    store.listen(lambda commit: hub.pushCommit(commit, membership.devicesSeeing))
+    events = EventStream(clock, store, membership.devicesSeeing)
+    store.listen(events.publish)
+    state = DeviceState(store, membership, Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
     device = deviceClass(
@@ -77,5 +87,11 @@ def buildApps(
         runInThread=runInThread,
         settings=settings.transport,
     )
-    control = ControlAPI(state=state, pairing=pairing, settings=settings.control)
-    return Apps(store, hub, state, pairing, device, control)
+    control = ControlAPI(
+        state=state,
+        hub=hub,
+        pairing=pairing,
+        events=events,
+        settings=settings.control,
+    )
+    return Apps(store, hub, state, pairing, events, device, control)

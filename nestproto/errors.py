@@ -118,6 +118,15 @@ class StoreClosed(Unavailable):
         super().__init__("Server is shutting down")
 
 
+class StoreUnavailable(Unavailable):
+    """A change could not be made durable (disk full, I/O error): nothing changed."""
+
+    code = "store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The change could not be saved; nothing was changed")
+
+
 class TooManyBuckets(NestError):
     """A device's change would take it past the buckets one device may hold."""
 

@@ -11,7 +11,7 @@ replayed to that device's next held subscribe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -19,11 +19,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .buckets import Bucket
+from .model import Commit
 
 #: Writes one chunk of pushed buckets to the device; raises when it cannot.
 Deliver = Callable[[Sequence[Bucket]], None]
 #: Picks, from undelivered buckets, those a new subscribe should still get.
 ReplayFilter = Callable[[Sequence[Bucket]], list[Bucket]]
+#: The devices that see a change of a bucket: (scope, key) -> serials.
+DevicesSeeing = Callable[[str, str], Iterable[str]]
 
 HOLD_SECONDS = 290.0
 BATCH_SECONDS = 3.0
@@ -108,6 +111,22 @@ class SubscriberHub:
             if self._deliver(subscription, buckets):
                 delivered += 1
         return delivered
+
+    def pushCommit(self, commit: Commit, devicesSeeing: DevicesSeeing) -> None:
+        """
+        Push what C{commit} wrote to every device that sees it, one batch per
+        device, except to the device whose own request it was: it has what
+        it sent (PROTOCOL.md §12, the stale echo).
+        """
+        byDevice: dict[str, list[Bucket]] = {}
+        for change in commit.buckets:
+            if change.bucket is None:
+                continue
+            for serial in devicesSeeing(change.scope, change.key):
+                if serial != commit.origin:
+                    byDevice.setdefault(serial, []).append(change.bucket)
+        for serial, batch in byDevice.items():
+            self.push(serial, batch)
 
     def count(self, serial: str) -> int:
         """The number of subscribes of C{serial} held now."""

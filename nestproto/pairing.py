@@ -25,14 +25,9 @@ from twisted.logger import Logger
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
 from .errors import NestError, UnknownDevice
-from .state import (
-    GLOBAL_SCOPE,
-    OWNER_RECORD,
-    DeviceState,
-    deviceMember,
-    structureIdFor,
-)
-from .store import RecordWrite
+from .membership import GLOBAL_SCOPE, OWNER_RECORD, deviceMember, structureIdFor
+from .state import DeviceState
+from .store import BucketUpdate, Decide, RecordWrite, Write
 
 ENTRY_KEY_RECORD = "entry_key"
 #: How long a minted entry key is valid (PROTOCOL.md §5, the anchor's default).
@@ -227,7 +222,7 @@ class Pairing:
         until it expires, so for the last half of its hour the device would
         get a key below its minimum).
         """
-        self.state.touch(serial)
+        self.state.presence.touch(serial)
         nowMs = self.state.nowMs()
         current = self.entryKey(serial)
         if (
@@ -250,17 +245,17 @@ class Pairing:
         key = EntryKey(serial, code, nowMs + self.ttlSeconds * 1000, nowMs)
         dialogKey = f"device_alert_dialog.{serial}"
 
-        def dialog(nowMs: int) -> list[Bucket]:
-            if self.state.store.get(serial, dialogKey) is not None:
-                return []
-            return [rules.changed(rules.empty(dialogKey), CONFIRM_PAIRING, nowMs)]
+        def dialog(stored: Bucket | None, nowMs: int) -> Bucket | None:
+            if stored is not None:
+                return stored
+            return rules.changed(rules.empty(dialogKey), CONFIRM_PAIRING, nowMs)
 
         self.log.info("new entry key for {serial}", serial=serial)
         # One record per serial: writing it replaces (deletes) older keys.
         record = RecordWrite(ENTRY_KEY_RECORD, serial, key.toRecord())
-        return self.state.change(serial, dialog, [record]).addCallback(
-            lambda ignored: key
-        )
+        return self.state.change(
+            [BucketUpdate(serial, dialogKey, dialog), record]
+        ).addCallback(lambda ignored: key)
 
     def status(self, serial: str) -> dict[str, Any]:
         """The anchor's C{/nest/passphrase/status} document (PROTOCOL.md §5)."""
@@ -306,50 +301,47 @@ class Pairing:
             return succeed(None)
         serial = key.serial
         member = deviceMember(serial)
-        previous = self.state.ownerOf(serial)
+        previous = self.state.membership.ownerOf(serial)
         userKey = f"user.{userId}"
         structureKey = f"structure.{structureIdFor(userId)}"
         oldStructureKey = (
             None if previous is None else f"structure.{structureIdFor(previous)}"
         )
 
-        def pairingBuckets(nowMs: int) -> list[Bucket]:
-            store = self.state.store
-            user = store.get(GLOBAL_SCOPE, userKey)
-            if user is None:
-                user = rules.changed(rules.empty(userKey), {"name": userId}, nowMs)
-            else:
-                user = rules.forceMerge(user, {"name": userId}, nowMs)
-            structure = store.get(GLOBAL_SCOPE, structureKey)
-            if structure is None:
-                structure = rules.changed(
+        def user(stored: Bucket | None, nowMs: int) -> Bucket:
+            if stored is None:
+                return rules.changed(rules.empty(userKey), {"name": userId}, nowMs)
+            return rules.forceMerge(stored, {"name": userId}, nowMs)
+
+        def structure(stored: Bucket | None, nowMs: int) -> Bucket:
+            if stored is None:
+                return rules.changed(
                     rules.empty(structureKey),
                     {"name": "Home", "devices": [member]},
                     nowMs,
                 )
-            else:
-                devices = _deviceList(structure)
-                if member not in devices:
-                    devices.append(member)
-                structure = rules.forceMerge(structure, {"devices": devices}, nowMs)
-            written = [user, structure]
-            if oldStructureKey is not None and oldStructureKey != structureKey:
-                old = store.get(GLOBAL_SCOPE, oldStructureKey)
-                if old is not None and member in _deviceList(old):
-                    written.append(_withoutMember(old, member, nowMs))
-            return written
+            devices = _deviceList(stored)
+            if member not in devices:
+                devices.append(member)
+            return rules.forceMerge(stored, {"devices": devices}, nowMs)
 
+        writes: list[Write] = [
+            BucketUpdate(GLOBAL_SCOPE, userKey, user),
+            BucketUpdate(GLOBAL_SCOPE, structureKey, structure),
+        ]
+        if oldStructureKey is not None and oldStructureKey != structureKey:
+            writes.append(
+                BucketUpdate(GLOBAL_SCOPE, oldStructureKey, _withoutMember(member))
+            )
         claimed = EntryKey(
             serial, key.code, key.expiresMs, key.createdMs, userId, nowMs
         )
-        records = [
+        writes += [
             RecordWrite(OWNER_RECORD, serial, {"user": userId, "claimedAt": nowMs}),
             RecordWrite(ENTRY_KEY_RECORD, serial, claimed.toRecord()),
         ]
         self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
-        return self.state.change(GLOBAL_SCOPE, pairingBuckets, records).addCallback(
-            lambda ignored: serial
-        )
+        return self.state.change(writes).addCallback(lambda ignored: serial)
 
     def dismissDialog(self, serial: str) -> Deferred[bool]:
         """
@@ -362,11 +354,12 @@ class Pairing:
         if self.state.store.get(serial, dialogKey) is None:
             return succeed(False)
 
-        def dismissed(nowMs: int) -> list[Bucket]:
-            stored = self.state.store.get(serial, dialogKey) or rules.empty(dialogKey)
-            return [rules.replace(stored, {}, nowMs)]
+        def dismissed(stored: Bucket | None, nowMs: int) -> Bucket:
+            return rules.replace(stored or rules.empty(dialogKey), {}, nowMs)
 
-        return self.state.change(serial, dismissed).addCallback(lambda ignored: True)
+        return self.state.change(
+            [BucketUpdate(serial, dialogKey, dismissed)]
+        ).addCallback(lambda ignored: True)
 
     def unclaim(self, serial: str) -> Deferred[str]:
         """
@@ -375,29 +368,19 @@ class Pairing:
         @return: fires with the former owner's user id.
         @raise NotPaired: when C{serial} has no owner.
         """
-        owner = self.state.ownerOf(serial)
+        owner = self.state.membership.ownerOf(serial)
         if owner is None:
             raise NotPaired(f"Device {serial} is not registered")
         structureKey = f"structure.{structureIdFor(owner)}"
         member = deviceMember(serial)
 
-        def withoutDevice(nowMs: int) -> list[Bucket]:
-            structure = self.state.store.get(GLOBAL_SCOPE, structureKey)
-            if structure is None or member not in _deviceList(structure):
-                return []
-            return [_withoutMember(structure, member, nowMs)]
-
-        records = [
+        writes: list[Write] = [
+            BucketUpdate(GLOBAL_SCOPE, structureKey, _withoutMember(member)),
             RecordWrite(OWNER_RECORD, serial, None),
             RecordWrite(ENTRY_KEY_RECORD, serial, None),
         ]
         self.log.info("{serial} unregistered from {user}", serial=serial, user=owner)
-
-        def done(ignored: object) -> str:
-            self.state.notifyChanged([serial])
-            return owner
-
-        return self.state.change(GLOBAL_SCOPE, withoutDevice, records).addCallback(done)
+        return self.state.change(writes).addCallback(lambda ignored: owner)
 
     def removeDevice(self, serial: str) -> Deferred[None]:
         """
@@ -406,17 +389,16 @@ class Pairing:
 
         @raise UnknownDevice: when nothing is known of C{serial}.
         """
-        if not self.state.isKnown(serial):
+        if not self.state.membership.isKnown(serial):
             raise UnknownDevice()
-        owner = self.state.ownerOf(serial)
+        owner = self.state.membership.ownerOf(serial)
         structure = None
         if owner is not None:
-            stored = self.state.store.get(
-                GLOBAL_SCOPE, f"structure.{structureIdFor(owner)}"
+            structure = BucketUpdate(
+                GLOBAL_SCOPE,
+                f"structure.{structureIdFor(owner)}",
+                _withoutMember(deviceMember(serial)),
             )
-            member = deviceMember(serial)
-            if stored is not None and member in _deviceList(stored):
-                structure = _withoutMember(stored, member, self.state.nowMs())
         records = [
             RecordWrite(OWNER_RECORD, serial, None),
             RecordWrite(ENTRY_KEY_RECORD, serial, None),
@@ -431,8 +413,15 @@ def _deviceList(structure: Bucket) -> list[str]:
     )
 
 
-def _withoutMember(structure: Bucket, member: str, nowMs: int) -> Bucket:
+def _withoutMember(member: str) -> Decide:
+    """A structure without C{member}; left as it is when it does not list it."""
     # The bare serial is how the anchor listed devices; drop that form too.
     bare = member.removeprefix("device.")
-    devices = [d for d in _deviceList(structure) if d not in (member, bare)]
-    return rules.forceMerge(structure, {"devices": devices}, nowMs)
+
+    def decide(stored: Bucket | None, nowMs: int) -> Bucket | None:
+        if stored is None or member not in _deviceList(stored):
+            return stored
+        devices = [d for d in _deviceList(stored) if d not in (member, bare)]
+        return rules.forceMerge(stored, {"devices": devices}, nowMs)
+
+    return decide

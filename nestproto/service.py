@@ -25,7 +25,7 @@ from twisted.copyright import version as twistedVersion
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
@@ -48,13 +48,14 @@ from twisted.web.server import Site
 from ._version import __version__
 from .apps import AppSettings, buildApps
 from .control.api import ControlSettings
+from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
 from .recording.format import CONTROL, DEVICE
 from .recording.recorder import Recorder, RecorderService
-from .store import SQLiteStore
+from .store import SchemaTooNew, SQLiteStore
 from .uploads import LogStore
 from .weather import NoWeather, OpenMeteoSource
 
@@ -384,13 +385,14 @@ class _CollectorService(Service):
 class _StoreService(Service):
     """
     Starts the worker threads; at stop, ends held subscribes (so devices
-    reconnect at once), commits what is pending, closes the file, stops the
-    threads and lets the data directory go.
+    reconnect at once) and event streams, commits what is pending, closes
+    the file, stops the threads and lets the data directory go.
     """
 
     store: SQLiteStore
     pools: list[ThreadPool]
     hub: SubscriberHub
+    events: EventStream
     lock: DataLock | None = None
 
     def startService(self) -> None:
@@ -404,6 +406,7 @@ class _StoreService(Service):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self.hub.endAll()
+        self.events.endAll()
 
         def stopPools(result: object) -> object:
             for pool in self.pools:
@@ -636,7 +639,7 @@ def _site(resource: IResource) -> Site:
 
 
 def _openStore(
-    options: usage.Options, runInThread: Any
+    options: usage.Options, runInThread: Any, clock: IReactorTime
 ) -> tuple[DataLock, SQLiteStore, str]:
     """
     Take the data directory (one server per directory), then open the
@@ -657,8 +660,8 @@ def _openStore(
         ) from None
     storePath = os.path.abspath(os.path.join(data, STORE_FILE))
     try:
-        store = SQLiteStore.open(storePath, runInThread)
-    except sqlite3.Error as e:
+        store = SQLiteStore.open(storePath, runInThread, clock)
+    except (sqlite3.Error, SchemaTooNew) as e:
         lock.release()
         raise StartupError(f"the store {storePath} cannot be opened: {e}") from None
     except BaseException:
@@ -688,7 +691,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     ioPool = ThreadPool(minthreads=0, maxthreads=2, name="nestproto-io")
     try:
         lock, store, storePath = _openStore(
-            options, partial(deferToThreadPool, reactor, pool)
+            options, partial(deferToThreadPool, reactor, pool), reactor
         )
     except StartupError as e:
         _fail(options, e)
@@ -721,7 +724,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     devices = sum(1 for scope in store.scopes() if scope)
     _Announce(_startupLines(options, storePath, devices)).setServiceParent(root)
     _CollectorService().setServiceParent(root)
-    _StoreService(store, [pool, ioPool], apps.hub, lock).setServiceParent(root)
+    _StoreService(store, [pool, ioPool], apps.hub, apps.events, lock).setServiceParent(
+        root
+    )
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:

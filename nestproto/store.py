@@ -1,34 +1,59 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.test_store_contract -*-
 """
-Durable storage of buckets and of small records (owners, entry keys).
+Durable storage of buckets and of small records (owners, entry keys), and
+the change feed that announces what was committed.
 
-Reads come from memory. Writes change memory at once (so the next change to
-the same bucket builds on this one) and are committed to disk in the
-background; the Deferred a write returns fires only once its transaction is
-on disk, and callers acknowledge nothing before that. Writes that arrive while
-a commit runs are committed together in the next transaction (group commit).
+The contract every engine keeps (tests/store_contract.py pins it):
+
+ - Reads show committed state only: a write is invisible to reads, to the
+   feed and to its caller until its transaction is durable.
+ - A write is decided inside its transaction: each L{BucketUpdate} sees the
+   bucket as the transaction sees it and returns what to store, so a
+   compare-and-set (C{if_object_revision}) and the next revision and
+   timestamp can never race another writer.
+ - A write is all or nothing; a failed one changes nothing anywhere and
+   fires L{StoreUnavailable}.
+ - Every committed write that changed something is announced once, in
+   commit order, with a sequence number that only grows, even across
+   restarts.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
 
 from .buckets import Bucket
-from .errors import StoreClosed
+from .errors import StoreClosed, StoreUnavailable
+from .model import BucketChanged, Commit, RecordChanged
 
 T = TypeVar("T")
 
 #: Runs a blocking callable away from the reactor thread and fires with its
 #: result, e.g. C{functools.partial(deferToThreadPool, reactor, pool)}.
 ThreadRunner = Callable[..., "Deferred[Any]"]
+
+#: Called with each commit, in order, once it is durable.
+ChangeListener = Callable[[Commit], None]
+
+#: Decides a bucket inside the transaction: called with the bucket as the
+#: transaction sees it (C{None} when absent) and the transaction's time in
+#: ms; returns the bucket to store, the same object to leave it as it is,
+#: or C{None} to delete it.
+Decide = Callable[[Bucket | None, int], Bucket | None]
+
+#: Commits a reconnecting event-stream client may catch up on.
+REPLAY_COMMITS = 1000
 
 
 def runInline(f: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -41,12 +66,32 @@ def runInline(f: Callable[..., T], *args: Any) -> Deferred[T]:
 
 
 @frozen
+class BucketUpdate:
+    """Decide bucket C{key} of C{scope} inside the transaction."""
+
+    scope: str
+    key: str
+    decide: Decide
+
+
+@frozen
 class BucketWrite:
-    """Store C{bucket} in C{scope}, or delete its key when C{delete}."""
+    """
+    Store C{bucket} exactly as given (or delete its key when C{delete}):
+    for seeding and copying state, where revision and timestamp are already
+    decided. Every change of a running server is a L{BucketUpdate}.
+    """
 
     scope: str
     bucket: Bucket
     delete: bool = False
+
+
+@frozen
+class ScopeDelete:
+    """Delete every bucket of C{scope}."""
+
+    scope: str
 
 
 @frozen
@@ -58,42 +103,72 @@ class RecordWrite:
     doc: dict[str, Any] | None
 
 
-Write = BucketWrite | RecordWrite
+Write = BucketUpdate | BucketWrite | ScopeDelete | RecordWrite
 
 
-class IBucketStore(Interface):
+class IChangeFeed(Interface):
+    """The committed changes of a store, in commit order."""
+
+    lastSequence = Attribute("The sequence number of the newest commit (0: none).")
+
+    def listen(listener: ChangeListener) -> None:
+        """
+        Call C{listener} with every commit from now on, after the listeners
+        added before it. A listener must not raise; one that does is logged.
+        """
+
+    def since(sequence: int) -> list[Commit] | None:
+        """
+        The commits after C{sequence}, oldest first; C{None} when some of
+        them are no longer kept (or C{sequence} was never handed out), so a
+        consumer must start over from current state.
+        """
+
+
+class IBucketStore(IChangeFeed):
     """
     Buckets by scope (a device serial, or C{""} for structures and users)
     and key, plus small JSON records by kind and name.
     """
 
     def get(scope: str, key: str) -> Bucket | None:
-        """The bucket C{key} of C{scope}, or C{None}."""
+        """The committed bucket C{key} of C{scope}, or C{None}."""
 
     def buckets(scope: str) -> list[Bucket]:
-        """Every bucket of C{scope}, ordered by key."""
+        """Every committed bucket of C{scope}, ordered by key."""
 
     def scopes() -> list[str]:
         """Every scope holding at least one bucket."""
 
     def record(kind: str, name: str) -> dict[str, Any] | None:
-        """The record C{kind}/C{name}, or C{None}."""
+        """The committed record C{kind}/C{name}, or C{None}."""
 
     def records(kind: str) -> dict[str, dict[str, Any]]:
-        """Every record of C{kind}, by name."""
+        """Every committed record of C{kind}, by name."""
 
-    def write(writes: Sequence[Write]) -> Deferred[None]:
+    def write(
+        writes: Sequence[Write], origin: str | None = None
+    ) -> Deferred[list[Bucket | None]]:
         """
-        Apply C{writes} in order, all or nothing on disk; fires once they
-        are durable.
+        Decide and commit C{writes} in order, in one transaction.
+
+        @param origin: the serial of the device whose request this is, if
+            any; announced with the commit.
+        @return: fires once durable (and announced) with, per write, the
+            bucket as it stands after it (C{None} for records, deletes and
+            scope deletes). Fails with what a L{BucketUpdate} raised, or
+            with L{StoreUnavailable} when the commit failed; either way
+            nothing changed.
         """
 
-    def deleteScope(scope: str) -> Deferred[None]:
+    def deleteScope(scope: str) -> Deferred[list[Bucket | None]]:
         """Remove every bucket of C{scope}; fires once durable."""
 
     def close() -> Deferred[None]:
-        """Commit what is pending and release the file."""
+        """Commit what is pending and release the database."""
 
+
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
@@ -110,6 +185,10 @@ CREATE TABLE IF NOT EXISTS records (
     doc TEXT NOT NULL,
     PRIMARY KEY (kind, name)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 
 
@@ -117,10 +196,56 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+class SchemaTooNew(Exception):
+    """The database was written by a newer nestproto than this one."""
+
+
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """
+    Bring the file to L{_SCHEMA_VERSION}. Version 1 (the first release) had
+    no C{meta} table; its buckets and records are kept as they are.
+    """
+    connection.executescript(_SCHEMA)
+    row = connection.execute(
+        "SELECT value FROM meta WHERE name = 'schema_version'"
+    ).fetchone()
+    version = 1 if row is None else int(row[0])
+    if version > _SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database was written by a newer nestproto (schema {version}, "
+            f"this one knows {_SCHEMA_VERSION})"
+        )
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute(
+        "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
+    )
+    connection.execute("INSERT OR IGNORE INTO meta VALUES ('last_sequence', 0)")
+    connection.execute("COMMIT")
+
+
+#: One row operation of a transaction: a bucket put or delete (C{None}), or
+#: a record put or delete.
+_BucketOp = tuple[str, str, Bucket | None]
+_RecordOp = tuple[str, str, dict[str, Any] | None]
+
+
+@define
+class _Decided:
+    """One write request, decided: what it writes and what it answers."""
+
+    origin: str | None
+    done: Deferred[list[Bucket | None]]
+    results: list[Bucket | None]
+    bucketOps: dict[tuple[str, str], Bucket | None] = field(factory=dict)
+    recordOps: dict[tuple[str, str], dict[str, Any] | None] = field(factory=dict)
+    sequence: int = 0
+
+
 @frozen
 class _Pending:
     writes: Sequence[Write]
-    done: Deferred[None]
+    origin: str | None
+    done: Deferred[list[Bucket | None]]
 
 
 @implementer(IBucketStore)
@@ -129,25 +254,43 @@ class SQLiteStore:
     """
     The embedded default L{IBucketStore}: one SQLite file in WAL mode with
     C{synchronous=FULL}, so a commit survives power loss, not only a crash.
+
+    One process owns the file, so committed state is kept in memory for
+    reads, and writes are decided on the reactor thread against it in
+    commit order: a batch is decided only once the batch before it has
+    committed, which is the same as deciding inside the transaction.
+    Writes that arrive while a commit runs are committed together in the
+    next transaction (group commit).
     """
 
     log = Logger()
 
     _connection: sqlite3.Connection
     _runInThread: ThreadRunner
+    _clock: IReactorTime
     # Contents stay out of the repr: a Logger on a class puts the instance
     # (and whatever holds the store) into every event as log_source, and a
     # JSON log observer would write out every bucket and entry key.
     _buckets: dict[str, dict[str, Bucket]] = field(factory=dict, repr=False)
     _records: dict[str, dict[str, dict[str, Any]]] = field(factory=dict, repr=False)
     _queue: list[_Pending] = field(factory=list, repr=False)
+    _listeners: list[ChangeListener] = field(factory=list, repr=False)
+    #: Fired once nothing is queued or committing (L{close}).
+    _drained: list[Deferred[None]] = field(factory=list, repr=False)
+    _recent: deque[Commit] = field(
+        factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False
+    )
+    lastSequence: int = 0
     _committing: bool = False
     _closed: bool = False
 
     @classmethod
-    def open(cls, path: str, runInThread: ThreadRunner) -> SQLiteStore:
+    def open(
+        cls, path: str, runInThread: ThreadRunner, clock: IReactorTime
+    ) -> SQLiteStore:
         """
-        Open (or create) the store at C{path} and load it into memory.
+        Open (or create, or upgrade) the store at C{path} and load it into
+        memory.
 
         Blocks while loading: call it at start-up, before serving.
         """
@@ -156,8 +299,8 @@ class SQLiteStore:
         )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
-        connection.executescript(_SCHEMA)
-        store = cls(connection, runInThread)
+        _upgrade(connection)
+        store = cls(connection, runInThread, clock)
         for scope, key, revision, timestamp, value in connection.execute(
             "SELECT scope, key, revision, timestamp, value FROM buckets"
         ):
@@ -168,7 +311,12 @@ class SQLiteStore:
             "SELECT kind, name, doc FROM records"
         ):
             store._records.setdefault(kind, {})[name] = json.loads(doc)
+        (store.lastSequence,) = connection.execute(
+            "SELECT value FROM meta WHERE name = 'last_sequence'"
+        ).fetchone()
         return store
+
+    # Reads: committed state only
 
     def get(self, scope: str, key: str) -> Bucket | None:
         return self._buckets.get(scope, {}).get(key)
@@ -186,24 +334,39 @@ class SQLiteStore:
     def records(self, kind: str) -> dict[str, dict[str, Any]]:
         return dict(self._records.get(kind, {}))
 
-    def write(self, writes: Sequence[Write]) -> Deferred[None]:
+    # The feed
+
+    def listen(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def since(self, sequence: int) -> list[Commit] | None:
+        if sequence == self.lastSequence:
+            return []
+        if (
+            sequence > self.lastSequence
+            or not self._recent
+            or self._recent[0].sequence > sequence + 1
+        ):
+            return None
+        return [commit for commit in self._recent if commit.sequence > sequence]
+
+    # Writes
+
+    def write(
+        self, writes: Sequence[Write], origin: str | None = None
+    ) -> Deferred[list[Bucket | None]]:
         if self._closed:
             raise StoreClosed()
-        writes = list(writes)
-        for one in writes:
-            self._applyInMemory(one)
-        done: Deferred[None] = Deferred()
         if not writes:
-            done.callback(None)
-            return done
-        self._queue.append(_Pending(writes, done))
+            # Nothing to decide: committed state is already what it shows.
+            return succeed([])
+        done: Deferred[list[Bucket | None]] = Deferred()
+        self._queue.append(_Pending(list(writes), origin, done))
         self._commitQueued()
         return done
 
-    def deleteScope(self, scope: str) -> Deferred[None]:
-        return self.write(
-            [BucketWrite(scope, bucket, delete=True) for bucket in self.buckets(scope)]
-        )
+    def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
+        return self.write([ScopeDelete(scope)])
 
     def close(self) -> Deferred[None]:
         """
@@ -211,89 +374,202 @@ class SQLiteStore:
         """
         self._closed = True
         drained: Deferred[None] = Deferred()
-        if self._queue or self._committing:
-            self._queue.append(_Pending([], drained))
-            self._commitQueued()
-        else:
-            drained.callback(None)
+        self._drained.append(drained)
+        self._closeIfDrained()
 
         def closeConnection(result: None) -> None:
             self._connection.close()
 
         return drained.addCallback(closeConnection)
 
-    def _applyInMemory(self, one: Write) -> None:
-        if isinstance(one, BucketWrite):
-            scope = self._buckets.setdefault(one.scope, {})
-            if one.delete:
-                scope.pop(one.bucket.key, None)
-            else:
-                scope[one.bucket.key] = one.bucket
-        elif one.doc is None:
-            self._records.get(one.kind, {}).pop(one.name, None)
-        else:
-            self._records.setdefault(one.kind, {})[one.name] = one.doc
+    def _closeIfDrained(self) -> None:
+        if self._queue or self._committing:
+            return
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
 
     def _commitQueued(self) -> None:
         if self._committing or not self._queue:
             return
         batch, self._queue = self._queue, []
         self._committing = True
-        writes = [one for pending in batch for one in pending.writes]
-        d = self._runInThread(self._commitToDisk, writes)
+        nowMs = int(self._clock.seconds() * 1000)
+        decided: list[_Decided] = []
+        refused: list[tuple[_Pending, Failure]] = []
+        sequence = self.lastSequence
+        for pending in batch:
+            try:
+                one = self._decide(pending, decided, nowMs)
+            except Exception:
+                refused.append((pending, Failure()))
+                continue
+            if one.bucketOps or one.recordOps:
+                sequence += 1
+                one.sequence = sequence
+            decided.append(one)
+        for pending, failure in refused:
+            pending.done.errback(failure)
+        if not any(one.sequence for one in decided):
+            self._finish(decided)
+            return
+        d = self._runInThread(self._commitToDisk, decided, sequence)
+        d.addCallbacks(
+            lambda ignored: self._finish(decided),
+            lambda failure: self._fail(decided, failure),
+        )
 
-        def finished(result: object) -> None:
-            self._committing = False
-            for pending in batch:
-                if isinstance(result, BaseException):
-                    pending.done.errback(result)
-                else:
-                    pending.done.callback(None)
-            self._commitQueued()
+    def _decide(
+        self, pending: _Pending, earlier: list[_Decided], nowMs: int
+    ) -> _Decided:
+        """
+        Decide C{pending} on top of committed state and the C{earlier}
+        requests of its batch; raises (changing nothing) when a decision
+        does.
+        """
+        one = _Decided(pending.origin, pending.done, [])
 
-        def failed(failure: Any) -> None:
-            self.log.failure(
-                "committing {count} writes failed", failure, count=len(writes)
-            )
-            finished(failure.value)
+        def current(scope: str, key: str) -> Bucket | None:
+            for layer in (one, *reversed(earlier)):
+                if (scope, key) in layer.bucketOps:
+                    return layer.bucketOps[scope, key]
+            return self.get(scope, key)
 
-        d.addCallbacks(finished, failed)
+        for write in pending.writes:
+            if isinstance(write, BucketUpdate):
+                before = current(write.scope, write.key)
+                after = write.decide(before, nowMs)
+                if after is not None and after.key != write.key:
+                    raise ValueError(f"decided {after.key} for {write.key}")
+                if after is not before:
+                    one.bucketOps[write.scope, write.key] = after
+                one.results.append(after)
+            elif isinstance(write, BucketWrite):
+                after = None if write.delete else write.bucket
+                one.bucketOps[write.scope, write.bucket.key] = after
+                one.results.append(after)
+            elif isinstance(write, ScopeDelete):
+                keys = set(self._buckets.get(write.scope, {}))
+                for layer in (*earlier, one):
+                    keys.update(k for s, k in layer.bucketOps if s == write.scope)
+                for key in keys:
+                    if current(write.scope, key) is not None:
+                        one.bucketOps[write.scope, key] = None
+                one.results.append(None)
+            else:
+                one.recordOps[write.kind, write.name] = write.doc
+                one.results.append(None)
+        # A delete of what was absent all along changes nothing.
+        for (scope, key), after in list(one.bucketOps.items()):
+            if after is None and self._absentBefore(scope, key, earlier):
+                del one.bucketOps[scope, key]
+        return one
 
-    def _commitToDisk(self, writes: Iterable[Write]) -> None:
+    def _absentBefore(self, scope: str, key: str, earlier: list[_Decided]) -> bool:
+        for layer in reversed(earlier):
+            if (scope, key) in layer.bucketOps:
+                return layer.bucketOps[scope, key] is None
+        return self.get(scope, key) is None
+
+    def _commitToDisk(self, decided: list[_Decided], lastSequence: int) -> None:
         """One transaction for a whole batch: runs on the store's thread."""
         cursor = self._connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
-            for one in writes:
-                if isinstance(one, BucketWrite):
-                    if one.delete:
+            for one in decided:
+                for (scope, key), bucket in one.bucketOps.items():
+                    if bucket is None:
                         cursor.execute(
                             "DELETE FROM buckets WHERE scope = ? AND key = ?",
-                            (one.scope, one.bucket.key),
+                            (scope, key),
                         )
                     else:
-                        bucket = one.bucket
                         cursor.execute(
                             "INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?)",
                             (
-                                one.scope,
-                                bucket.key,
+                                scope,
+                                key,
                                 bucket.revision,
                                 bucket.timestamp,
                                 _dumps(bucket.value),
                             ),
                         )
-                elif one.doc is None:
-                    cursor.execute(
-                        "DELETE FROM records WHERE kind = ? AND name = ?",
-                        (one.kind, one.name),
-                    )
-                else:
-                    cursor.execute(
-                        "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
-                        (one.kind, one.name, _dumps(one.doc)),
-                    )
+                for (kind, name), doc in one.recordOps.items():
+                    if doc is None:
+                        cursor.execute(
+                            "DELETE FROM records WHERE kind = ? AND name = ?",
+                            (kind, name),
+                        )
+                    else:
+                        cursor.execute(
+                            "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
+                            (kind, name, _dumps(doc)),
+                        )
+            cursor.execute(
+                "UPDATE meta SET value = ? WHERE name = 'last_sequence'",
+                (lastSequence,),
+            )
+            cursor.execute("COMMIT")
         except BaseException:
-            cursor.execute("ROLLBACK")
+            if self._connection.in_transaction:
+                cursor.execute("ROLLBACK")
             raise
-        cursor.execute("COMMIT")
+
+    def _finish(self, decided: list[_Decided]) -> None:
+        """The batch is durable: show it, announce it, answer it, in order."""
+        for one in decided:
+            for (scope, key), bucket in one.bucketOps.items():
+                inScope = self._buckets.setdefault(scope, {})
+                if bucket is None:
+                    inScope.pop(key, None)
+                    if not inScope:
+                        del self._buckets[scope]
+                else:
+                    inScope[key] = bucket
+            for (kind, name), doc in one.recordOps.items():
+                if doc is None:
+                    self._records.get(kind, {}).pop(name, None)
+                else:
+                    self._records.setdefault(kind, {})[name] = doc
+            if one.sequence:
+                self.lastSequence = one.sequence
+                self._announce(
+                    Commit(
+                        one.sequence,
+                        one.origin,
+                        tuple(
+                            BucketChanged(scope, key, bucket)
+                            for (scope, key), bucket in one.bucketOps.items()
+                        ),
+                        tuple(
+                            RecordChanged(kind, name, doc)
+                            for (kind, name), doc in one.recordOps.items()
+                        ),
+                    )
+                )
+            one.done.callback(one.results)
+        self._committing = False
+        self._commitQueued()
+        self._closeIfDrained()
+
+    def _fail(self, decided: list[_Decided], failure: Failure) -> None:
+        """The batch did not commit: nothing changes, every request fails."""
+        self.log.failure(
+            "committing {count} writes failed", failure, count=len(decided)
+        )
+        self._committing = False
+        for one in decided:
+            one.done.errback(StoreUnavailable())
+        self._commitQueued()
+        self._closeIfDrained()
+
+    def _announce(self, commit: Commit) -> None:
+        self._recent.append(commit)
+        for listener in list(self._listeners):
+            try:
+                listener(commit)
+            except Exception:
+                self.log.failure(
+                    "change listener failed for commit {sequence}",
+                    sequence=commit.sequence,
+                )

@@ -62,7 +62,9 @@ class Server:
 
     def seed(self, serial: str, *buckets: Bucket) -> None:
         """Store C{buckets} in C{serial}'s scope, as if received earlier."""
-        self.store.write([BucketWrite(serial, bucket) for bucket in buckets])
+        self.store.write(
+            [BucketWrite(serial, bucket) for bucket in buckets], origin=serial
+        )
 
 
 def makeServer(
@@ -85,7 +87,7 @@ def makeServer(
     if clock is None:
         clock = Clock()
         clock.advance(START_SECONDS)
-    store = SQLiteStore.open(path, storeRunner)
+    store = SQLiteStore.open(path, storeRunner, clock)
     apps = buildApps(
         store,
         clock,
@@ -143,6 +145,30 @@ def clientObject(
 def parseChunks(chunks: list[bytes]) -> list[dict[str, Any]]:
     """Each received chunk decoded as one JSON document."""
     return [json.loads(chunk) for chunk in chunks if chunk]
+
+
+def sseEvents(chunks: list[bytes]) -> list[tuple[str, str, Any]]:
+    """
+    The events of a Server-Sent Events stream as a browser's EventSource
+    dispatches them: (last event id, event type, JSON data) each. An id
+    field sets the id even on a block without data, which dispatches
+    nothing.
+    """
+    events: list[tuple[str, str, Any]] = []
+    lastId = ""
+    for block in b"".join(chunks).decode().split("\n\n"):
+        kind, data = "message", []
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            if name == "id":
+                lastId = value
+            elif name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+        if data:
+            events.append((lastId, kind, json.loads("\n".join(data))))
+    return events
 
 
 @define

@@ -18,6 +18,7 @@ import sys
 import urllib.request
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto import backup, restore
@@ -159,7 +160,7 @@ class BackupWhileRunningTests(SynchronousTestCase):
 
 
 def _storeWith(path: str, *buckets: tuple[str, Bucket]) -> SQLiteStore:
-    store = SQLiteStore.open(path, runInline)
+    store = SQLiteStore.open(path, runInline, Clock())
     store.write([BucketWrite(scope, bucket) for scope, bucket in buckets])
     return store
 
@@ -329,7 +330,7 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(
             _keys(self.database + ".before-restore"), {("", "structure.s")}
         )
-        store = SQLiteStore.open(self.database, runInline)
+        store = SQLiteStore.open(self.database, runInline, Clock())
         self.addCleanup(store.close)
         self.assertEqual(
             store.get(SERIAL, DEVICE), Bucket(DEVICE, 3, 3000, {"current_humidity": 40})

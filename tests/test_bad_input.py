@@ -381,7 +381,7 @@ class OtherRequestTests(BadInputTestCase):
                 data=body,
                 headers={**form, "X-nl-device-id": SERIAL},
             )
-        self.assertEqual(self.server.state.entryFields, {})
+        self.assertEqual(self.server.state.presence.entryFields(SERIAL), {})
 
     def test_entryBadJSON(self) -> None:
         """A JSON entry body that is not a JSON object is refused."""

@@ -40,8 +40,8 @@ from twisted.web.client import ResponseDone
 
 from nestproto import buckets
 from nestproto.buckets import INT32_MAX, INT32_MIN, SERIAL_KEYED_TYPES
-from nestproto.state import OWNER_RECORD
-from nestproto.store import RecordWrite
+from nestproto.membership import OWNER_RECORD
+from nestproto.store import BucketUpdate, RecordWrite
 
 from .helpers import (
     CONTROL_URL,
@@ -841,15 +841,14 @@ class ConformanceMachine(RuleBasedStateMachine):
         nowMs = self.nowMs()
         expected = self.model.command(scope, key, fields, replaces, nowMs)
         self.movedUnchanged.add((scope, key))
-        store = self.server.store
 
-        def write(nowMs: int) -> list[buckets.Bucket]:
-            current = store.get(scope, key) or buckets.empty(key)
+        def write(stored: buckets.Bucket | None, nowMs: int) -> buckets.Bucket:
+            current = stored or buckets.empty(key)
             if replaces:
-                return [buckets.replace(current, fields, nowMs)]
-            return [buckets.forceMerge(current, fields, nowMs)]
+                return buckets.replace(current, fields, nowMs)
+            return buckets.forceMerge(current, fields, nowMs)
 
-        result(self.server.state.change(scope, write))
+        result(self.server.state.change([BucketUpdate(scope, key, write)]))
         self.server.deviceClient.flush()
         pushedTo = self.model.devicesSeeing(scope, key)
         for held in list(self.held):

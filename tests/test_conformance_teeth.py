@@ -11,9 +11,9 @@ fixed seed, and asserts that it fails, naming the invariant.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+from attrs import evolve
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
@@ -27,6 +27,8 @@ from nestproto.device import api as deviceAPI
 from nestproto.device import wire
 from nestproto.errors import BadBody
 from nestproto.hub import SubscriberHub
+from nestproto.membership import Membership
+from nestproto.model import Commit
 from nestproto.state import DeviceState
 from nestproto.store import SQLiteStore
 
@@ -169,15 +171,15 @@ class MachineTeethTests(SynchronousTestCase):
         A state that places C{shared.A} in A's scope whoever asks lets
         device B read it: caught as an isolation breach.
         """
-        scopeFor = DeviceState.scopeFor
+        scopeFor = Membership.scopeFor
 
-        def leaky(self: DeviceState, serial: str, key: str) -> str | None:
+        def leaky(self: Membership, serial: str, key: str) -> str | None:
             bucketType, bucketId = buckets.splitKey(key)
             if bucketType in buckets.SERIAL_KEYED_TYPES:
                 return bucketId
             return scopeFor(self, serial, key)
 
-        self.patch(DeviceState, "scopeFor", leaky)
+        self.patch(Membership, "scopeFor", leaky)
         self.assertMachineFails(
             "isolation: a device sees only its own and linked buckets",
             "put receipts match the model",
@@ -214,18 +216,12 @@ class MachineTeethTests(SynchronousTestCase):
 
     def test_putPushedBack(self) -> None:
         """A put pushed to the device's held subscribes comes back (§7.2 step 6)."""
-        put = DeviceState.put
+        pushCommit = SubscriberHub.pushCommit
 
-        def pushing(
-            self: DeviceState, serial: str, entries: Sequence[Any], *args: Any
-        ) -> Deferred[list[Bucket]]:
-            def push(receipts: list[Bucket]) -> list[Bucket]:
-                self.hub.push(serial, receipts)
-                return receipts
+        def echoing(self: SubscriberHub, commit: Commit, seeing: Any) -> None:
+            pushCommit(self, evolve(commit, origin=None), seeing)
 
-            return put(self, serial, entries, *args).addCallback(push)
-
-        self.patch(DeviceState, "put", pushing)
+        self.patch(SubscriberHub, "pushCommit", echoing)
         self.assertMachineFails("nothing pushed unexpectedly")
 
     def test_acknowledgedPutLost(self) -> None:
@@ -233,7 +229,7 @@ class MachineTeethTests(SynchronousTestCase):
         A store that acknowledges writes it never commits loses them at
         the restart.
         """
-        self.patch(SQLiteStore, "_commitToDisk", lambda self, writes: None)
+        self.patch(SQLiteStore, "_commitToDisk", lambda self, *batch: None)
         self.assertMachineFails(
             "acknowledged writes survive", "the store holds what the model says"
         )
@@ -265,8 +261,8 @@ class MachineTeethTests(SynchronousTestCase):
         )
 
     def test_pushLost(self) -> None:
-        """A state that never pushes leaves held devices waiting: caught."""
-        self.patch(DeviceState, "pushToDevices", lambda self, scope, written: None)
+        """A hub that never pushes leaves held devices waiting: caught."""
+        self.patch(SubscriberHub, "pushCommit", lambda self, commit, seeing: None)
         self.assertMachineFails("a command is pushed to every held device that sees it")
 
 

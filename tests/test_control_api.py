@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
-from nestproto.state import GLOBAL_SCOPE
+from nestproto.membership import GLOBAL_SCOPE
 
 from .helpers import (
     CONTROL_URL,
@@ -30,6 +30,7 @@ from .helpers import (
     completed,
     makeServer,
     receiveDroppable,
+    sseEvents,
 )
 from .strategies import controlCommands
 from .test_pairing import ServerTestCase
@@ -907,7 +908,7 @@ class StatusTests(ControlTestCase):
         self.assertEqual(status, 200)
         self.assertEqual((document["success"], document["serial"]), (True, SERIAL))
         self.assertEqual(self.server.store.buckets(SERIAL), [])
-        self.assertIsNone(self.server.state.ownerOf(SERIAL))
+        self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
         self.assertEqual(self.value("structure.homeowner", GLOBAL_SCOPE)["devices"], [])
         self.assertEqual(self.control("GET", f"/status?serial={SERIAL}")[0], 404)
         status, document = self.control("DELETE", "/api/device", {"serial": SERIAL})
@@ -939,12 +940,8 @@ class EventTests(ControlTestCase):
         self.assertEqual(self.server.clock.getDelayedCalls(), [])
 
     def events(self, chunks: list[bytes]) -> list[dict[str, Any]]:
-        text = b"".join(chunks).decode()
-        return [
-            json.loads(block[len("data: ") :])
-            for block in text.split("\n\n")
-            if block.startswith("data: ")
-        ]
+        """The data of each event received, as an EventSource reads them."""
+        return [data for _id, kind, data in sseEvents(chunks) if kind == "message"]
 
     def test_onePerChange(self) -> None:
         """

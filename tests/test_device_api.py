@@ -139,7 +139,8 @@ class EntryTests(SynchronousTestCase):
             )
         )
         self.assertEqual(
-            self.server.state.entryFields[SERIAL]["software_version"], "5.9.3-5"
+            self.server.state.presence.entryFields(SERIAL)["software_version"],
+            "5.9.3-5",
         )
 
     def test_malformedForm(self) -> None:
@@ -154,7 +155,7 @@ class EntryTests(SynchronousTestCase):
             )
             self.assertEqual(code, 400, body)
             self.assertIn("error", error)
-        self.assertEqual(self.server.state.entryFields, {})
+        self.assertEqual(self.server.state.presence.entryFields(SERIAL), {})
 
     def test_unknownPathAndMethod(self) -> None:
         """An unknown path is a 404 and a wrong method a 405, both JSON."""
@@ -189,7 +190,7 @@ class CallerTests(SynchronousTestCase):
         server = makeServer()
         d = server.deviceClient.get(DEVICE_URL + path, headers=headers)
         response, _body = completed(self, server.deviceClient, d)
-        self.serial = next(iter(server.state.lastSeen), None)
+        self.serial = next(iter(server.state.presence.heardFrom()), None)
         return int(response.code)
 
     def test_scenario3BasicVariants(self) -> None:

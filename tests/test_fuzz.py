@@ -31,8 +31,8 @@ from zope.interface import implementer
 
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlAPI, ControlSettings
+from nestproto.membership import GLOBAL_SCOPE, OWNER_RECORD
 from nestproto.pairing import ENTRY_KEY_RECORD
-from nestproto.state import GLOBAL_SCOPE, OWNER_RECORD
 from nestproto.store import BucketWrite, RecordWrite
 from nestproto.weather import IWeatherSource
 
@@ -375,8 +375,10 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
     if protected:
         api = ControlAPI(
             state=server.state,
+            hub=server.hub,
             settings=ControlSettings(token=TOKEN),
             pairing=server.device.pairing,
+            events=server.control.events,
         )
         client = StubClient(api.app.resource())
     headers: dict[str, str] = {}

@@ -20,6 +20,8 @@ from twisted.web.iweb import IResponse
 
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlSettings
+from nestproto.membership import GLOBAL_SCOPE, OWNER_RECORD
+from nestproto.model import Commit
 from nestproto.pairing import (
     ENTRY_KEY_RECORD,
     MIN_REMAINING_SECONDS,
@@ -28,8 +30,7 @@ from nestproto.pairing import (
     TooManyAttempts,
     newCode,
 )
-from nestproto.state import GLOBAL_SCOPE, OWNER_RECORD
-from nestproto.store import BucketWrite, RecordWrite, runInline
+from nestproto.store import BucketWrite, runInline
 
 from .helpers import (
     CONTROL_URL,
@@ -218,7 +219,7 @@ class PassphraseTests(ServerTestCase):
         self.assertEqual(self.claim(first["value"])[1]["success"], True)
         second = self.passphrase()
         self.assertNotEqual(second["value"], first["value"])
-        self.assertEqual(self.server.state.ownerOf(SERIAL), "homeowner")
+        self.assertEqual(self.server.state.membership.ownerOf(SERIAL), "homeowner")
 
     def test_scenario10PairingDialog(self) -> None:
         """
@@ -413,7 +414,7 @@ class ClaimTests(ServerTestCase):
             },
         )
         now = self.server.nowMs()
-        self.assertEqual(self.server.state.ownerOf(SERIAL), "homeowner")
+        self.assertEqual(self.server.state.membership.ownerOf(SERIAL), "homeowner")
         user = Bucket("user.homeowner", 1, now, {"name": "homeowner"})
         structure = Bucket(
             "structure.homeowner",
@@ -449,22 +450,25 @@ class ClaimTests(ServerTestCase):
         The owner record, the claimed key, the user and the structure are
         committed to disk in one transaction.
         """
-        transactions: list[list[Any]] = []
+        transactions: list[Any] = []
 
-        def recordingRunner(f: Any, writes: Any) -> Deferred[Any]:
-            transactions.append(list(writes))
-            return runInline(f, writes)
+        def recordingRunner(f: Any, *args: Any) -> Deferred[Any]:
+            transactions.append(f)
+            return runInline(f, *args)
 
-        pairing = makeServer(
-            clock=self.server.clock, storeRunner=recordingRunner
-        ).pairing
-        key = self.successResultOf(pairing.passphrase(SERIAL))
+        server = makeServer(clock=self.server.clock, storeRunner=recordingRunner)
+        key = self.successResultOf(server.pairing.passphrase(SERIAL))
         del transactions[:]
-        self.assertEqual(self.successResultOf(pairing.claim(key.code, "u")), SERIAL)
-        [transaction] = transactions
+        commits: list[Commit] = []
+        server.store.listen(commits.append)
+        self.assertEqual(
+            self.successResultOf(server.pairing.claim(key.code, "u")), SERIAL
+        )
+        self.assertEqual(len(transactions), 1)
+        [commit] = commits
         written = sorted(
-            one.kind if isinstance(one, RecordWrite) else one.bucket.key
-            for one in transaction
+            [change.kind for change in commit.records]
+            + [change.key for change in commit.buckets]
         )
         self.assertEqual(
             written, [ENTRY_KEY_RECORD, OWNER_RECORD, "structure.u", "user.u"]
@@ -490,7 +494,7 @@ class ClaimTests(ServerTestCase):
             self.claim(code, "intruder"), (200, {"success": False, "message": INVALID})
         )
         self.assertEqual(self.snapshot(), before)
-        self.assertEqual(self.server.state.ownerOf(SERIAL), "homeowner")
+        self.assertEqual(self.server.state.membership.ownerOf(SERIAL), "homeowner")
 
     def test_scenario45ExpiredCode(self) -> None:
         """
@@ -504,7 +508,7 @@ class ClaimTests(ServerTestCase):
             self.claim(code), (200, {"success": False, "message": INVALID})
         )
         self.assertEqual(self.snapshot(), before)
-        self.assertIsNone(self.server.state.ownerOf(SERIAL))
+        self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
 
     def test_unknownCode(self) -> None:
         """
@@ -583,7 +587,7 @@ class ClaimTests(ServerTestCase):
         """
         self.claim(self.passphrase()["value"], "alice")
         self.claim(self.passphrase()["value"], "bob")
-        self.assertEqual(self.server.state.ownerOf(SERIAL), "bob")
+        self.assertEqual(self.server.state.membership.ownerOf(SERIAL), "bob")
         alice = self.stored("structure.alice")
         bob = self.stored("structure.bob")
         assert alice is not None and bob is not None
@@ -602,7 +606,7 @@ class ClaimTests(ServerTestCase):
         status, document = self.claim(code)
         self.assertEqual(status, 429)
         self.assertIs(document["success"], False)
-        self.assertIsNone(self.server.state.ownerOf(SERIAL))
+        self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
         self.server.clock.advance(60)
         self.assertEqual(self.claim("000AAAA")[0], 200)
         self.server.clock.advance(60)
@@ -723,11 +727,13 @@ class DialogAndUnclaimTests(ServerTestCase):
         self.claim(self.passphrase()["value"])
         status, document = self.control("DELETE", f"/api/registered-devices/{SERIAL}")
         self.assertEqual((status, document["success"]), (200, True))
-        self.assertIsNone(self.server.state.ownerOf(SERIAL))
+        self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
         structure = self.stored("structure.homeowner")
         assert structure is not None
         self.assertEqual(structure.value["devices"], [])
-        self.assertNotIn("user.homeowner", self.server.state.linkedKeys(SERIAL))
+        self.assertNotIn(
+            "user.homeowner", self.server.state.membership.linkedKeys(SERIAL)
+        )
 
     def test_unclaimNotPaired(self) -> None:
         """

@@ -29,8 +29,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from nestproto import buckets
 from nestproto.buckets import Bucket
 from nestproto.device.api import _chunkWriter
-from nestproto.state import OWNER_RECORD
-from nestproto.store import BucketWrite, RecordWrite
+from nestproto.membership import OWNER_RECORD
+from nestproto.store import BucketUpdate, BucketWrite, RecordWrite
 from tests.helpers import (
     DEVICE_URL,
     OTHER_SERIAL,
@@ -134,11 +134,13 @@ class TransportTestCase(SynchronousTestCase):
         L{DeviceState.change}, which commits and pushes.
         """
 
-        def change(nowMs: int) -> list[Bucket]:
-            current = self.server.store.get(scope, key) or buckets.empty(key)
-            return [buckets.forceMerge(current, fields, nowMs)]
+        def change(current: Bucket | None, nowMs: int) -> Bucket:
+            return buckets.forceMerge(current or buckets.empty(key), fields, nowMs)
 
-        [written] = self.successResultOf(self.server.state.change(scope, change))
+        [written] = self.successResultOf(
+            self.server.state.change([BucketUpdate(scope, key, change)])
+        )
+        assert written is not None
         return written
 
     def seed(self, *seeded: Bucket, serial: str = SERIAL) -> None:
@@ -1310,12 +1312,11 @@ class RawHTTPTests(SynchronousTestCase):
 
         self.transport.clear()
 
-        def change(nowMs: int) -> list[Bucket]:
-            current = self.server.store.get(SERIAL, SHARED)
+        def change(current: Bucket | None, nowMs: int) -> Bucket:
             assert current is not None
-            return [buckets.forceMerge(current, {"a": 2}, nowMs)]
+            return buckets.forceMerge(current, {"a": 2}, nowMs)
 
-        self.server.state.change(SERIAL, change)
+        self.server.state.change([BucketUpdate(SERIAL, SHARED, change)])
         chunk = self.transport.value()
         size, _, rest = chunk.partition(b"\r\n")
         document = rest[: int(size, 16)]
@@ -1627,10 +1628,10 @@ class KnownDeviceTests(SynchronousTestCase):
         server.seed("", Bucket("structure.default", 1, 1000, {}))
         candidates = [SERIAL, owned, emptied, OTHER_SERIAL, ""]
         self.assertEqual(
-            [s for s in candidates if server.state.isKnown(s)],
+            [s for s in candidates if server.state.membership.isKnown(s)],
             [SERIAL, owned],
         )
         self.assertEqual(
-            [s for s in candidates if server.state.isKnown(s)],
-            [s for s in candidates if s in server.state.knownSerials()],
+            [s for s in candidates if server.state.membership.isKnown(s)],
+            [s for s in candidates if s in server.state.membership.knownSerials()],
         )

@@ -26,6 +26,8 @@ from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
 from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
 from ..httpjson import JSONKlein, jsonResponse, readBody
+from ..hub import SubscriberHub
+from ..membership import OWNER_RECORD
 from ..pairing import (
     INVALID_KEY_MESSAGE,
     ClaimThrottle,
@@ -34,7 +36,7 @@ from ..pairing import (
     checkUserId,
     normaliseCode,
 )
-from ..state import OWNER_RECORD, DeviceState
+from ..state import DeviceState
 from . import commands
 from .events import EventStream
 from .status import DEFAULT_UNAVAILABLE_AFTER_SECONDS, deviceStatus
@@ -130,18 +132,14 @@ class ControlAPI:
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
+    hub: SubscriberHub
     #: Shared with the device port: codes shown there are claimed here.
     pairing: Pairing
     settings: ControlSettings = field(factory=ControlSettings)
     throttle: ClaimThrottle = field(
         default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
     )
-    events: EventStream = field(
-        default=Factory(lambda self: EventStream(self.state.clock), takes_self=True)
-    )
-
-    def __attrs_post_init__(self) -> None:
-        self.state.changeListeners.append(self.events.publish)
+    events: EventStream
 
     # Errors
 
@@ -200,7 +198,7 @@ class ControlAPI:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
 
     def _knownSerial(self, serial: str) -> str:
-        if not self.state.isKnown(serial):
+        if not self.state.membership.isKnown(serial):
             raise UnknownDevice()
         return serial
 
@@ -214,8 +212,8 @@ class ControlAPI:
             {
                 "status": "ok",
                 "timestamp": self.state.nowMs(),
-                "devices": len(self.state.knownSerials()),
-                "subscriptions": self.state.hub.total(),
+                "devices": len(self.state.membership.knownSerials()),
+                "subscriptions": self.hub.total(),
             },
         )
 
@@ -227,15 +225,17 @@ class ControlAPI:
         return jsonResponse(request, self._status(serial))
 
     def _status(self, serial: str) -> dict[str, Any]:
-        return deviceStatus(self.state, serial, self.settings.unavailableAfterSeconds)
+        return deviceStatus(
+            self.state, self.hub, serial, self.settings.unavailableAfterSeconds
+        )
 
     @app.route("/api/devices", methods=["GET"])
     @_guarded
     def devices(self, request: IRequest) -> bytes:
         devices = []
-        for serial in self.state.knownSerials():
+        for serial in self.state.membership.knownSerials():
             status = self._status(serial)
-            status["subscription_count"] = self.state.hub.count(serial)
+            status["subscription_count"] = self.hub.count(serial)
             devices.append(status)
         return jsonResponse(request, {"devices": devices, "total": len(devices)})
 
@@ -259,7 +259,11 @@ class ControlAPI:
     @app.route("/api/events", methods=["GET"])
     @_guarded
     def eventStream(self, request: IRequest) -> Deferred[bytes] | bytes:
-        attached = self.events.attach(request)
+        lastEventId = request.getHeader(b"last-event-id")
+        attached = self.events.attach(
+            request,
+            None if lastEventId is None else lastEventId.decode("ascii", "replace"),
+        )
         if attached is None:
             raise Unavailable("Too many event stream clients")
         return attached.addCallback(lambda ignored: b"")

@@ -15,12 +15,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 
 from .. import buckets as rules
 from ..buckets import Bucket
 from ..errors import NestError, UnknownDevice
-from ..state import GLOBAL_SCOPE, DeviceState
+from ..membership import GLOBAL_SCOPE
+from ..state import DeviceState
+from ..store import BucketUpdate, Decide
 
 #: Setpoints are clamped into this range by default: 45 °F to 95 °F
 #: (PROTOCOL.md §16.3).
@@ -560,7 +562,7 @@ def plan(state: DeviceState, serial: str, command: object, value: object) -> Pla
         raise CommandError(
             f"Unknown command {command!r}; use one of {', '.join(sorted(COMMANDS))}"
         )
-    if not state.isKnown(serial):
+    if not state.membership.isKnown(serial):
         raise UnknownDevice(serial)
     store = state.store
     device = _Device(
@@ -571,10 +573,10 @@ def plan(state: DeviceState, serial: str, command: object, value: object) -> Pla
     )
     nowS = int(state.clock.seconds())
     if command == "set_away":
-        structureKey = state.structureKey(serial)
+        structureKey = state.membership.structureKey(serial)
         members = [
             member
-            for member in state.devicesSeeing(GLOBAL_SCOPE, structureKey)
+            for member in state.membership.devicesSeeing(GLOBAL_SCOPE, structureKey)
             if store.get(member, f"device.{member}") is not None
         ]
         return setAway(device, value, nowS, structureKey, members)
@@ -583,28 +585,21 @@ def plan(state: DeviceState, serial: str, command: object, value: object) -> Pla
 
 def execute(state: DeviceState, planned: Plan) -> Deferred[list[Bucket]]:
     """
-    Write C{planned}'s edits (one durable change per scope) and push them.
+    Write C{planned}'s edits in one transaction, all or nothing (C{set_away}
+    touches structure, device and shared buckets), and so push them.
 
     @return: fires with every written bucket.
     """
-    byScope: dict[str, list[Edit]] = {}
-    for edit in planned.edits:
-        byScope.setdefault(edit.scope, []).append(edit)
 
-    def changer(edits: list[Edit]) -> Callable[[int], list[Bucket]]:
-        def bucketsNow(nowMs: int) -> list[Bucket]:
-            written = []
-            for edit in edits:
-                stored = state.store.get(edit.scope, edit.key) or rules.empty(edit.key)
-                if edit.replace:
-                    written.append(rules.replace(stored, edit.fields, nowMs))
-                else:
-                    written.append(rules.forceMerge(stored, edit.fields, nowMs))
-            return written
+    def decide(edit: Edit) -> Decide:
+        def edited(stored: Bucket | None, nowMs: int) -> Bucket:
+            before = stored or rules.empty(edit.key)
+            if edit.replace:
+                return rules.replace(before, edit.fields, nowMs)
+            return rules.forceMerge(before, edit.fields, nowMs)
 
-        return bucketsNow
+        return edited
 
-    changes = [state.change(scope, changer(edits)) for scope, edits in byScope.items()]
-    return gatherResults(changes, consumeErrors=True).addCallback(
-        lambda results: [bucket for written in results for bucket in written]
-    )
+    return state.change(
+        [BucketUpdate(edit.scope, edit.key, decide(edit)) for edit in planned.edits]
+    ).addCallback(lambda results: [bucket for bucket in results if bucket is not None])

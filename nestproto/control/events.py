@@ -1,13 +1,19 @@
 # -*- test-case-name: tests.test_control_api -*-
 """
 Server-Sent Events for control clients: one C{data: {"serial": S}} event
-each time a change to device S is durable (PROTOCOL.md §16.5, §16.6), so
+each time a change to device S is committed (PROTOCOL.md §16.5, §16.6), so
 clients refetch its status instead of polling.
+
+Events come from the store's change feed. The last event of each commit
+carries the commit's sequence as its C{id}, so a client that reconnects
+with C{Last-Event-ID} is sent exactly the events it missed; when they are
+no longer kept it is sent one C{reset} event and refetches everything.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -15,10 +21,33 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from ..membership import GLOBAL_SCOPE, OWNER_RECORD
+from ..model import Commit
+from ..pairing import ENTRY_KEY_RECORD
+from ..store import IChangeFeed
+
 #: A comment line this often keeps proxies from closing an idle stream and
 #: finds clients that left without a word.
 KEEPALIVE_SECONDS = 25.0
 MAX_CLIENTS = 64
+#: Sent in place of missed events that are no longer kept.
+RESET_EVENT = b'event: reset\ndata: {"reset": true}\n\n'
+
+
+def serialsChangedBy(
+    commit: Commit, devicesSeeing: Callable[[str, str], Iterable[str]]
+) -> list[str]:
+    """The devices whose status C{commit} changed, in a stable order."""
+    serials: dict[str, None] = {}
+    for change in commit.buckets:
+        if change.scope == GLOBAL_SCOPE:
+            serials.update(dict.fromkeys(devicesSeeing(change.scope, change.key)))
+        else:
+            serials[change.scope] = None
+    for record in commit.records:
+        if record.kind in (OWNER_RECORD, ENTRY_KEY_RECORD):
+            serials[record.name] = None
+    return list(serials)
 
 
 @define(eq=False)
@@ -35,6 +64,8 @@ class EventStream:
     log = Logger()
 
     clock: IReactorTime
+    feed: IChangeFeed
+    devicesSeeing: Callable[[str, str], Iterable[str]]
     keepAliveSeconds: float = KEEPALIVE_SECONDS
     maxClients: int = MAX_CLIENTS
     _clients: list[_Client] = field(factory=list, init=False)
@@ -43,9 +74,12 @@ class EventStream:
         """How many clients are connected now."""
         return len(self._clients)
 
-    def attach(self, request: IRequest) -> Deferred[None] | None:
+    def attach(
+        self, request: IRequest, lastEventId: str | None = None
+    ) -> Deferred[None] | None:
         """
-        Stream events to C{request} until the client leaves.
+        Stream events to C{request} until the client leaves, first those it
+        missed after C{lastEventId} (its C{Last-Event-ID} header).
 
         @return: a Deferred that fires when the stream ends (at L{endAll});
             cancelling it (the client left) forgets the client at once.
@@ -63,14 +97,36 @@ class EventStream:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         # The headers and a comment now: the client knows it is connected.
-        self._write(client, b": connected\n\n")
+        catchUp = b": connected\n\n" + self._missed(lastEventId)
+        self._write(client, catchUp)
         return client.done
 
-    def publish(self, serial: str) -> None:
-        """Send one change event for C{serial} to every client."""
-        event = b"data: " + json.dumps({"serial": serial}).encode() + b"\n\n"
+    def _missed(self, lastEventId: str | None) -> bytes:
+        if lastEventId is None:
+            # An id alone sets where a reconnect resumes without an event.
+            return b"id: %d\n\n" % (self.feed.lastSequence,)
+        try:
+            missed = self.feed.since(int(lastEventId))
+        except ValueError:
+            missed = None
+        if missed is None:
+            return b"id: %d\n" % (self.feed.lastSequence,) + RESET_EVENT
+        return b"".join(self._events(commit) for commit in missed)
+
+    def _events(self, commit: Commit) -> bytes:
+        serials = serialsChangedBy(commit, self.devicesSeeing)
+        events = [b"data: " + json.dumps({"serial": s}).encode() for s in serials]
+        if events:
+            events[-1] = b"id: %d\n" % (commit.sequence,) + events[-1]
+        return b"".join(event + b"\n\n" for event in events)
+
+    def publish(self, commit: Commit) -> None:
+        """Send C{commit}'s events to every client (a feed listener)."""
+        events = self._events(commit)
+        if not events:
+            return
         for client in list(self._clients):
-            self._write(client, event)
+            self._write(client, events)
 
     def endAll(self) -> None:
         """End every stream cleanly (at shutdown)."""

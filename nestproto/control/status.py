@@ -9,7 +9,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ..state import GLOBAL_SCOPE, DeviceState
+from ..hub import SubscriberHub
+from ..membership import GLOBAL_SCOPE
+from ..state import DeviceState
 
 #: A device silent for longer than this is shown unavailable: it subscribes
 #: at least every suspend_time_max (300 s), so two missed rounds.
@@ -57,19 +59,22 @@ def _first(name: str, *values: dict[str, Any]) -> Any:
     return None
 
 
-def isAvailable(state: DeviceState, serial: str, unavailableAfter: float) -> bool:
+def isAvailable(
+    state: DeviceState, hub: SubscriberHub, serial: str, unavailableAfter: float
+) -> bool:
     """
     Whether C{serial} is talking to us: it holds a subscribe now, or was
     heard from within C{unavailableAfter} seconds.
     """
-    if state.hub.count(serial):
+    if hub.count(serial):
         return True
-    seen = state.lastSeen.get(serial)
+    seen = state.presence.lastSeen(serial)
     return seen is not None and state.clock.seconds() - seen <= unavailableAfter
 
 
 def deviceStatus(
     state: DeviceState,
+    hub: SubscriberHub,
     serial: str,
     unavailableAfter: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS,
 ) -> dict[str, Any]:
@@ -82,11 +87,11 @@ def deviceStatus(
 
     shared = value(f"shared.{serial}")
     device = value(f"device.{serial}")
-    structureKey = state.structureKey(serial)
+    structureKey = state.membership.structureKey(serial)
     structure = value(structureKey, GLOBAL_SCOPE)
     nowS = state.clock.seconds()
-    available = isAvailable(state, serial, unavailableAfter)
-    seen = state.lastSeen.get(serial)
+    available = isAvailable(state, hub, serial, unavailableAfter)
+    seen = state.presence.lastSeen(serial)
 
     capabilities = {}
     for name, default in _CAPABILITIES.items():
@@ -105,7 +110,7 @@ def deviceStatus(
 
     fanTimeout = device.get("fan_timer_timeout", 0)
     displayName = shared.get("name")
-    owner = state.ownerOf(serial)
+    owner = state.membership.ownerOf(serial)
     status: dict[str, Any] = {
         "serial": serial,
         "id": serial,
@@ -141,7 +146,7 @@ def deviceStatus(
         "away": away,
         "has_leaf": device.get("leaf") is True,
         "software_version": device.get("current_version")
-        or state.entryFields.get(serial, {}).get("software_version"),
+        or state.presence.entryFields(serial).get("software_version"),
         "temperature_scale": device.get("temperature_scale", "C"),
         "schedule_mode": shared.get("schedule_mode"),
         "temperature_lock_enabled": device.get("temperature_lock") is True,

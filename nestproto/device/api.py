@@ -187,7 +187,7 @@ class DeviceAPI:
         )
         serial = deviceSerial(request)
         if serial is not None:
-            self.state.noteEntry(serial, fields)
+            self.state.presence.noteEntry(serial, fields)
         origin = self.settings.origin or requestOrigin(request)
         return jsonResponse(request, entryMap(origin))
 
@@ -234,7 +234,7 @@ class DeviceAPI:
         serial = caller or named
         if serial is None:
             raise SerialRequired()
-        self.state.touch(serial)
+        self.state.presence.touch(serial)
         self._transportHeaders(request)
         return self._objects(request, self.state.listing(serial), withValues=False)
 

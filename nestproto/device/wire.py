@@ -25,6 +25,7 @@ from ..buckets import (
     isBucketKey,
 )
 from ..errors import BadBody
+from ..model import ClientObject, PutEntry
 
 #: Bodies past this are refused before parsing (413).
 MAX_BODY_BYTES = 1024 * 1024
@@ -50,40 +51,12 @@ _PUT_META_KEYS = frozenset({"object_key", "base_object_revision", "if_object_rev
 
 
 @frozen
-class ClientObject:
-    """
-    One bucket named in a subscribe: what the device believes it holds,
-    and an inline update when C{value} is given (PROTOCOL.md §6.1).
-    """
-
-    key: str
-    revision: int = 0
-    timestamp: int = 0
-    value: dict[str, Any] | None = None
-
-    @property
-    def isInlineUpdate(self) -> bool:
-        """A value sent with revision and timestamp 0 (PROTOCOL.md §11.4)."""
-        return self.value is not None and self.revision == 0 and self.timestamp == 0
-
-
-@frozen
 class SubscribeBody:
     """A parsed subscribe request."""
 
     chunked: bool
     session: str
     objects: tuple[ClientObject, ...]
-
-
-@frozen
-class PutEntry:
-    """One bucket of a put: the fields to merge and the optional condition."""
-
-    key: str
-    fields: dict[str, Any]
-    ifRevision: int | None = None
-    baseRevision: int | None = None
 
 
 def _refuseConstant(name: str) -> Any:

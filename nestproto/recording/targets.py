@@ -74,7 +74,7 @@ def memoryServer(
     @param controlToken: the control port's Bearer token, if it has one.
     """
     apps = buildApps(
-        SQLiteStore.open(":memory:", runInline),
+        SQLiteStore.open(":memory:", runInline, clock),
         clock,
         runInThread=runInline,
         settings=AppSettings(control=ControlSettings(token=controlToken)),
