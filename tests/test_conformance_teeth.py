@@ -222,7 +222,12 @@ class MachineTeethTests(SynchronousTestCase):
             pushCommit(self, evolve(commit, origin=None), seeing)
 
         self.patch(SubscriberHub, "pushCommit", echoing)
-        self.assertMachineFails("nothing pushed unexpectedly")
+        self.assertMachineFails(
+            "nothing pushed unexpectedly",
+            # The echo opens a batch window the machine does not expect, so
+            # the timer check may see it first.
+            "one timer per held subscribe, none outliving its request",
+        )
 
     def test_acknowledgedPutLost(self) -> None:
         """
