@@ -19,6 +19,7 @@ from nestproto.buckets import Bucket
 from nestproto.control.api import ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.membership import GLOBAL_SCOPE
+from nestproto.store import REPLAY_COMMITS
 
 from .helpers import (
     CONTROL_URL,
@@ -1005,6 +1006,80 @@ class EventTests(ControlTestCase):
         self.server.controlClient.flush()
         self.assertTrue(b"".join(chunks).endswith(b": keepalive\n\n"))
         self.leave(d, done)
+
+    def reconnect(
+        self, lastEventId: str | None
+    ) -> tuple[DroppableBody, list[bytes], Deferred[None]]:
+        headers = {} if lastEventId is None else {"Last-Event-ID": lastEventId}
+        d = self.server.controlClient.get(CONTROL_URL + "/api/events", headers=headers)
+        self.server.controlClient.flush()
+        answer, stream = receiveDroppable(self.successResultOf(d))
+        return stream, answer.chunks, answer.done
+
+    def test_lastEventIdReplaysExactlyWhatWasMissed(self) -> None:
+        """
+        Each event carries the commit's sequence as its id; a client that
+        reconnects with C{Last-Event-ID} gets exactly the events it missed,
+        in order, and then live ones.
+        """
+        self.connect(OTHER_SERIAL)
+        d, chunks, done = self.openStream()
+        self.ok("set_temperature", 22)
+        self.server.controlClient.flush()
+        [(seenId, _kind, first)] = sseEvents(chunks)
+        self.assertEqual(first, {"serial": SERIAL})
+        self.assertEqual(seenId, str(self.server.store.lastSequence))
+        self.leave(d, done)
+        self.ok("set_temperature", 23)
+        self.ok("set_mode", "cool", serial=OTHER_SERIAL)
+        d, chunks, done = self.reconnect(seenId)
+        replayed = sseEvents(chunks)
+        self.assertEqual(
+            [data for _id, _kind, data in replayed],
+            [{"serial": SERIAL}, {"serial": OTHER_SERIAL}],
+        )
+        self.assertEqual(replayed[-1][0], str(self.server.store.lastSequence))
+        self.ok("set_temperature", 24)
+        self.server.controlClient.flush()
+        self.assertEqual(self.events(chunks)[2:], [{"serial": SERIAL}])
+        self.leave(d, done)
+
+    def test_upToDateReconnectGetsNothing(self) -> None:
+        """
+        A fresh client is told where it stands (an id with no event); a
+        client reconnecting with the latest id is sent no event.
+        """
+        d, chunks, done = self.openStream()
+        self.assertIn(b"id: %d\n\n" % self.server.store.lastSequence, chunks[0])
+        self.assertEqual(sseEvents(chunks), [])
+        self.leave(d, done)
+        d, chunks, done = self.reconnect(str(self.server.store.lastSequence))
+        self.assertEqual(sseEvents(chunks), [])
+        self.leave(d, done)
+
+    def test_tooOldOrBadIdResets(self) -> None:
+        """
+        Missed events no longer kept, or an id this server never gave, are
+        one C{reset} event: the client refetches everything.
+        """
+        for _ in range(REPLAY_COMMITS + 1):
+            self.ok("set_temperature", 22)
+        last = self.server.store.lastSequence
+        for bad in ["0", "not-a-number", str(last + 5)]:
+            d, chunks, done = self.reconnect(bad)
+            [(resetId, kind, data)] = sseEvents(chunks)
+            self.assertEqual((kind, data), ("reset", {"reset": True}), bad)
+            self.assertEqual(resetId, str(last))
+            self.leave(d, done)
+
+    def test_shutdownEndsStreams(self) -> None:
+        """At shutdown every event stream ends cleanly, leaving no timer."""
+        d, chunks, done = self.openStream()
+        self.server.control.events.endAll()
+        self.server.controlClient.flush()
+        self.successResultOf(done)
+        self.assertEqual(self.server.control.events.count(), 0)
+        self.assertEqual(self.server.clock.getDelayedCalls(), [])
 
 
 class AuthTests(ServerTestCase):
