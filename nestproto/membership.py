@@ -93,7 +93,13 @@ class Membership:
 
     def apply(self, commit: Commit) -> None:
         """Re-index the devices whose scope or owner C{commit} changed."""
-        touched = {change.scope for change in commit.buckets}
+        # A bucket written to a known device changes nothing here: only a
+        # device's first bucket, a deletion or an owner change can.
+        touched = {
+            change.scope
+            for change in commit.buckets
+            if change.bucket is None or change.scope not in self._links
+        }
         touched.update(
             change.name for change in commit.records if change.kind == OWNER_RECORD
         )
