@@ -25,6 +25,7 @@ from nestproto.buckets import (
     TIMESTAMP_MAX,
     Bucket,
 )
+from nestproto.fields import NUMERIC_FIELDS
 
 #: Every bucket type of PROTOCOL.md §10.1, in a stable order.
 BUCKET_TYPES = sorted(KNOWN_TYPES)
@@ -164,6 +165,28 @@ def bucketValues(
         min_size=minSize,
         max_size=maxSize,
     )
+
+
+def _numbersKept(value: dict[str, Any]) -> dict[str, Any]:
+    """C{value} with a number wherever clients read one (nestproto.fields)."""
+    return {
+        name: 20.5
+        if name in NUMERIC_FIELDS
+        and field is not None
+        and (isinstance(field, bool) or not isinstance(field, int | float))
+        else field
+        for name, field in value.items()
+    }
+
+
+def deviceValues(
+    minSize: int = 0, maxSize: int = 6, exclude: frozenset[str] = frozenset()
+) -> SearchStrategy[dict[str, Any]]:
+    """
+    A bucket value a device may send: as L{bucketValues}, with a number or
+    C{null} in every field clients read as a number.
+    """
+    return bucketValues(minSize, maxSize, exclude).map(_numbersKept)
 
 
 @composite

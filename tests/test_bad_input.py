@@ -12,6 +12,7 @@ from typing import Any
 
 from nestproto.buckets import Bucket
 from nestproto.device.wire import MAX_BODY_BYTES, MAX_OBJECTS, MAX_VALUE_DEPTH
+from nestproto.fields import NUMERIC_FIELDS
 from nestproto.state import MAX_BUCKETS_PER_DEVICE
 from tests.helpers import DEVICE_URL, SERIAL, basicAuth, clientObject
 from tests.test_transport import DEVICE, SHARED, TransportTestCase
@@ -266,6 +267,66 @@ class TransportBodyTests(BadInputTestCase):
                 )
             )
         self.assertServes()
+
+    def test_nonNumbersInNumericFields(self) -> None:
+        """
+        A put or a subscribe (inline update, or a later copy the server
+        would adopt) giving a field clients read as a number text, a
+        boolean, a list or an object is refused with 400 as a whole,
+        whichever of shared or device it names.
+        """
+        for name in sorted(NUMERIC_FIELDS):
+            for key in (SHARED, DEVICE):
+                for value in ["20.5", True, False, [20], {"c": 20}, ""]:
+                    bad = json.dumps(
+                        {"object_key": key, "value": {name: value, "other": 1}}
+                    ).encode()
+                    self.assertRefused(withEntry(bad))
+                    later = json.dumps(
+                        {
+                            "object_key": key,
+                            "object_revision": 9,
+                            "object_timestamp": self.start + 10_000,
+                            "value": {name: value},
+                        }
+                    ).encode()
+                    self.assertRefused(withEntry(later), paths=SUBSCRIBES)
+                    inline = {"object_key": key, name: value}
+                    self.assertRefused(json.dumps({key: inline}).encode(), paths=PUTS)
+        self.assertServes()
+
+    def test_numbersAndNullInNumericFields(self) -> None:
+        """
+        Integers, floats and C{null} (no reading) are taken in those
+        fields; other bucket types may hold anything there.
+        """
+        answer, body = self.answered(
+            self.put(
+                {
+                    "objects": [
+                        {
+                            "object_key": SHARED,
+                            "value": {
+                                "current_temperature": 21,
+                                "target_temperature": None,
+                            },
+                        },
+                        {
+                            "object_key": DEVICE,
+                            "value": {"battery_level": 3.9, "current_humidity": 41},
+                        },
+                        {
+                            "object_key": "kryptonite.k1",
+                            "value": {"current_temperature": "n/a"},
+                        },
+                    ]
+                }
+            )
+        )
+        self.assertEqual(answer.response.code, 200)
+        self.assertEqual(self.current(SHARED).value["current_temperature"], 21)
+        self.assertEqual(self.current(DEVICE).value["battery_level"], 3.9)
+        self.assertClean()
 
     def test_oversizedBody(self) -> None:
         """

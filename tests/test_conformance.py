@@ -40,6 +40,7 @@ from twisted.web.client import ResponseDone
 
 from nestproto import buckets
 from nestproto.buckets import INT32_MAX, INT32_MIN, SERIAL_KEYED_TYPES
+from nestproto.fields import NUMERIC_FIELDS
 from nestproto.membership import OWNER_RECORD
 from nestproto.store import BucketUpdate, RecordWrite
 
@@ -57,9 +58,9 @@ from .strategies import (
     PUT_META_KEYS,
     SUBSCRIBE_FORMS,
     bucketKeys,
-    bucketValues,
     commandChanges,
     controlCommands,
+    deviceValues,
     putDocument,
     putEntries,
     serials,
@@ -668,7 +669,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         for key in device.ownKeys:
             # What it knows of itself: new values, or those it had.
             held = fieldsHeld(previous.get(key, PLACEHOLDER).value)
-            value = data.draw(bucketValues(minSize=1, maxSize=3) | held)
+            value = data.draw(deviceValues(minSize=1, maxSize=3) | held)
             entries.append((key, 0, 0, value))
         self.subscribeAs(device, entries, data.draw(st.sampled_from(SUBSCRIBE_FORMS)))
 
@@ -721,7 +722,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             or mine != self.model.view(device.serial, key)
         ):
             return
-        value = {**mine.value, **data.draw(bucketValues(minSize=1, maxSize=2))}
+        value = {**mine.value, **data.draw(deviceValues(minSize=1, maxSize=2))}
         timestamp = mine.timestamp + data.draw(st.integers(1, 10_000))
         entries: list[tuple[str, int, int, dict[str, Any] | None]] = [
             (k, c.revision, c.timestamp, None)
@@ -756,7 +757,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         for key in keys:
             mine = device.copies.get(key, PLACEHOLDER)
             fields = data.draw(
-                bucketValues(minSize=1, maxSize=3, exclude=PUT_META_KEYS)
+                deviceValues(minSize=1, maxSize=3, exclude=PUT_META_KEYS)
                 | fieldsHeld(mine.value)
             )
             condition = data.draw(st.sampled_from(["none", "current", "stale"]))
@@ -821,6 +822,34 @@ class ConformanceMachine(RuleBasedStateMachine):
                     receipt.revision, receipt.timestamp, {**mine.value, **fields}
                 )
         # A put pushes nothing, not even to the device's other connections.
+        self.collectPushes()
+
+    @rule(data=st.data())
+    def nonNumber(self, data: st.DataObject) -> None:
+        """
+        A device gives a field clients read as a number a non-number, in a
+        put or a subscribe, after a valid entry: the whole request is
+        refused with a 400, and nothing changes or is held.
+        """
+        device = data.draw(st.sampled_from(self.deviceList()))
+        key = data.draw(
+            st.sampled_from([f"shared.{device.serial}", f"device.{device.serial}"])
+        )
+        name = data.draw(st.sampled_from(sorted(NUMERIC_FIELDS)))
+        bad = data.draw(st.sampled_from(["20.5", True, False, [20], {"c": 1}]))
+        good = clientObject(f"schedule.{device.serial}", value={"changed": True})
+        subscribe = data.draw(st.booleans())
+        document = {
+            "chunked": True,
+            "objects": [good, clientObject(key, value={name: bad})],
+        }
+        response, body = self.request(
+            "/nest/transport" if subscribe else "/nest/transport/put",
+            document,
+            device.serial,
+        )
+        check(response.code == 400, "a non-number is refused", response.code)
+        check(body.ended is not None, "a refusal answers at once", body)
         self.collectPushes()
 
     @rule(data=st.data(), change=commandChanges())

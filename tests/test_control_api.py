@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
+from nestproto.fields import NUMERIC_FIELDS
 from nestproto.membership import GLOBAL_SCOPE
 from nestproto.store import REPLAY_COMMITS
 
@@ -837,6 +838,42 @@ class StatusTests(ControlTestCase):
         self.assertIs(device["hvac"]["heater"], False)
         self.assertEqual((device["id"], device["serial"]), (SERIAL, SERIAL))
         self.assertEqual(device["subscription_count"], 0)
+
+    def test_storedNonNumbersShownAsNull(self) -> None:
+        """
+        A non-number stored where a number belongs (written before devices
+        were held to numbers) is shown as C{null} by C{/status} and
+        C{/api/devices}; a number in the other bucket is shown instead.
+        """
+        garbage: dict[str, Any] = {name: "bad" for name in NUMERIC_FIELDS}
+        self.server.seed(
+            SERIAL,
+            Bucket(f"shared.{SERIAL}", 9, self.server.nowMs(), {**garbage, "x": 1}),
+            Bucket(
+                f"device.{SERIAL}",
+                9,
+                self.server.nowMs(),
+                {**garbage, "current_temperature": 19.5, "target_humidity": True},
+            ),
+        )
+        status, document = self.control("GET", "/api/devices")
+        self.assertEqual(status, 200)
+        for shown in (self.status(), document["devices"][0]):
+            self.assertEqual(shown["current_temperature"], 19.5)
+            for name in (
+                "target_temperature",
+                "target_temperature_low",
+                "target_temperature_high",
+                "humidity",
+                "target_humidity",
+                "fan_timer_duration",
+                "time_to_target",
+                "backplate_temperature",
+            ):
+                self.assertIsNone(shown[name], name)
+            self.assertEqual(shown["eco_temperatures"], {"high": None, "low": None})
+            self.assertEqual(shown["fan_timer_timeout"], 0)
+            self.assertIs(shown["fan_timer_active"], False)
 
     def test_subscriptionCount(self) -> None:
         """

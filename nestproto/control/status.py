@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from ..fields import isNumber, numberOrNone
 from ..hub import SubscriberHub
 from ..membership import GLOBAL_SCOPE
 from ..state import DeviceState
@@ -56,6 +57,18 @@ def _first(name: str, *values: dict[str, Any]) -> Any:
     for value in values:
         if value.get(name) is not None:
             return value[name]
+    return None
+
+
+def _firstNumber(name: str, *values: dict[str, Any]) -> int | float | None:
+    """
+    The first number stored under C{name}, or C{None}: a non-number stored
+    before devices were held to numbers (nestproto.fields) is never shown
+    where clients expect a number.
+    """
+    for value in values:
+        if isNumber(value.get(name)):
+            return value[name]  # type: ignore[no-any-return]
     return None
 
 
@@ -108,7 +121,7 @@ def deviceStatus(
     if ecoMode == "off" and structure.get("manual_eco_all") is True:
         ecoMode = "manual"
 
-    fanTimeout = device.get("fan_timer_timeout", 0)
+    fanTimeout = numberOrNone(device.get("fan_timer_timeout")) or 0
     displayName = shared.get("name")
     owner = state.membership.ownerOf(serial)
     status: dict[str, Any] = {
@@ -121,26 +134,28 @@ def deviceStatus(
         if seen is None
         else datetime.fromtimestamp(seen, UTC).isoformat(),
         "last_seen_ms": None if seen is None else int(seen * 1000),
-        "current_temperature": _first("current_temperature", shared, device),
-        "target_temperature": _first("target_temperature", shared, device),
-        "target_temperature_high": _first("target_temperature_high", shared, device),
-        "target_temperature_low": _first("target_temperature_low", shared, device),
-        "humidity": device.get("current_humidity"),
-        "target_humidity": device.get("target_humidity"),
+        "current_temperature": _firstNumber("current_temperature", shared, device),
+        "target_temperature": _firstNumber("target_temperature", shared, device),
+        "target_temperature_high": _firstNumber(
+            "target_temperature_high", shared, device
+        ),
+        "target_temperature_low": _firstNumber(
+            "target_temperature_low", shared, device
+        ),
+        "humidity": numberOrNone(device.get("current_humidity")),
+        "target_humidity": numberOrNone(device.get("target_humidity")),
         "target_humidity_enabled": device.get("target_humidity_enabled") is True,
         "mode": _first("target_temperature_type", shared, device),
         "hvac": {
             **{word: shared.get(field) is True for word, field in _HVAC_SHARED.items()},
             **{word: device.get(field) is True for word, field in _HVAC_DEVICE.items()},
         },
-        "fan_timer_active": isinstance(fanTimeout, int | float)
-        and not isinstance(fanTimeout, bool)
-        and fanTimeout > nowS,
+        "fan_timer_active": fanTimeout > nowS,
         "fan_timer_timeout": fanTimeout,
-        "fan_timer_duration": device.get("fan_timer_duration"),
+        "fan_timer_duration": numberOrNone(device.get("fan_timer_duration")),
         "eco_temperatures": {
-            "high": device.get("away_temperature_high"),
-            "low": device.get("away_temperature_low"),
+            "high": numberOrNone(device.get("away_temperature_high")),
+            "low": numberOrNone(device.get("away_temperature_low")),
         },
         "eco_mode": ecoMode,
         "away": away,
@@ -152,11 +167,11 @@ def deviceStatus(
         "temperature_lock_enabled": device.get("temperature_lock") is True,
         "capabilities": capabilities,
         **capabilities,
-        "time_to_target": device.get("time_to_target"),
+        "time_to_target": numberOrNone(device.get("time_to_target")),
         "safety_state": device.get("safety_state"),
         "learning_mode": device.get("learning_mode"),
         "preconditioning_enabled": device.get("preconditioning_enabled"),
-        "backplate_temperature": device.get("backplate_temperature"),
+        "backplate_temperature": numberOrNone(device.get("backplate_temperature")),
         "structure_id": structureKey.split(".", 1)[1],
         "paired": owner is not None,
         "owner": owner,

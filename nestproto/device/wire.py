@@ -25,6 +25,7 @@ from ..buckets import (
     isBucketKey,
 )
 from ..errors import BadBody
+from ..fields import badNumericField
 from ..model import ClientObject, PutEntry
 
 #: Bodies past this are refused before parsing (413).
@@ -117,6 +118,11 @@ def _checkValue(key: str, value: Any) -> dict[str, Any]:
         raise BadBody(f"value of {key} must be an object")
     if _depth(value) > MAX_VALUE_DEPTH:
         raise BadBody(f"value of {key} is nested too deeply")
+    # Refused here, with the whole request, before anything is written:
+    # clients read these fields as numbers (nestproto.fields).
+    bad = badNumericField(key, value)
+    if bad is not None:
+        raise BadBody(f"{bad} of {key} must be a number")
     return value
 
 
