@@ -22,8 +22,13 @@ from .store import IBucketStore
 
 #: Scope of the buckets no single device owns (structures, users).
 GLOBAL_SCOPE = ""
-#: Structure of every device nobody has claimed (PROTOCOL.md §10.5).
-DEFAULT_STRUCTURE_ID = "default"
+#: How the structure id of a device nobody has claimed begins. Each such
+#: device has a structure of its own, C{structure.unpaired-<serial>}: the
+#: anchor puts them all in C{structure.default} (PROTOCOL.md §10.5), so eco
+#: set on one is set on every unclaimed thermostat in reach. No owner's
+#: structure id begins so: pairing refuses such user ids
+#: (L{isReservedStructureId}).
+UNPAIRED_STRUCTURE_PREFIX = "unpaired-"
 #: Record kind naming the user that claimed a serial: C{{"user": ...}}.
 OWNER_RECORD = "owner"
 
@@ -31,6 +36,19 @@ OWNER_RECORD = "owner"
 def structureIdFor(userId: str) -> str:
     """An owner's structure id: the user id without a C{user_} prefix (§10.5)."""
     return userId.removeprefix("user_")
+
+
+def unpairedStructureKey(serial: str) -> str:
+    """The structure of C{serial} while nobody has claimed it."""
+    return f"structure.{UNPAIRED_STRUCTURE_PREFIX}{serial}"
+
+
+def isReservedStructureId(structureId: str) -> bool:
+    """
+    Whether C{structureId} could be an unclaimed device's, in any case, so
+    that no user's structure can be taken for one.
+    """
+    return structureId.lower().startswith(UNPAIRED_STRUCTURE_PREFIX)
 
 
 def deviceMember(serial: str) -> str:
@@ -112,8 +130,9 @@ class Membership:
 
     def structureKey(self, serial: str) -> str:
         owner = self.ownerOf(serial)
-        structureId = DEFAULT_STRUCTURE_ID if owner is None else structureIdFor(owner)
-        return f"structure.{structureId}"
+        if owner is None:
+            return unpairedStructureKey(serial)
+        return f"structure.{structureIdFor(owner)}"
 
     def linkedKeys(self, serial: str) -> list[str]:
         owner = self.ownerOf(serial)

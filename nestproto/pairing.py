@@ -25,7 +25,14 @@ from twisted.logger import Logger
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
 from .errors import NestError, UnknownDevice
-from .membership import GLOBAL_SCOPE, OWNER_RECORD, deviceMember, structureIdFor
+from .membership import (
+    GLOBAL_SCOPE,
+    OWNER_RECORD,
+    deviceMember,
+    isReservedStructureId,
+    structureIdFor,
+    unpairedStructureKey,
+)
 from .state import DeviceState
 from .store import BucketUpdate, Decide, RecordWrite, Write
 
@@ -144,6 +151,9 @@ def checkUserId(raw: object) -> str:
         raise BadClaim("userId must be 1-64 letters, digits or _.@-")
     if not isBucketKey(f"structure.{structureIdFor(raw)}"):
         raise BadClaim("userId must name a structure")
+    if isReservedStructureId(structureIdFor(raw)):
+        # Its structure would be an unclaimed device's (membership.py).
+        raise BadClaim("userId must not begin with 'unpaired-'")
     return raw
 
 
@@ -329,7 +339,15 @@ class Pairing:
             BucketUpdate(GLOBAL_SCOPE, userKey, user),
             BucketUpdate(GLOBAL_SCOPE, structureKey, structure),
         ]
-        if oldStructureKey is not None and oldStructureKey != structureKey:
+        if oldStructureKey is None:
+            # The device moves into its owner's structure, and the one it had
+            # on its own while unclaimed is emptied: emptied, not deleted, so
+            # that should the device be released again, that structure's
+            # timestamps still only move forward for the copy it may hold.
+            writes.append(
+                BucketUpdate(GLOBAL_SCOPE, unpairedStructureKey(serial), _emptied)
+            )
+        elif oldStructureKey != structureKey:
             writes.append(
                 BucketUpdate(GLOBAL_SCOPE, oldStructureKey, _withoutMember(member))
             )
@@ -392,18 +410,22 @@ class Pairing:
         if not self.state.membership.isKnown(serial):
             raise UnknownDevice()
         owner = self.state.membership.ownerOf(serial)
-        structure = None
+        structures: list[Write] = [
+            BucketUpdate(GLOBAL_SCOPE, unpairedStructureKey(serial), _deleted)
+        ]
         if owner is not None:
-            structure = BucketUpdate(
-                GLOBAL_SCOPE,
-                f"structure.{structureIdFor(owner)}",
-                _withoutMember(deviceMember(serial)),
+            structures.append(
+                BucketUpdate(
+                    GLOBAL_SCOPE,
+                    f"structure.{structureIdFor(owner)}",
+                    _withoutMember(deviceMember(serial)),
+                )
             )
         records = [
             RecordWrite(OWNER_RECORD, serial, None),
             RecordWrite(ENTRY_KEY_RECORD, serial, None),
         ]
-        return self.state.removeDevice(serial, structure, records)
+        return self.state.removeDevice(serial, structures, records)
 
 
 def _deviceList(structure: Bucket) -> list[str]:
@@ -411,6 +433,18 @@ def _deviceList(structure: Bucket) -> list[str]:
     return (
         [d for d in devices if isinstance(d, str)] if isinstance(devices, list) else []
     )
+
+
+def _emptied(stored: Bucket | None, nowMs: int) -> Bucket | None:
+    """The bucket with an empty value (left absent when it is absent)."""
+    if stored is None or not stored.value:
+        return stored
+    return rules.replace(stored, {}, nowMs)
+
+
+def _deleted(stored: Bucket | None, nowMs: int) -> None:
+    """Delete the bucket (nothing changes when it is absent)."""
+    return None
 
 
 def _withoutMember(member: str) -> Decide:

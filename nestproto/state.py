@@ -317,16 +317,18 @@ class DeviceState:
         return self.store.write(writes)
 
     def removeDevice(
-        self, serial: str, structure: Write | None, records: Sequence[RecordWrite]
+        self,
+        serial: str,
+        structures: Sequence[Write],
+        records: Sequence[RecordWrite],
     ) -> Deferred[None]:
         """
         Forget C{serial}: every bucket of its scope and C{records} (its owner,
-        its entry key) in one transaction, with C{structure} (its structure
-        without it) for the devices still in it.
+        its entry key) in one transaction, with C{structures} (its owner's
+        structure without it, for the devices still in it; the one it had
+        on its own, deleted).
         """
-        writes: list[Write] = [ScopeDelete(serial)]
-        if structure is not None:
-            writes.append(structure)
+        writes: list[Write] = [ScopeDelete(serial), *structures]
         writes.extend(records)
         self.presence.forget(serial)
         self._structureSent.discard(serial)

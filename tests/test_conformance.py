@@ -146,8 +146,12 @@ class Model:
     structureSent: set[str] = field(factory=set)
 
     def structureKey(self, serial: str) -> str:
+        """
+        An owned device's is its owner's; an unowned one has its own, so eco
+        on one unowned device is not eco on all.
+        """
         owner = self.owners.get(serial)
-        return "structure.default" if owner is None else f"structure.{owner}"
+        return f"structure.unpaired-{serial}" if owner is None else f"structure.{owner}"
 
     def linked(self, serial: str) -> list[str]:
         owner = self.owners.get(serial)
@@ -965,8 +969,15 @@ class ConformanceMachine(RuleBasedStateMachine):
             "POST", "/api/register", {"code": key["value"], "userId": USER}
         )
         check(status == 200 and answer["success"], "a valid code claims", answer)
+        alone = self.model.structureKey(serial)
         self.model.owners[serial] = USER
-        self.serverWrites(before, nowMs, {""}, "a claim")
+        written = self.serverWrites(before, nowMs, {""}, "a claim")
+        if self.model.buckets.get(("", alone), PLACEHOLDER).value:
+            check(
+                written["", alone].value == {},
+                "a claimed device's own structure is emptied",
+                written.get(("", alone)),
+            )
 
     @precondition(lambda self: bool(self.model.owners))
     @rule(data=st.data())
@@ -1018,7 +1029,8 @@ class ConformanceMachine(RuleBasedStateMachine):
         status, answer = self.control("DELETE", "/api/device", {"serial": serial})
         check(status == 200 and answer["success"], "a known device is removed", answer)
         remaining = self.storedCopies()
-        for where in [where for where in before if where[0] == serial]:
+        alone = ("", f"structure.unpaired-{serial}")
+        for where in [w for w in before if w[0] == serial or w == alone]:
             check(where not in remaining, "a removed device's buckets are gone", where)
             self.model.buckets.pop(where, None)
             self.history.pop(where, None)

@@ -50,6 +50,8 @@ SHARED = {
     "name": "Hallway",
     "schedule_mode": "HEAT",
 }
+#: The structure L{SERIAL} has on its own while nobody has claimed it.
+UNPAIRED = f"structure.unpaired-{SERIAL}"
 DEVICE = {
     "current_humidity": 44,
     "has_fan": True,
@@ -382,12 +384,13 @@ class AwayTests(ControlTestCase):
     def test_scenario51Unowned(self) -> None:
         """
         Scenario 51: away on an unclaimed device writes C{manual_eco_all}
-        and a timestamp in seconds to C{structure.default}, and status shows
-        away at once.
+        and a timestamp in seconds to the structure it has on its own,
+        C{structure.unpaired-<serial>} (the anchor's C{structure.default}
+        is every unclaimed device's), and status shows away at once.
         """
         data = self.ok("set_away", True)
-        self.assertEqual(data["object_key"], "structure.default")
-        structure = self.value("structure.default", GLOBAL_SCOPE)
+        self.assertEqual(data["object_key"], UNPAIRED)
+        structure = self.value(UNPAIRED, GLOBAL_SCOPE)
         self.assertIs(structure["manual_eco_all"], True)
         self.assertEqual(
             structure["manual_eco_timestamp"], int(self.server.clock.seconds())
@@ -396,6 +399,79 @@ class AwayTests(ControlTestCase):
         status = self.status()
         self.assertIs(status["away"], True)
         self.assertEqual(status["eco_mode"], "manual")
+        self.assertEqual(status["structure_id"], f"unpaired-{SERIAL}")
+
+    def test_unclaimedDevicesApart(self) -> None:
+        """
+        Away on one unclaimed device is not away on another: it is neither
+        written to the other's structure nor pushed to it, and its status
+        stays home.
+        """
+        self.connect(OTHER_SERIAL)
+        other = self.held(serial=OTHER_SERIAL)
+        self.server.clock.advance(1)
+        self.ok("set_away", True)
+        self.server.deviceClient.flush()
+        self.assertEqual(other.chunks, [])
+        self.assertIs(self.status(OTHER_SERIAL)["away"], False)
+        self.assertIsNone(
+            self.stored(f"structure.unpaired-{OTHER_SERIAL}", GLOBAL_SCOPE)
+        )
+        self.ok("set_away", True, serial=OTHER_SERIAL)
+        self.assertEqual(
+            sorted(
+                bucket.key
+                for bucket in self.server.store.buckets(GLOBAL_SCOPE)
+                if bucket.value.get("manual_eco_all") is True
+            ),
+            sorted([UNPAIRED, f"structure.unpaired-{OTHER_SERIAL}"]),
+        )
+        self.endHolds()
+
+    def test_claimMovesIntoOwnersStructure(self) -> None:
+        """
+        Claiming a device moves it from the structure it had on its own,
+        which is emptied, into its owner's: status shows the owner's away.
+        """
+        self.ok("set_away", True)
+        before = self.stored(UNPAIRED, GLOBAL_SCOPE)
+        assert before is not None
+        self.server.clock.advance(1)
+        self.claim(self.passphrase()["value"])
+        emptied = self.stored(UNPAIRED, GLOBAL_SCOPE)
+        assert emptied is not None
+        self.assertEqual(emptied.value, {})
+        self.assertEqual(emptied.revision, before.revision + 1)
+        self.assertGreater(emptied.timestamp, before.timestamp)
+        self.assertEqual(
+            self.value("structure.homeowner", GLOBAL_SCOPE)["devices"],
+            [f"device.{SERIAL}"],
+        )
+        status = self.status()
+        self.assertEqual(status["structure_id"], "homeowner")
+        self.assertIs(status["away"], False)
+        self.assertEqual(
+            self.server.state.membership.linkedKeys(SERIAL),
+            ["structure.homeowner", "user.homeowner"],
+        )
+        # Released, it is on its own again, at home.
+        status, document = self.control(
+            "DELETE", f"/api/registered-devices/{SERIAL}", {}
+        )
+        self.assertEqual(status, 200, document)
+        status = self.status()
+        self.assertEqual(status["structure_id"], f"unpaired-{SERIAL}")
+        self.assertIs(status["away"], False)
+
+    def test_removingUnclaimedDeletesItsStructure(self) -> None:
+        """
+        Deleting an unclaimed device deletes the structure it had on its
+        own too.
+        """
+        self.ok("set_away", True)
+        status, document = self.control("DELETE", "/api/device", {"serial": SERIAL})
+        self.assertEqual(status, 200, document)
+        self.assertIsNone(self.stored(UNPAIRED, GLOBAL_SCOPE))
 
     def test_scenario51Owned(self) -> None:
         """
@@ -421,7 +497,7 @@ class AwayTests(ControlTestCase):
         self.server.clock.advance(5)
         now = int(self.server.clock.seconds())
         self.ok("set_away", False)
-        structure = self.value("structure.default", GLOBAL_SCOPE)
+        structure = self.value(UNPAIRED, GLOBAL_SCOPE)
         self.assertEqual(
             (structure["manual_eco_all"], structure["away"]), (False, False)
         )

@@ -38,14 +38,17 @@ class MembershipTests(SynchronousTestCase):
         self.write(update("A", "shared.A", {}), update("B", "shared.B", {}))
         self.assertEqual(self.membership.knownSerials(), ["A", "B"])
         seeing = self.membership.devicesSeeing
-        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.default"), ["A", "B"])
+        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.unpaired-A"), ["A"])
+        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.unpaired-B"), ["B"])
+        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.default"), [])
         self.write(RecordWrite(OWNER_RECORD, "A", {"user": "user_1"}))
-        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.default"), ["B"])
+        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.unpaired-A"), [])
         self.assertEqual(seeing(GLOBAL_SCOPE, "structure.1"), ["A"])
         self.assertEqual(seeing(GLOBAL_SCOPE, "user.user_1"), ["A"])
         self.assertEqual(seeing("A", "shared.A"), ["A"])
         self.write(RecordWrite(OWNER_RECORD, "A", None))
         self.assertEqual(seeing(GLOBAL_SCOPE, "user.user_1"), [])
+        self.assertEqual(seeing(GLOBAL_SCOPE, "structure.unpaired-A"), ["A"])
         self.write(ScopeDelete("B"))
         self.assertEqual(self.membership.knownSerials(), ["A"])
         self.assertFalse(self.membership.isKnown("B"))
@@ -65,7 +68,7 @@ class MembershipTests(SynchronousTestCase):
         )
         self.successResultOf(self.store.close())
         reopened = Membership.following(SQLiteStore.open(self.path, runInline, Clock()))
-        for key in ["structure.default", "structure.u", "user.u"]:
+        for key in ["structure.unpaired-A", "structure.u", "user.u"]:
             self.assertEqual(
                 reopened.devicesSeeing(GLOBAL_SCOPE, key),
                 self.membership.devicesSeeing(GLOBAL_SCOPE, key),
@@ -83,4 +86,7 @@ class MembershipTests(SynchronousTestCase):
         self.assertIsNone(scopeFor("A", "shared.B"))
         self.assertEqual(scopeFor("A", "structure.u"), GLOBAL_SCOPE)
         self.assertIsNone(scopeFor("A", "structure.default"))
+        self.assertIsNone(scopeFor("A", "structure.unpaired-A"))
+        self.assertEqual(scopeFor("B", "structure.unpaired-B"), GLOBAL_SCOPE)
+        self.assertIsNone(scopeFor("B", "structure.unpaired-C"))
         self.assertIsNone(scopeFor("A", "user.v"))

@@ -537,6 +537,10 @@ class ClaimTests(ServerTestCase):
             json.dumps({"code": 1234567, "userId": "homeowner"}).encode(),
             json.dumps({"code": code, "userId": "bad user/id"}).encode(),
             json.dumps({"code": code, "userId": "user_"}).encode(),
+            # The structure ids of unclaimed devices (membership.py).
+            json.dumps({"code": code, "userId": f"unpaired-{SERIAL}"}).encode(),
+            json.dumps({"code": code, "userId": "user_unpaired-x"}).encode(),
+            json.dumps({"code": code, "userId": "Unpaired-x"}).encode(),
         ]:
             status, document = self.control("POST", "/api/register", data=data)
             self.assertEqual(status, 400, data)

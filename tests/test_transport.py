@@ -204,7 +204,7 @@ class SubscribeTests(TransportTestCase):
 
     def test_scenario12InSyncIsHeldWithHeadersOnly(self) -> None:
         """
-        Scenario 12: an unpaired device (no C{structure.default}) whose
+        Scenario 12: an unpaired device (with no structure stored) whose
         timestamps equal the server's gets headers and no body, and the
         connection stays open until the hold ends.
         """
