@@ -10,6 +10,7 @@ from __future__ import annotations
 from attrs import Factory, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from .admission import Admission, AdmissionSettings
 from .control.api import ControlAPI, ControlSettings
 from .control.events import EventStream
 from .device.api import DeviceAPI, TransportSettings
@@ -30,6 +31,7 @@ class AppSettings:
     holdSeconds: float = HOLD_SECONDS
     transport: TransportSettings = Factory(TransportSettings)
     control: ControlSettings = Factory(ControlSettings)
+    admission: AdmissionSettings = Factory(AdmissionSettings)
     entryKeyTtlSeconds: int = DEFAULT_TTL_SECONDS
     weatherTtlSeconds: float = 600.0
 
@@ -76,6 +78,9 @@ def buildApps(
     state = DeviceState(store, membership, Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
+    # One Admission for both ports: the device port admits, the control port
+    # shows only what it admits.
+    admission = Admission(state, settings.admission)
     device = deviceClass(
         state=state,
         hub=hub,
@@ -86,6 +91,7 @@ def buildApps(
         logs=logs or LogStore(None, clock),
         runInThread=runInThread,
         settings=settings.transport,
+        admission=admission,
     )
     control = ControlAPI(
         state=state,
@@ -93,5 +99,6 @@ def buildApps(
         pairing=pairing,
         events=events,
         settings=settings.control,
+        admission=admission,
     )
     return Apps(store, hub, state, pairing, events, device, control)

@@ -37,6 +37,9 @@ from .state import DeviceState
 from .store import BucketUpdate, Decide, RecordWrite, Write
 
 ENTRY_KEY_RECORD = "entry_key"
+#: Record kind binding a serial to the device password it first gave
+#: (nestproto.admission); a claim or a deletion of the device removes it.
+DEVICE_SECRET_RECORD = "device_secret"
 #: How long a minted entry key is valid (PROTOCOL.md §5, the anchor's default).
 DEFAULT_TTL_SECONDS = 3600
 #: The device ignores a key that expires sooner than this (PROTOCOL.md §5).
@@ -357,6 +360,9 @@ class Pairing:
         writes += [
             RecordWrite(OWNER_RECORD, serial, {"user": userId, "claimedAt": nowMs}),
             RecordWrite(ENTRY_KEY_RECORD, serial, claimed.toRecord()),
+            # Claiming is how an owner vouches for the device in front of
+            # them: whatever password it gives next is bound anew.
+            RecordWrite(DEVICE_SECRET_RECORD, serial, None),
         ]
         self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
         return self.state.change(writes).addCallback(lambda ignored: serial)
@@ -402,12 +408,17 @@ class Pairing:
 
     def removeDevice(self, serial: str) -> Deferred[None]:
         """
-        Forget C{serial} entirely: its buckets, owner and entry key; its
-        structure no longer lists it.
+        Forget C{serial} entirely: its buckets, owner, entry key and bound
+        password; its structure no longer lists it.
 
         @raise UnknownDevice: when nothing is known of C{serial}.
         """
-        if not self.state.membership.isKnown(serial):
+        store = self.state.store
+        if not (
+            self.state.membership.isKnown(serial)
+            or store.record(ENTRY_KEY_RECORD, serial) is not None
+            or store.record(DEVICE_SECRET_RECORD, serial) is not None
+        ):
             raise UnknownDevice()
         owner = self.state.membership.ownerOf(serial)
         structures: list[Write] = [
@@ -424,6 +435,7 @@ class Pairing:
         records = [
             RecordWrite(OWNER_RECORD, serial, None),
             RecordWrite(ENTRY_KEY_RECORD, serial, None),
+            RecordWrite(DEVICE_SECRET_RECORD, serial, None),
         ]
         return self.state.removeDevice(serial, structures, records)
 

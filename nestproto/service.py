@@ -46,6 +46,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from ._version import __version__
+from .admission import DEFAULT_NEW_SERIALS_PER_HOUR, AdmissionSettings
 from .apps import AppSettings, buildApps
 from .control.api import ControlSettings
 from .control.events import EventStream
@@ -123,6 +124,13 @@ def _positiveNumber(text: str) -> float:
     return value
 
 
+def _nonNegativeInteger(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _withBacklog(description: str) -> str:
     """
     C{description} with a large listen backlog unless it names one; only
@@ -147,6 +155,13 @@ class Options(usage.Options):
             "record-raw",
             None,
             "With --record: keep serials, MACs, passwords and entry codes.",
+        ],
+        [
+            "pairing-required",
+            None,
+            "Serve only devices a user claimed: an unclaimed one may show its "
+            "pairing code and subscribe, its puts are dropped, and the control "
+            "API does not list it (PROTOCOL.md section 2.3).",
         ],
     ]
     optParameters: list[list[Any]] = [
@@ -225,6 +240,13 @@ class Options(usage.Options):
             600.0,
             "Seconds of silence after which a device is shown unavailable.",
             _positiveNumber,
+        ],
+        [
+            "new-serials-per-hour",
+            None,
+            DEFAULT_NEW_SERIALS_PER_HOUR,
+            "New device serials one client address may bring per hour (0: no limit).",
+            _nonNegativeInteger,
         ],
         [
             "log-level",
@@ -712,6 +734,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             control=ControlSettings(
                 token=options["control-token"],
                 unavailableAfterSeconds=options["unavailable-after"],
+            ),
+            admission=AdmissionSettings(
+                pairingRequired=bool(options["pairing-required"]),
+                newSerialsPerHour=options["new-serials-per-hour"],
             ),
             entryKeyTtlSeconds=options["entry-key-ttl"],
             weatherTtlSeconds=options["weather-ttl"],

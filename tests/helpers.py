@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
+from nestproto.admission import AdmissionSettings
 from nestproto.apps import AppSettings, buildApps
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlAPI, ControlSettings
@@ -76,6 +77,7 @@ def makeServer(
     logs: LogStore | None = None,
     controlSettings: ControlSettings | None = None,
     storeRunner: ThreadRunner = runInline,
+    admission: AdmissionSettings | None = None,
 ) -> Server:
     """
     Build a whole server on C{path} (a real SQLite file when given), with
@@ -96,6 +98,7 @@ def makeServer(
             holdSeconds=holdSeconds,
             transport=settings or TransportSettings(),
             control=controlSettings or ControlSettings(),
+            admission=admission or AdmissionSettings(),
         ),
         weatherSource=weatherSource,
         logs=logs,

@@ -455,13 +455,11 @@ class AwayTests(ControlTestCase):
             ["structure.homeowner", "user.homeowner"],
         )
         # Released, it is on its own again, at home.
-        status, document = self.control(
-            "DELETE", f"/api/registered-devices/{SERIAL}", {}
-        )
-        self.assertEqual(status, 200, document)
-        status = self.status()
-        self.assertEqual(status["structure_id"], f"unpaired-{SERIAL}")
-        self.assertIs(status["away"], False)
+        code, document = self.control("DELETE", f"/api/registered-devices/{SERIAL}", {})
+        self.assertEqual(code, 200, document)
+        released = self.status()
+        self.assertEqual(released["structure_id"], f"unpaired-{SERIAL}")
+        self.assertIs(released["away"], False)
 
     def test_removingUnclaimedDeletesItsStructure(self) -> None:
         """

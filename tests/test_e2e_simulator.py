@@ -68,7 +68,8 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
         _code, document = await self.json(
             "GET",
             f"{origin}/nest/transport/device/{SERIAL}",
-            headers=basicAuth(SERIAL, "x"),
+            # The password the thermostat gave first is bound to its serial.
+            headers=basicAuth(SERIAL, self.thermostats[0].password),
         )
         return {
             o["object_key"]: (o["object_revision"], o["object_timestamp"])

@@ -23,6 +23,7 @@ from nestproto.control.api import ControlSettings
 from nestproto.membership import GLOBAL_SCOPE, OWNER_RECORD
 from nestproto.model import Commit
 from nestproto.pairing import (
+    DEVICE_SECRET_RECORD,
     ENTRY_KEY_RECORD,
     MIN_REMAINING_SECONDS,
     ClaimThrottle,
@@ -448,7 +449,8 @@ class ClaimTests(ServerTestCase):
     def test_claimOneTransaction(self) -> None:
         """
         The owner record, the claimed key, the user and the structure are
-        committed to disk in one transaction.
+        committed to disk in one transaction, with the release of the
+        device's bound password.
         """
         transactions: list[Any] = []
 
@@ -471,7 +473,14 @@ class ClaimTests(ServerTestCase):
             + [change.key for change in commit.buckets]
         )
         self.assertEqual(
-            written, [ENTRY_KEY_RECORD, OWNER_RECORD, "structure.u", "user.u"]
+            written,
+            [
+                DEVICE_SECRET_RECORD,
+                ENTRY_KEY_RECORD,
+                OWNER_RECORD,
+                "structure.u",
+                "user.u",
+            ],
         )
 
     def test_hyphenAndCase(self) -> None:

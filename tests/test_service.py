@@ -31,7 +31,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from nestproto.datadir import DataLock
@@ -48,6 +48,8 @@ from nestproto.service import (
     makeService,
 )
 
+from .helpers import basicAuth, objectsBody
+from .stub import StubClient
 from .twistd import Twistd
 
 TOKEN = "s3cret-token-value"
@@ -95,6 +97,22 @@ class OptionsTests(SynchronousTestCase):
         """Non-numbers and non-positive numbers are usage errors."""
         self.assertRaises(usage.UsageError, self.parse, "--hold-timeout", "soon")
         self.assertRaises(usage.UsageError, self.parse, "--hold-timeout", "-1")
+
+    def test_admissionOptions(self) -> None:
+        """
+        Pairing is not required and 20 new serials an hour are taken by
+        default; the cap must be a whole number, 0 or more.
+        """
+        options = self.parse()
+        self.assertFalse(options["pairing-required"])
+        self.assertEqual(options["new-serials-per-hour"], 20)
+        options = self.parse("--pairing-required", "--new-serials-per-hour", "0")
+        self.assertTrue(options["pairing-required"])
+        self.assertEqual(options["new-serials-per-hour"], 0)
+        for bad in ["-1", "many", "1.5"]:
+            self.assertRaises(
+                usage.UsageError, self.parse, "--new-serials-per-hour", bad
+            )
 
     def test_badEndpoint(self) -> None:
         """An endpoint string Twisted cannot parse is a usage error naming it."""
@@ -250,6 +268,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(f"process {os.getpid()}", str(error))
         first.stopService()
         DataLock.acquire(options["data"]).release()
+
+    def test_pairingRequiredServed(self) -> None:
+        """
+        With C{--pairing-required} the device port the service serves
+        refuses a subscribe from a device nobody claimed (PROTOCOL.md §19
+        scenario 59).
+        """
+        options = Options()
+        options.parseOptions(
+            ["--data", self.mktemp(), "--pairing-required", "--device", "tcp:18000"]
+        )
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor)
+        service.startService()
+        try:
+            [site] = [f for port, f, _, _ in reactor.tcpServers if port == 18000]
+            assert isinstance(site, Site)
+            client = StubClient(site.resource)
+            d = client.post(
+                "http://127.0.0.1:18000/nest/transport",
+                data=objectsBody([]),
+                headers=basicAuth(),
+            )
+            client.flush()
+            self.assertEqual(self.successResultOf(d).code, 401)
+        finally:
+            service.stopService()
 
     def test_listenFailureStopsTheServer(self) -> None:
         """

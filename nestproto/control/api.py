@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from ..admission import Admission
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
 from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
@@ -140,6 +141,10 @@ class ControlAPI:
         default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
     )
     events: EventStream
+    #: Which devices are shown: with pairing required, only claimed ones.
+    admission: Admission = field(
+        default=Factory(lambda self: Admission(self.state), takes_self=True)
+    )
 
     # Errors
 
@@ -198,9 +203,12 @@ class ControlAPI:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
 
     def _knownSerial(self, serial: str) -> str:
-        if not self.state.membership.isKnown(serial):
+        if not self._shown(serial):
             raise UnknownDevice()
         return serial
+
+    def _shown(self, serial: str) -> bool:
+        return self.state.membership.isKnown(serial) and self.admission.listed(serial)
 
     # Reading
 
@@ -234,6 +242,8 @@ class ControlAPI:
     def devices(self, request: IRequest) -> bytes:
         devices = []
         for serial in self.state.membership.knownSerials():
+            if not self.admission.listed(serial):
+                continue
             status = self._status(serial)
             status["subscription_count"] = self.hub.count(serial)
             devices.append(status)
@@ -280,6 +290,7 @@ class ControlAPI:
         planned = commands.plan(
             self.state, serial, document["command"], document.get("value")
         )
+        self._knownSerial(serial)
         self.log.info(
             "{command} for {serial}", command=document["command"], serial=serial
         )

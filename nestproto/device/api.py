@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +24,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from .._version import __version__
+from ..admission import FRONT_DOOR, TRANSPORT, Admission, PairingRequired
 from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired, Unavailable
 from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
@@ -161,6 +162,10 @@ class DeviceAPI:
     #: Shared with the control port: codes shown here are claimed there.
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
+    #: Who may talk to us as which serial; shared with the control port.
+    admission: Admission = field(
+        default=Factory(lambda self: Admission(self.state), takes_self=True)
+    )
 
     # Errors
 
@@ -186,7 +191,7 @@ class DeviceAPI:
             readBody(request, _ENTRY_BODY_MAX_BYTES), request.getHeader(b"content-type")
         )
         serial = deviceSerial(request)
-        if serial is not None:
+        if serial is not None and self._mayNote(request, serial):
             self.state.presence.noteEntry(serial, fields)
         origin = self.settings.origin or requestOrigin(request)
         return jsonResponse(request, entryMap(origin))
@@ -234,12 +239,13 @@ class DeviceAPI:
         serial = caller or named
         if serial is None:
             raise SerialRequired()
+        self.admission.admit(request, serial, FRONT_DOOR)
         self.state.presence.touch(serial)
         self._transportHeaders(request)
         return self._objects(request, self.state.listing(serial), withValues=False)
 
     def subscribe(self, request: IRequest) -> Deferred[bytes]:
-        serial = self._callerSerial(request)
+        serial = self._callerSerial(request, TRANSPORT)
         body = wire.parseSubscribe(readBody(request, wire.MAX_BODY_BYTES))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         self.log.debug("subscribe from {serial}", serial=serial)
@@ -279,9 +285,18 @@ class DeviceAPI:
         return b""
 
     def put(self, request: IRequest) -> Deferred[bytes]:
-        serial = self._callerSerial(request)
+        serial = deviceSerial(request)
+        if serial is None:
+            raise SerialRequired()
+        keeps = self.admission.admit(request, serial, TRANSPORT)
         entries = wire.parsePut(readBody(request, wire.MAX_BODY_BYTES))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
+        if not keeps:
+            # Pairing is required and the device is not claimed yet: its put
+            # is answered as the anchor does and dropped (PROTOCOL.md §2.3,
+            # §19 scenario 59).
+            self._transportHeaders(request)
+            return succeed(self._objects(request, []))
 
         def answer(receipts: list[Bucket]) -> bytes:
             self._transportHeaders(request)
@@ -306,6 +321,11 @@ class DeviceAPI:
     def upload(self, request: IRequest) -> Deferred[bytes]:
         body = readBody(request, MAX_UPLOAD_BODY_BYTES)
         serial = deviceSerial(request)
+        if serial is not None:
+            if not self.admission.admit(request, serial, TRANSPORT):
+                raise PairingRequired()
+        elif self.admission.settings.pairingRequired:
+            raise PairingRequired()
         return self.runInThread(self.logs.save, serial, body).addCallback(
             lambda ignored: jsonResponse(request, {"status": "ok"})
         )
@@ -341,11 +361,23 @@ class DeviceAPI:
 
     # Helpers
 
-    def _callerSerial(self, request: IRequest) -> str:
+    def _callerSerial(self, request: IRequest, kind: str = FRONT_DOOR) -> str:
         serial = deviceSerial(request)
         if serial is None:
             raise SerialRequired()
+        self.admission.admit(request, serial, kind)
         return serial
+
+    def _mayNote(self, request: IRequest, serial: str) -> bool:
+        """
+        Whether an entry may be remembered for C{serial}: entry itself is
+        answered to anyone (PROTOCOL.md §2.3).
+        """
+        try:
+            self.admission.admit(request, serial, FRONT_DOOR)
+        except NestError:
+            return False
+        return True
 
     def _objects(
         self, request: IRequest, buckets: Sequence[Bucket], withValues: bool = True
