@@ -736,15 +736,23 @@ class ScheduleTests(ControlTestCase):
 
     def test_emptySchedule(self) -> None:
         """
-        An empty C{days} (how a client clears a schedule) is every day empty.
+        An empty C{days} (how a client clears a schedule), or days that are
+        all empty, reads back as C{days: {}} from C{/api/schedule}: a client
+        reading seven empty days takes the schedule for one in use.
         """
-        self.ok(
-            "set_schedule",
-            {"ver": 2, "days": {}, "name": "Cleared", "schedule_mode": "HEAT"},
-        )
-        self.assertEqual(
-            self.value(f"schedule.{SERIAL}")["days"], {str(d): {} for d in range(7)}
-        )
+        self.ok("set_schedule", SCHEDULE)
+        for days in [{}, {str(d): {} for d in range(7)}, [[], []]]:
+            self.ok(
+                "set_schedule",
+                {"ver": 2, "days": days, "name": "Cleared", "schedule_mode": "HEAT"},
+            )
+            self.assertEqual(self.value(f"schedule.{SERIAL}")["days"], {})
+            status, document = self.control("GET", f"/api/schedule?serial={SERIAL}")
+            self.assertEqual(status, 200)
+            self.assertEqual(
+                document["schedule"],
+                {"ver": 2, "name": "Cleared", "schedule_mode": "HEAT", "days": {}},
+            )
 
     def test_scheduleMode(self) -> None:
         """

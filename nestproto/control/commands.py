@@ -369,7 +369,8 @@ def parseSchedule(value: object, previousName: str | None) -> dict[str, Any]:
     """
     A schedule from a client, checked (PROTOCOL.md §16.1) and put in the
     form the device uses (§10.6): days and entries keyed by integer
-    strings, entries in time order, every day present.
+    strings, entries in time order, every day present; or no day at all
+    when no day has an entry (a cleared schedule).
 
     @raise CommandError: on anything the device would not take.
     """
@@ -402,6 +403,10 @@ def parseSchedule(value: object, previousName: str | None) -> dict[str, Any]:
         if len(set(times)) != len(times):
             raise CommandError(f"{where}: two entries at the same time")
         days[str(day)] = {str(n): entry for n, entry in enumerate(checked)}
+    if not any(days.values()):
+        # A cleared schedule stays cleared: clients (the Homebridge plugin)
+        # take any day listed, even an empty one, for a schedule in use.
+        days = {}
     return {"ver": 2, "name": name, "schedule_mode": mode, "days": days}
 
 
