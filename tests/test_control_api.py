@@ -1001,6 +1001,40 @@ class StatusTests(ControlTestCase):
         self.assertEqual(status, 404)
         self.assertEqual(document["error"], "Device not found")
 
+    def test_invalidSerial(self) -> None:
+        """
+        A serial that is there but malformed (too short, too long, not a
+        string) is answered 400 "invalid serial" on every route that takes
+        one, not "Serial parameter required"; a missing or empty one is
+        still "Serial parameter required". Nothing changes.
+        """
+        before = self.snapshot()
+        for method, path, document in [
+            ("GET", "/status?serial=abc", None),
+            ("GET", "/status?serial=" + "9" * 100, None),
+            ("GET", "/api/schedule?serial=--x--", None),
+            ("POST", "/command", {"serial": "abc", "command": "set_mode"}),
+            ("POST", "/command", {"serial": 12345678901, "command": "set_mode"}),
+            ("POST", "/api/dismiss-pairing/abc", None),
+            ("DELETE", "/api/registered-devices/abc", None),
+            ("DELETE", "/api/device?serial=abc", None),
+            ("DELETE", "/api/device", {"serial": ["x"]}),
+        ]:
+            status, answer = self.control(method, path, document)
+            self.assertEqual(status, 400, path)
+            self.assertEqual(answer["code"], "invalid_serial", path)
+            self.assertIn("Invalid serial", answer["error"], path)
+        for method, path, document in [
+            ("GET", "/status?serial=", None),
+            ("POST", "/command", {"command": "set_mode"}),
+            ("DELETE", "/api/device", None),
+            ("DELETE", "/api/device", {}),
+        ]:
+            status, answer = self.control(method, path, document)
+            self.assertEqual(status, 400, path)
+            self.assertEqual(answer["error"], "Serial parameter required", path)
+        self.assertEqual(self.snapshot(), before)
+
     def test_lowercaseSerial(self) -> None:
         """
         A serial in lower case finds the device.
@@ -1033,6 +1067,16 @@ class StatusTests(ControlTestCase):
         self.assertEqual(self.control("GET", f"/status?serial={SERIAL}")[0], 404)
         status, document = self.control("DELETE", "/api/device", {"serial": SERIAL})
         self.assertEqual(status, 404)
+
+    def test_deleteDeviceWithoutBody(self) -> None:
+        """
+        C{DELETE /api/device?serial=...} without a body removes the device.
+        """
+        status, document = self.control("DELETE", f"/api/device?serial={SERIAL}")
+        self.assertEqual(status, 200, document)
+        self.assertEqual((document["success"], document["serial"]), (True, SERIAL))
+        self.assertEqual(self.server.store.buckets(SERIAL), [])
+        self.assertEqual(self.control("GET", f"/status?serial={SERIAL}")[0], 404)
 
 
 class EventTests(ControlTestCase):

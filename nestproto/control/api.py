@@ -53,6 +53,19 @@ _CORS_HEADERS = {
 #: The anchor's words for a control call that names no device.
 CONTROL_SERIAL_REQUIRED = "Serial parameter required"
 
+
+class InvalidSerial(NestError):
+    """A control call names a device by something that is not a serial."""
+
+    code = "invalid_serial"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Invalid serial: a serial is 10 to 64 letters and digits "
+            "(separators are ignored)"
+        )
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -110,19 +123,23 @@ def _queryText(request: IRequest, name: bytes) -> str | None:
         raise BadBody(f"{name.decode()} is not UTF-8") from None
 
 
-def _pathSerial(raw: str) -> str:
-    serial = normaliseSerial(raw)
-    if serial is None:
+def _pathSerial(raw: object) -> str:
+    """
+    The serial C{raw} names.
+
+    @raise SerialRequired: when it is missing or empty.
+    @raise InvalidSerial: when it is there but not a serial.
+    """
+    if raw is None or raw == "":
         raise SerialRequired(CONTROL_SERIAL_REQUIRED)
+    serial = normaliseSerial(raw) if isinstance(raw, str) else None
+    if serial is None:
+        raise InvalidSerial()
     return serial
 
 
 def _bodySerial(document: dict[str, Any]) -> str:
-    raw = document.get("serial")
-    serial = normaliseSerial(raw) if isinstance(raw, str) else None
-    if serial is None:
-        raise SerialRequired(CONTROL_SERIAL_REQUIRED)
-    return serial
+    return _pathSerial(document.get("serial"))
 
 
 @frozen(kw_only=True, eq=False)
@@ -228,8 +245,7 @@ class ControlAPI:
     @app.route("/status", methods=["GET"])
     @_guarded
     def status(self, request: IRequest) -> bytes:
-        raw = _queryText(request, b"serial")
-        serial = self._knownSerial(_pathSerial(raw or ""))
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial")))
         return jsonResponse(request, self._status(serial))
 
     def _status(self, serial: str) -> dict[str, Any]:
@@ -252,7 +268,7 @@ class ControlAPI:
     @app.route("/api/schedule", methods=["GET"])
     @_guarded
     def schedule(self, request: IRequest) -> bytes:
-        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial")))
         stored = self.state.store.get(serial, f"schedule.{serial}")
         if stored is None:
             return jsonResponse(request, {"serial": serial, "schedule": None})
@@ -380,7 +396,13 @@ class ControlAPI:
     @app.route("/api/device", methods=["DELETE"])
     @_guarded
     def deleteDevice(self, request: IRequest) -> Deferred[bytes]:
-        serial = _bodySerial(self._jsonBody(request))
+        # The serial may be given in the query, so that a client can send a
+        # DELETE without a body, or in a JSON body as the anchor takes it.
+        raw: object = _queryText(request, b"serial")
+        if raw is None:
+            body = readBody(request, _BODY_MAX_BYTES)
+            raw = parseJSONObject(body).get("serial") if body.strip() else None
+        serial = _pathSerial(raw)
         objects = len(self.state.store.buckets(serial))
         self.log.info("removing {serial}", serial=serial)
         return self.pairing.removeDevice(serial).addCallback(
