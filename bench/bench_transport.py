@@ -760,6 +760,9 @@ class Server:
             f"tcp:{self.controlPort}:interface={HOST}",
             "--data",
             self.data,
+            # Thousands of simulated serials come from one address.
+            "--new-serials-per-hour",
+            "0",
         ]
         if self.holdTimeout is not None:
             command += ["--hold-timeout", str(self.holdTimeout)]

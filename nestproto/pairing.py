@@ -58,6 +58,18 @@ class BadClaim(NestError):
     code = "bad_claim"
 
 
+class InvalidEntryKey(NestError):
+    """
+    No claimable key has the code: unknown, expired or claimed already,
+    which the answer does not tell apart (PROTOCOL.md §13 step 2).
+    """
+
+    code = "invalid_entry_key"
+
+    def __init__(self) -> None:
+        super().__init__(INVALID_KEY_MESSAGE)
+
+
 class TooManyAttempts(NestError):
     """A client guessed wrong too often and must wait."""
 

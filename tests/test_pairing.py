@@ -50,6 +50,16 @@ from .helpers import (
 
 CODE_PATTERN = re.compile(r"^[0-9]{3}[A-Z]{4}$")
 INVALID = "Invalid, expired, or already claimed entry key"
+#: The answer to a claim whose code no claimable key has: a 400 with a code.
+REFUSED = (
+    400,
+    {
+        "success": False,
+        "error": INVALID,
+        "message": INVALID,
+        "code": "invalid_entry_key",
+    },
+)
 
 
 class ServerTestCase(SynchronousTestCase):
@@ -207,9 +217,7 @@ class PassphraseTests(ServerTestCase):
         self.assertNotEqual(second["value"], first["value"])
         keys = self.server.store.records(ENTRY_KEY_RECORD)
         self.assertEqual([doc["code"] for doc in keys.values()], [second["value"]])
-        self.assertEqual(
-            self.claim(first["value"]), (200, {"success": False, "message": INVALID})
-        )
+        self.assertEqual(self.claim(first["value"]), REFUSED)
 
     def test_scenario9NewKeyAfterClaim(self) -> None:
         """
@@ -499,23 +507,21 @@ class ClaimTests(ServerTestCase):
         code = self.passphrase()["value"]
         self.assertTrue(self.claim(code)[1]["success"])
         before = self.snapshot()
-        self.assertEqual(
-            self.claim(code, "intruder"), (200, {"success": False, "message": INVALID})
-        )
+        self.assertEqual(self.claim(code, "intruder"), REFUSED)
         self.assertEqual(self.snapshot(), before)
         self.assertEqual(self.server.state.membership.ownerOf(SERIAL), "homeowner")
 
     def test_scenario45ExpiredCode(self) -> None:
         """
-        Scenario 45: an expired code answers 200 C{success: false} and
-        creates no owner.
+        Scenario 45: an expired code answers C{success: false} and creates
+        no owner; the answer is a 400 with C{code} C{invalid_entry_key} (the
+        anchor's is a 200, which a client checking the status takes for a
+        claim done).
         """
         code = self.passphrase()["value"]
         self.server.clock.advance(3600)
         before = self.snapshot()
-        self.assertEqual(
-            self.claim(code), (200, {"success": False, "message": INVALID})
-        )
+        self.assertEqual(self.claim(code), REFUSED)
         self.assertEqual(self.snapshot(), before)
         self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
 
@@ -525,9 +531,7 @@ class ClaimTests(ServerTestCase):
         """
         self.passphrase()
         before = self.snapshot()
-        self.assertEqual(
-            self.claim("000AAAA"), (200, {"success": False, "message": INVALID})
-        )
+        self.assertEqual(self.claim("000AAAA"), REFUSED)
         self.assertEqual(self.snapshot(), before)
 
     def test_malformed(self) -> None:
@@ -609,19 +613,19 @@ class ClaimTests(ServerTestCase):
 
     def test_rateLimit(self) -> None:
         """
-        Five wrong codes from one address are answered normally; then the
+        Five wrong codes from one address are answered 400; then the
         address is locked out with 429 (even for a right code) until the
         lockout passes, and the lockout doubles with each further failure.
         """
         code = self.passphrase()["value"]
         for _ in range(5):
-            self.assertEqual(self.claim("000AAAA")[0], 200)
+            self.assertEqual(self.claim("000AAAA"), REFUSED)
         status, document = self.claim(code)
         self.assertEqual(status, 429)
         self.assertIs(document["success"], False)
         self.assertIsNone(self.server.state.membership.ownerOf(SERIAL))
         self.server.clock.advance(60)
-        self.assertEqual(self.claim("000AAAA")[0], 200)
+        self.assertEqual(self.claim("000AAAA"), REFUSED)
         self.server.clock.advance(60)
         self.assertEqual(self.claim(code)[0], 429)
         self.server.clock.advance(60)

@@ -30,8 +30,8 @@ from ..httpjson import JSONKlein, jsonResponse, readBody
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
 from ..pairing import (
-    INVALID_KEY_MESSAGE,
     ClaimThrottle,
+    InvalidEntryKey,
     Pairing,
     TooManyAttempts,
     checkUserId,
@@ -340,9 +340,10 @@ class ControlAPI:
             if serial is None:
                 self.throttle.failed(address)
                 self.log.info("claim with an invalid entry key")
-                return jsonResponse(
-                    request, {"success": False, "message": INVALID_KEY_MESSAGE}
-                )
+                # A 4xx with a code, where the anchor answers 200 with
+                # success false (PROTOCOL.md §13 step 2): a client that
+                # checks only the status would report a failed claim as done.
+                raise InvalidEntryKey()
             self.throttle.succeeded(address)
             return jsonResponse(
                 request,
