@@ -10,12 +10,16 @@ requests go over TCP to a running server, in real time.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from .recording.format import Fixture, FixtureError, loadFixture
 from .recording.replayer import Replayer, ReplayResult, replayInMemory
@@ -25,9 +29,26 @@ from .recording.targets import TCPTarget
 class Options(usage.Options):
     """Command-line options of C{python -m nestproto.replay}."""
 
+    optFlags: list[list[Any]] = [
+        [
+            "force",
+            None,
+            "With --against: replay even though the server already has devices.",
+        ],
+    ]
+
     synopsis = (
         "Usage: python -m nestproto.replay FIXTURE... "
-        "[--against URL] [--control URL] [--tolerance SECONDS]"
+        "[--against URL [--force]] [--control URL] [--tolerance SECONDS]"
+    )
+    # Plain text: usage.Options shows the module docstring (epytext) when
+    # there is no longdesc.
+    longdesc = (
+        "Replay recorded exchanges and check every answer. Without --against, "
+        "each fixture runs against a fresh in-memory server whose clock the "
+        "replay advances, so hours of holds replay at once. With it, requests "
+        "go over TCP to a running server, in real time; that server must have "
+        "no devices yet (the replay leaves its devices behind), unless --force."
     )
     optParameters: list[list[Any]] = [
         [
@@ -127,6 +148,49 @@ def report(results: Sequence[ReplayResult], out: TextIO) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
+async def refusal(reactor: Any, options: Options) -> str | None:
+    """
+    Why the server C{options} name must not be replayed against, or
+    C{None}: a replay expects a fresh server, and leaves the devices it
+    plays (claimed ones included) behind in it, so a server that already
+    has devices is refused, and so is one whose devices cannot be counted.
+    """
+    control = options["control"]
+    headers: dict[bytes | str, bytes | str] = {}
+    if options["control-token"] is not None:
+        headers["Authorization"] = f"Bearer {options['control-token']}"
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    url = control.rstrip("/") + "/api/devices"
+    try:
+        response = await client.get(url, headers=headers)
+        body = await treq.content(response)
+    except Exception as e:
+        return (
+            f"cannot count the devices of the server at {url} ({e}); name its "
+            "control port with --control, or give --force"
+        )
+    finally:
+        await pool.closeCachedConnections()
+    try:
+        total = int(json.loads(body)["total"]) if response.code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        total = None
+    if total is None:
+        hint = " (give --control-token)" if response.code == 401 else ""
+        return (
+            f"cannot count the devices of the server at {url}: it answered "
+            f"{response.code}{hint}; or give --force"
+        )
+    if total:
+        return (
+            f"the server at {control} already has {total} device(s); a replay "
+            "expects a fresh server and leaves its own devices behind in it. "
+            "Replay against a fresh server, or give --force"
+        )
+    return None
+
+
 def replayOverTCP(
     reactor: Any, fixtures: Sequence[Fixture], options: Options
 ) -> Deferred[list[ReplayResult]]:
@@ -144,6 +208,25 @@ def replayOverTCP(
             )
             results.append(await replayer.run())
         return results
+
+    return Deferred.fromCoroutine(run())
+
+
+def runAgainst(
+    reactor: Any, fixtures: Sequence[Fixture], options: Options, out: TextIO
+) -> Deferred[int]:
+    """
+    Replay C{fixtures} against the running server C{options} name, unless
+    it already has devices and C{--force} is not given; the exit status.
+    """
+
+    async def run() -> int:
+        if not options["force"]:
+            refused = await refusal(reactor, options)
+            if refused is not None:
+                out.write(f"error: {refused}\n")
+                return 2
+        return report(await replayOverTCP(reactor, fixtures, options), out)
 
     return Deferred.fromCoroutine(run())
 
@@ -171,9 +254,7 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
     status: list[int] = []
 
     def runAll(reactorArg: Any) -> Deferred[None]:
-        return replayOverTCP(reactorArg, fixtures, options).addCallback(
-            lambda results: status.append(report(results, out))
-        )
+        return runAgainst(reactorArg, fixtures, options, out).addCallback(status.append)
 
     try:
         react(runAll, [])

@@ -21,7 +21,7 @@ import random
 import sys
 from base64 import b64encode
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import treq
 from attrs import define, field, frozen
@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from ._version import __version__
 from .recording.format import splitDocuments
 
 #: Firmware version and model the simulator reports (PROTOCOL.md §2.1, §4).
@@ -493,6 +494,15 @@ class Options(usage.Options):
     """Options of C{python -m nestproto.simulator}."""
 
     synopsis = "Usage: python -m nestproto.simulator [--server URL] [--count N]"
+    # Plain text: usage.Options shows the module docstring (epytext) when
+    # there is no longdesc.
+    longdesc = (
+        "Simulated Nest thermostats that behave like the firmware: each boots "
+        "(entry), shows an entry code, subscribes and puts its own changes "
+        "(PROTOCOL.md §4 to §7). A server takes at most "
+        "--new-serials-per-hour new serials from one address (20 by "
+        "default): run it with --new-serials-per-hour 0 for more."
+    )
 
     optParameters: list[list[Any]] = [
         ["server", None, "http://127.0.0.1:8000", "Origin of the device port."],
@@ -506,6 +516,11 @@ class Options(usage.Options):
             float,
         ],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Display nestproto's version and exit."""
+        print(f"nestproto {__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if self["count"] < 1:

@@ -9,6 +9,7 @@ session recorded with C{--record} that replays green.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from nestproto.simulator import SimulatedThermostat
 
 from .e2e import LiveServiceTestCase, sleep
 from .helpers import SERIAL, basicAuth
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
@@ -185,6 +188,80 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
             self.maxDiff = None
             self.assertEqual(overTCP.describe(), [])
             self.assertEqual(overTCP.matched, len(fixture.exchanges))
+
+        return self.asDeferred(go())
+
+
+class ReplayAgainstTests(LiveServiceTestCase):
+    """C{python -m nestproto.replay --against URL} and a server's devices."""
+
+    def test_refusesServerWithDevices(self) -> Deferred[None]:
+        """
+        A replay against a server that has no devices runs; against one
+        that has, it is refused (exit status 2, one line saying why) and
+        sends nothing, unless C{--force} is given.
+        """
+
+        async def go() -> None:
+            origin, control = await self.start()
+            path = os.path.join(FIXTURES, "body_forms.jsonl")
+            fixture = loadFixture(path)
+
+            def options(*extra: str) -> replay.Options:
+                parsed = replay.Options()
+                parsed.parseOptions(
+                    replay.optionsFirst(
+                        [path, "--against", origin, "--control", control, *extra]
+                    )
+                )
+                return parsed
+
+            self.assertIsNone(await replay.refusal(reactor, options()))
+            out = io.StringIO()
+            status = await replay.runAgainst(reactor, [fixture], options(), out)
+            self.assertEqual(status, 0, out.getvalue())
+            _code, before = await self.json("GET", f"{control}/api/devices")
+            self.assertEqual(before["total"], 1)
+
+            out = io.StringIO()
+            status = await replay.runAgainst(reactor, [fixture], options(), out)
+            self.assertEqual(status, 2)
+            [line] = out.getvalue().splitlines()
+            self.assertTrue(line.startswith("error: "), line)
+            self.assertIn("already has 1 device(s)", line)
+            self.assertIn("--force", line)
+            _code, after = await self.json("GET", f"{control}/api/devices")
+            self.assertEqual(after, before)
+
+            out = io.StringIO()
+            await replay.runAgainst(reactor, [fixture], options("--force"), out)
+            self.assertIn("1 fixtures: replayed", out.getvalue())
+
+        return self.asDeferred(go())
+
+    def test_refusesWhatItCannotCount(self) -> Deferred[None]:
+        """
+        A control port that refuses the count (a token is needed) or that
+        does not answer is a refusal naming what to give.
+        """
+
+        async def go() -> None:
+            origin, control = await self.start("--control-token", "t0ken")
+            options = replay.Options()
+            options.parseOptions(
+                replay.optionsFirst(
+                    ["x.jsonl", "--against", origin, "--control", control]
+                )
+            )
+            refused = await replay.refusal(reactor, options)
+            assert refused is not None
+            self.assertIn("answered 401 (give --control-token)", refused)
+            options["control-token"] = "t0ken"
+            self.assertIsNone(await replay.refusal(reactor, options))
+            options["control"] = "http://127.0.0.1:1"
+            refused = await replay.refusal(reactor, options)
+            assert refused is not None
+            self.assertIn("cannot count the devices", refused)
 
         return self.asDeferred(go())
 
