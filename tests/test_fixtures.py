@@ -311,6 +311,51 @@ class RecorderTests(SynchronousTestCase):
         self.assertEqual(claim["request"]["body"]["json"]["code"], synthetic)
         self.assertRegex(synthetic, "^[0-9]{3}[A-Z]{4}$")
 
+    def test_dashedCodeRedactedAndReplays(self) -> None:
+        """
+        A claim typed with the hyphen the device shows (C{707-frnu}) is
+        redacted like the code (the synthetic one with the hyphen), and the
+        recording replays green, raw or redacted.
+        """
+        for raw in (False, True):
+            session = _Session(self.mktemp(), raw=raw)
+            answer = session.request(
+                session.device,
+                "GET",
+                DEVICE_URL + "/nest/passphrase",
+                headers={"X-nl-device-id": SERIAL},
+            )
+            code = json.loads(answer["chunks"][0])["value"]
+            typed = f"{code[:3]}-{code[3:]}".lower()
+            session.clock.advance(1)
+            claim = session.request(
+                session.control,
+                "POST",
+                CONTROL_URL + "/api/register",
+                data=json.dumps({"code": typed, "userId": "homeowner"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            self.assertEqual(claim["response"].code, 200)
+            session.clock.advance(1)
+            session.recorder.close()
+            (path,) = session.recorder.paths()
+            recordedClaim = _lines(path)[2]["request"]["body"]["json"]["code"]
+            if raw:
+                self.assertEqual(recordedClaim, typed)
+            else:
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read().upper()
+                self.assertNotIn(code, text)
+                self.assertNotIn(typed.upper(), text)
+                self.assertEqual(recordedClaim, "001-CODE")
+            fixture = loadFixture(path)
+            target = MemoryTarget(fixture.startSeconds)
+            results: list[Any] = []
+            Replayer(target, fixture).run().addCallback(results.append)
+            (result,) = results
+            self.assertEqual(result.describe(), [], f"raw={raw}")
+            self.assertEqual(result.matched, 2)
+
     def test_openAtClose(self) -> None:
         """
         An exchange still open when the recorder closes is written with no
@@ -644,6 +689,7 @@ class BindingTests(SynchronousTestCase):
             [],
         )
         self.assertEqual(bindings.request({"code": "001code"}), {"code": "483KQWZ"})
+        self.assertEqual(bindings.request({"code": "001-code"}), {"code": "483-KQWZ"})
 
 
 class BadFileTests(SynchronousTestCase):

@@ -67,8 +67,10 @@ class Bindings:
     def requestValue(self, name: str, value: Any, objectKey: str | None) -> Any:
         """What a recorded request field becomes in the replay."""
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.upper() in self.codes:
-                return self.codes[value.upper()]
+            if isinstance(value, str):
+                code = self.codes.get(codeKey(value))
+                if code is not None:
+                    return styledLike(code, value)
             return value
         if name in MS_FIELDS:
             if value == 0:
@@ -94,6 +96,23 @@ class Bindings:
         if isinstance(document, list):
             return [self.request(item, objectKey) for item in document]
         return self.requestValue("", document, objectKey)
+
+
+def codeKey(text: str) -> str:
+    """
+    An entry code as the server compares it: the device shows C{123-ABCD},
+    users type it with or without the hyphen, in either case (PROTOCOL.md
+    §5, §13).
+    """
+    return text.strip().replace("-", "").upper()
+
+
+def styledLike(code: str, typed: str) -> str:
+    """C{code} with the hyphen C{typed} had, so a replay types what was typed."""
+    typed = typed.strip()
+    if len(typed) == len(code) + 1 and typed[3:4] == "-":
+        return f"{code[:3]}-{code[3:]}"
+    return code
 
 
 def _sign(number: int) -> int:

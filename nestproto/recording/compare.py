@@ -12,7 +12,7 @@ from typing import Any
 
 from attrs import frozen
 
-from .bindings import MS_FIELDS, REVISION_FIELDS, SECONDS_FIELDS, Bindings
+from .bindings import MS_FIELDS, REVISION_FIELDS, SECONDS_FIELDS, Bindings, codeKey
 from .format import isNumber
 
 #: Fields whose value depends on the server build, not on the protocol.
@@ -93,7 +93,7 @@ def compareDocuments(
     if codeField and isinstance(recorded, str):
         if not isinstance(replayed, str):
             return [(where, recorded, replayed)]
-        bound = bindings.codes.setdefault(recorded.upper(), replayed)
+        bound = bindings.codes.setdefault(codeKey(recorded), replayed)
         if bound != replayed:
             return [(where + f" (entry code bound to {bound!r})", recorded, replayed)]
         return []

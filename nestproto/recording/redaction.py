@@ -15,6 +15,7 @@ from attrs import define, field
 
 from ..buckets import SERIAL_KEYED_TYPES
 from ..device.auth import basicCredentials, normaliseSerial
+from .bindings import codeKey, styledLike
 
 #: What a redacted Basic password becomes.
 REDACTED_PASSWORD = "redacted"
@@ -66,8 +67,8 @@ class Redactor:
     def learnCode(self, code: object) -> None:
         if self.raw or not isinstance(code, str) or not code:
             return
-        if code.upper() not in self._codes:
-            self._codes[code.upper()] = _SYNTHETIC_CODE.format(len(self._codes) + 1)
+        if codeKey(code) not in self._codes:
+            self._codes[codeKey(code)] = _SYNTHETIC_CODE.format(len(self._codes) + 1)
 
     def serial(self, serial: str) -> str:
         """The name C{serial} has in the recording."""
@@ -90,9 +91,10 @@ class Redactor:
         """C{text} with every known serial and MAC replaced."""
         if self.raw:
             return text
-        code = self._codes.get(text.upper())
+        # A code as the user typed it: with the hyphen, in any case.
+        code = self._codes.get(codeKey(text))
         if code is not None:
-            return code
+            return styledLike(code, text)
         pattern = self._regex()
         if pattern is None:
             return text
