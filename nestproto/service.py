@@ -587,6 +587,16 @@ def _startupLines(
         protection = "bearer token from --control-token"
     else:
         protection = f"bearer token from the file {source}"
+    perHour = options["new-serials-per-hour"]
+    admission = (
+        "pairing required: only claimed devices are served"
+        if options["pairing-required"]
+        else "open: any device may connect"
+    )
+    admission += (
+        "; passwords bound on first use; new serials per address and hour: "
+        + (str(perHour) if perHour else "no limit")
+    )
     record = options["record"]
     if record is None:
         recording = "off"
@@ -603,6 +613,7 @@ def _startupLines(
             {"path": storePath, "devices": devices},
         ),
         ("control API access: {protection}", {"protection": protection}),
+        ("device admission: {admission}", {"admission": admission}),
         ("recording exchanges: {recording}", {"recording": recording}),
     ]
 

@@ -348,6 +348,11 @@ class MakeServiceTests(SynchronousTestCase):
         text = [formatEvent(e) for e in events]
         self.assertIn("control API access: bearer token from --control-token", text)
         self.assertIn("recording exchanges: off", text)
+        self.assertIn(
+            "device admission: open: any device may connect; passwords bound on "
+            "first use; new serials per address and hour: 20",
+            text,
+        )
         self.assertTrue(any(line.startswith("nestproto ") for line in text))
         path = os.path.join(os.path.abspath(options["data"]), "nestproto.sqlite3")
         self.assertIn(f"store: SQLite database {path}; devices loaded: 0", text)
