@@ -554,9 +554,18 @@ class SQLiteStore:
 
     def _fail(self, decided: list[_Decided], failure: Failure) -> None:
         """The batch did not commit: nothing changes, every request fails."""
-        self.log.failure(
-            "committing {count} writes failed", failure, count=len(decided)
-        )
+        if failure.check(sqlite3.Error, OSError):
+            # The disk or the file refused (full, read-only, failing): the
+            # operator's matter, not a bug of ours.
+            self.log.error(
+                "committing {count} writes failed, nothing changed: {reason}",
+                count=len(decided),
+                reason=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure(
+                "committing {count} writes failed", failure, count=len(decided)
+            )
         self._committing = False
         for one in decided:
             one.done.errback(StoreUnavailable())

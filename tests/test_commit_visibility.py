@@ -125,7 +125,6 @@ class CommitVisibilityTests(ControlTestCase):
             response.headers.getRawHeaders("content-type"), ["application/json"]
         )
         self.assertEqual(json.loads(body)["code"], "store_unavailable")
-        self.flushLoggedErrors(OSError)
         self.assertEqual(self.views(), before)
         response, body = completed(
             self, self.server.controlClient, self.setTemperature(24)
