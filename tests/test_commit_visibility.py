@@ -48,6 +48,7 @@ class CommitVisibilityTests(ControlTestCase):
     def tearDown(self) -> None:
         self.eventBody.disconnect()
         self.server.controlClient.flush()
+        self.failureResultOf(self.events.done)
         self.endHolds()
         super().tearDown()
 
