@@ -10,32 +10,36 @@ unchanged, without the anchor's defects (§16.6).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from attrs import Factory, field, frozen
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from zope.interface import implementer
 
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
-from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
-from ..httpjson import JSONKlein, jsonResponse, readBody
+from ..errors import (
+    BadBody,
+    CommandError,
+    ErrorShape,
+    SerialRequired,
+    Unauthorized,
+    Unavailable,
+    UnknownDevice,
+)
+from ..httpjson import jsonResponse, readBody
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
 from ..pairing import (
     INVALID_KEY_MESSAGE,
     ClaimThrottle,
     Pairing,
-    TooManyAttempts,
     checkUserId,
     normaliseCode,
 )
+from ..router import IGate, Route, Router
 from ..state import DeviceState
 from . import commands
 from .events import EventStream
@@ -52,18 +56,6 @@ _CORS_HEADERS = {
 #: The anchor's words for a control call that names no device.
 CONTROL_SERIAL_REQUIRED = "Serial parameter required"
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Unauthorized(NestError):
-    """The control API has a token and the request did not carry it."""
-
-    status = 401
-    code = "unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("Missing or wrong Authorization: Bearer token")
-
 
 @frozen
 class ControlSettings:
@@ -77,18 +69,6 @@ class ControlSettings:
 
     token: str | None = None
     unavailableAfterSeconds: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS
-
-
-def _guarded(handler: F) -> F:
-    """CORS headers and the token check, before the handler runs."""
-
-    @wraps(handler)
-    def guarded(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-        _cors(request)
-        self._authorize(request)
-        return handler(self, request, *args, **kwargs)
-
-    return guarded  # type: ignore[return-value]
 
 
 def _cors(request: IRequest) -> None:
@@ -124,11 +104,12 @@ def _bodySerial(document: dict[str, Any]) -> str:
     return serial
 
 
+@implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class ControlAPI:
     """The control port's Klein app."""
 
-    app: ClassVar[Klein] = JSONKlein()
+    app: ClassVar[Router] = Router(ErrorShape.CONTROL, secretPrefix=b"k")
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
@@ -141,49 +122,17 @@ class ControlAPI:
     )
     events: EventStream
 
-    # Errors
+    # The gate (nestproto.router): every request, every route.
 
-    @app.handle_errors(NestError, HTTPException)
-    def refused(self, request: IRequest, failure: Failure) -> bytes:
+    def enter(self, request: IRequest) -> bytes | None:
         _cors(request)
-        error = failure.value
-        if request.method == b"OPTIONS" and isinstance(error, MethodNotAllowed):
+        if request.method == b"OPTIONS":
             # A CORS preflight: browsers send it without credentials.
             request.setResponseCode(204)
             return b""
-        if isinstance(error, NestError):
-            status, code, message = error.status, error.code, str(error)
-        else:
-            assert isinstance(error, HTTPException)
-            status = error.code or 400
-            code = (error.name or "error").lower().replace(" ", "_")
-            message = error.name or "Bad request"
-        if isinstance(error, TooManyAttempts):
-            request.setHeader(b"retry-after", b"%d" % (error.retryAfterSeconds,))
-        if isinstance(error, Unauthorized):
-            request.setHeader(b"www-authenticate", b'Bearer realm="nestproto"')
-        # /command clients show "message", /status clients show "error"
-        # (PROTOCOL.md §16.6): every error carries both.
-        document = {"success": False, "error": message, "message": message}
-        document["code"] = code
-        return jsonResponse(request, document, status)
+        return None
 
-    @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Failure) -> bytes:
-        _cors(request)
-        self.log.failure("error handling {path}", failure, path=request.path)
-        return jsonResponse(
-            request,
-            {
-                "success": False,
-                "error": "Internal error",
-                "message": "Internal error",
-                "code": "internal",
-            },
-            500,
-        )
-
-    def _authorize(self, request: IRequest) -> None:
+    def admit(self, request: IRequest, route: Route) -> None:
         token = self.settings.token
         if token is None:
             return
@@ -205,7 +154,6 @@ class ControlAPI:
     # Reading
 
     @app.route("/health", methods=["GET"])
-    @_guarded
     def health(self, request: IRequest) -> bytes:
         return jsonResponse(
             request,
@@ -218,7 +166,6 @@ class ControlAPI:
         )
 
     @app.route("/status", methods=["GET"])
-    @_guarded
     def status(self, request: IRequest) -> bytes:
         raw = _queryText(request, b"serial")
         serial = self._knownSerial(_pathSerial(raw or ""))
@@ -230,7 +177,6 @@ class ControlAPI:
         )
 
     @app.route("/api/devices", methods=["GET"])
-    @_guarded
     def devices(self, request: IRequest) -> bytes:
         devices = []
         for serial in self.state.membership.knownSerials():
@@ -240,7 +186,6 @@ class ControlAPI:
         return jsonResponse(request, {"devices": devices, "total": len(devices)})
 
     @app.route("/api/schedule", methods=["GET"])
-    @_guarded
     def schedule(self, request: IRequest) -> bytes:
         serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
         stored = self.state.store.get(serial, f"schedule.{serial}")
@@ -257,7 +202,6 @@ class ControlAPI:
         )
 
     @app.route("/api/events", methods=["GET"])
-    @_guarded
     def eventStream(self, request: IRequest) -> Deferred[bytes] | bytes:
         lastEventId = request.getHeader(b"last-event-id")
         attached = self.events.attach(
@@ -271,12 +215,11 @@ class ControlAPI:
     # Changing
 
     @app.route("/command", methods=["POST"])
-    @_guarded
     def command(self, request: IRequest) -> Deferred[bytes]:
         document = self._jsonBody(request)
         serial = _bodySerial(document)
         if "command" not in document:
-            raise commands.CommandError("command required")
+            raise CommandError("command required")
         planned = commands.plan(
             self.state, serial, document["command"], document.get("value")
         )
@@ -298,7 +241,6 @@ class ControlAPI:
     # Pairing
 
     @app.route("/api/register", methods=["POST"])
-    @_guarded
     def register(self, request: IRequest) -> Deferred[bytes]:
         client = request.getClientAddress()
         address = str(getattr(client, "host", client))
@@ -329,7 +271,6 @@ class ControlAPI:
         return self.pairing.claim(code, userId).addCallback(answer)
 
     @app.route("/api/dismiss-pairing/<serial>", methods=["POST"])
-    @_guarded
     def dismissPairing(self, request: IRequest, serial: str) -> Deferred[bytes]:
         serial = self._knownSerial(_pathSerial(serial))
 
@@ -344,7 +285,6 @@ class ControlAPI:
         return self.pairing.dismissDialog(serial).addCallback(answer)
 
     @app.route("/api/registered-devices", methods=["GET"])
-    @_guarded
     def registeredDevices(self, request: IRequest) -> bytes:
         userId = _queryText(request, b"userId")
         owners = self.state.store.records(OWNER_RECORD)
@@ -356,7 +296,6 @@ class ControlAPI:
         return jsonResponse(request, devices)
 
     @app.route("/api/registered-devices/<serial>", methods=["DELETE"])
-    @_guarded
     def unregister(self, request: IRequest, serial: str) -> Deferred[bytes]:
         serial = _pathSerial(serial)
         return self.pairing.unclaim(serial).addCallback(
@@ -367,7 +306,6 @@ class ControlAPI:
         )
 
     @app.route("/api/device", methods=["DELETE"])
-    @_guarded
     def deleteDevice(self, request: IRequest) -> Deferred[bytes]:
         serial = _bodySerial(self._jsonBody(request))
         objects = len(self.state.store.buckets(serial))

@@ -14,22 +14,21 @@ from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
 from attrs import field, frozen
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
-from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
 
 from .._version import __version__
 from ..buckets import Bucket
-from ..errors import BadBody, NestError, NotFound, SerialRequired, Unavailable
-from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
+from ..errors import BadBody, ErrorShape, NotFound, SerialRequired, Unavailable
+from ..httpjson import jsonResponse, readBody
 from ..hub import Deliver, SubscriberHub
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
+from ..router import IGate, Route, Router
 from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
@@ -145,11 +144,12 @@ def _transportTail(rest: str) -> str:
     return rest.rstrip("/").rsplit("/", 1)[-1]
 
 
+@implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class DeviceAPI:
     """The device port's Klein app."""
 
-    app: ClassVar[Klein] = JSONKlein()
+    app: ClassVar[Router] = Router(ErrorShape.DEVICE)
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
@@ -162,20 +162,15 @@ class DeviceAPI:
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
 
-    # Errors
+    # The gate (nestproto.router): every route is open at the router; who
+    # the caller is comes from its serial, which each route that needs one
+    # requires (PROTOCOL.md §2).
 
-    @app.handle_errors(NestError, HTTPException)
-    def refused(self, request: IRequest, failure: Failure) -> bytes:
-        status, document = errorDocument(failure)
-        self.log.debug("refused {path}: {error}", path=request.path, error=document)
-        return jsonResponse(request, document, status)
+    def enter(self, request: IRequest) -> bytes | None:
+        return None
 
-    @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("error handling {path}", failure, path=request.path)
-        return jsonResponse(
-            request, {"error": "Internal error", "code": "internal"}, 500
-        )
+    def admit(self, request: IRequest, route: Route) -> None:
+        return None
 
     # Discovery and liveness
 
