@@ -26,6 +26,7 @@ from twisted.web.resource import IResource
 from nestproto import replay
 from nestproto.device.api import DeviceAPI
 from nestproto.device.auth import deviceSerial
+from nestproto.device.dialect import Dialect
 from nestproto.recording.bindings import Bindings
 from nestproto.recording.compare import compareDocuments
 from nestproto.recording.format import (
@@ -370,7 +371,7 @@ class RecorderTests(SynchronousTestCase):
 class _EchoingDeviceAPI(DeviceAPI):
     """A broken server: its put receipts echo the stored value."""
 
-    def put(self, request: IRequest) -> Deferred[bytes]:
+    def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = deviceSerial(request)
 
         def echo(body: bytes) -> bytes:
@@ -380,7 +381,7 @@ class _EchoingDeviceAPI(DeviceAPI):
                 item["value"] = {} if bucket is None else bucket.value
             return json.dumps(document).encode()
 
-        return super().put(request).addCallback(echo)
+        return super().put(request, dialect).addCallback(echo)
 
 
 class _ReorderingResource:
