@@ -61,12 +61,17 @@ class _Session:
     """An in-memory server behind a recorder, and clients of both ports."""
 
     def __init__(
-        self, directory: str, raw: bool = False, controlToken: str | None = None
+        self,
+        directory: str,
+        raw: bool = False,
+        controlToken: str | None = None,
+        tokenInPath: bool = False,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START_SECONDS)
         self.recorder = Recorder(directory, self.clock, raw=raw)
         self.controlToken = controlToken
+        self.tokenInPath = tokenInPath
         device, control = memoryServer(self.clock, controlToken=controlToken)
         self.device = StubClient(self.recorder.wrap(device, DEVICE))
         self.control = StubClient(self.recorder.wrap(control, CONTROL))
@@ -139,12 +144,15 @@ class _Session:
 
     def command(self, value: float) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
-        if self.controlToken is not None:
+        base = CONTROL_URL
+        if self.controlToken is not None and self.tokenInPath:
+            base += f"/k/{self.controlToken}"
+        elif self.controlToken is not None:
             headers["Authorization"] = f"Bearer {self.controlToken}"
         return self.request(
             self.control,
             "POST",
-            CONTROL_URL + "/command",
+            base + "/command",
             data=json.dumps(
                 {"serial": SERIAL, "command": "set_temperature", "value": value}
             ).encode(),
@@ -539,6 +547,56 @@ class ControlTokenTests(SynchronousTestCase):
 
     def test_replayWithoutToken(self) -> None:
         """Without it, the control exchange is refused: a status mismatch."""
+        result = self.replay(None)
+        self.assertIn(
+            ("status", 200, 401),
+            [(m.where, m.recorded, m.replayed) for m in result.mismatches],
+        )
+
+
+class PathTokenTests(SynchronousTestCase):
+    """
+    A control client using the C{/k/<token>/} prefix: recorded without the
+    token, replayed with it put back.
+    """
+
+    def setUp(self) -> None:
+        self.path = _Session(
+            self.mktemp(), controlToken="s3cret", tokenInPath=True
+        ).record()
+        self.fixture = loadFixture(self.path)
+
+    def replay(self, token: str | None) -> Any:
+        target = MemoryTarget(
+            self.fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
+        )
+        results: list[Any] = []
+        Replayer(target, self.fixture, controlToken=token).run().addCallback(
+            results.append
+        )
+        return results[0]
+
+    def test_tokenRedacted(self) -> None:
+        """The token is not in the file; the path says where it was."""
+        with open(self.path, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertNotIn("s3cret", text)
+        self.assertIn('"path": "/k/redacted/command"', text)
+
+    def test_raw(self) -> None:
+        """A raw recording keeps the path as it was."""
+        session = _Session(
+            self.mktemp(), raw=True, controlToken="s3cret", tokenInPath=True
+        )
+        with open(session.record(), encoding="utf-8") as handle:
+            self.assertIn('"path": "/k/s3cret/command"', handle.read())
+
+    def test_replayWithToken(self) -> None:
+        """Given the token, the replay puts it back in the path and matches."""
+        self.assertEqual(self.replay("s3cret").describe(), [])
+
+    def test_replayWithoutToken(self) -> None:
+        """Without it, the command is sent without the prefix and refused."""
         result = self.replay(None)
         self.assertIn(
             ("status", 200, 401),

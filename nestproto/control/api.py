@@ -9,7 +9,6 @@ unchanged, without the anchor's defects (§16.6).
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, ClassVar
 
 from attrs import Factory, field, frozen
@@ -24,12 +23,15 @@ from ..errors import (
     BadBody,
     CommandError,
     ErrorShape,
+    ForeignOrigin,
+    NotFound,
+    NotJSON,
     SerialRequired,
     Unauthorized,
     Unavailable,
     UnknownDevice,
 )
-from ..httpjson import jsonResponse, readBody
+from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
 from ..pairing import (
@@ -42,41 +44,44 @@ from ..pairing import (
 from ..router import IGate, Route, Router
 from ..state import DeviceState
 from . import commands
+from .access import (
+    CHANGING_METHODS,
+    CORS_ALLOW_HEADERS,
+    CORS_ALLOW_METHODS,
+    CORS_MAX_AGE_SECONDS,
+    IPNetwork,
+    isJSONType,
+    isTrusted,
+    judgeOrigin,
+    sameSecret,
+)
 from .events import EventStream
 from .status import DEFAULT_UNAVAILABLE_AFTER_SECONDS, deviceStatus
 
 _BODY_MAX_BYTES = 256 * 1024
-_CORS_HEADERS = {
-    b"access-control-allow-origin": b"*",
-    b"access-control-allow-headers": b"Authorization, Content-Type, Accept",
-    b"access-control-allow-methods": b"GET, POST, DELETE, OPTIONS",
-    b"access-control-max-age": b"600",
-}
 
 #: The anchor's words for a control call that names no device.
 CONTROL_SERIAL_REQUIRED = "Serial parameter required"
 
 
-@frozen
+@frozen(kw_only=True)
 class ControlSettings:
     """
-    @ivar token: when set, every request must carry C{Authorization:
-        Bearer <token>}; when C{None} the API is open (the anchor's
-        default), and any Authorization header is accepted and ignored.
+    @ivar token: when set, every request must carry it, as C{Authorization:
+        Bearer <token>} or under the path prefix C{/k/<token>/}, or come
+        from a C{trustedNetworks} address; when C{None} the API is open (the
+        anchor's default), and any Authorization header is ignored.
+    @ivar allowOrigins: browser origins (normalised C{scheme://host:port})
+        besides the API's own whose pages may call it, with CORS.
+    @ivar trustedNetworks: client addresses let in without the token.
     @ivar unavailableAfterSeconds: silence after which a device is shown
         unavailable.
     """
 
     token: str | None = None
+    allowOrigins: frozenset[str] = frozenset()
+    trustedNetworks: tuple[IPNetwork, ...] = ()
     unavailableAfterSeconds: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS
-
-
-def _cors(request: IRequest) -> None:
-    # Any origin: browser dashboards on other hosts call this API; the token,
-    # when set, is what protects it, and it is not a cookie a page could
-    # borrow.
-    for name, value in _CORS_HEADERS.items():
-        request.setHeader(name, value)
 
 
 def _queryText(request: IRequest, name: bytes) -> str | None:
@@ -94,6 +99,13 @@ def _pathSerial(raw: str) -> str:
     if serial is None:
         raise SerialRequired(CONTROL_SERIAL_REQUIRED)
     return serial
+
+
+def _hasBody(request: IRequest) -> bool:
+    request.content.seek(0)
+    present = bool(request.content.read(1))
+    request.content.seek(0)
+    return present
 
 
 def _bodySerial(document: dict[str, Any]) -> str:
@@ -125,23 +137,66 @@ class ControlAPI:
     # The gate (nestproto.router): every request, every route.
 
     def enter(self, request: IRequest) -> bytes | None:
-        _cors(request)
+        """
+        A browser page of a foreign origin is refused before anything is
+        routed, so it changes nothing; an allowed one gets CORS headers on
+        every answer, and its preflight is answered here, without
+        credentials (browsers send none with it).
+        """
+        verdict = judgeOrigin(
+            request.getHeader(b"origin"),
+            requestOrigin(request),
+            self.settings.allowOrigins,
+        )
+        if self.settings.allowOrigins:
+            request.setHeader(b"vary", b"Origin")
+        if not verdict.allowed:
+            raise ForeignOrigin()
+        if verdict.cors is not None:
+            request.setHeader(
+                b"access-control-allow-origin", verdict.cors.encode("latin-1")
+            )
         if request.method == b"OPTIONS":
-            # A CORS preflight: browsers send it without credentials.
+            if verdict.cors is not None:
+                request.setHeader(b"access-control-allow-headers", CORS_ALLOW_HEADERS)
+                request.setHeader(b"access-control-allow-methods", CORS_ALLOW_METHODS)
+                request.setHeader(
+                    b"access-control-max-age", b"%d" % (CORS_MAX_AGE_SECONDS,)
+                )
             request.setResponseCode(204)
             return b""
         return None
 
     def admit(self, request: IRequest, route: Route) -> None:
+        """
+        With a token, the request carries it (header or path prefix) or
+        comes from a trusted network; C{/health} needs none. A request that
+        changes something has a JSON body, or no body for a C{DELETE}.
+        """
+        if not self._authenticated(request, route):
+            raise Unauthorized()
+        if request.method in CHANGING_METHODS and not isJSONType(
+            request.getHeader(b"content-type")
+        ):
+            if request.method != b"DELETE" or _hasBody(request):
+                raise NotJSON()
+
+    def _authenticated(self, request: IRequest, route: Route) -> bool:
         token = self.settings.token
-        if token is None:
-            return
+        if route.pathSecret is not None:
+            if token is None:
+                # No token, no secret prefix: it names nothing here.
+                raise NotFound("Not Found")
+            return sameSecret(route.pathSecret, token)
+        if token is None or route.public:
+            return True
         header = request.getHeader(b"authorization") or b""
         scheme, _, provided = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(
-            provided.strip(), token.encode("utf-8")
-        ):
-            raise Unauthorized()
+        if scheme.lower() == b"bearer" and sameSecret(provided.strip(), token):
+            return True
+        client = request.getClientAddress()
+        host = getattr(client, "host", None)
+        return isinstance(host, str) and isTrusted(host, self.settings.trustedNetworks)
 
     def _jsonBody(self, request: IRequest) -> dict[str, Any]:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
@@ -154,16 +209,13 @@ class ControlAPI:
     # Reading
 
     @app.route("/health", methods=["GET"])
+    @app.public
     def health(self, request: IRequest) -> bytes:
-        return jsonResponse(
-            request,
-            {
-                "status": "ok",
-                "timestamp": self.state.nowMs(),
-                "devices": len(self.state.membership.knownSerials()),
-                "subscriptions": self.hub.total(),
-            },
-        )
+        """
+        For health checks, which carry no token: that the server answers,
+        and nothing about what it serves (issue 12 item 10).
+        """
+        return jsonResponse(request, {"status": "ok"})
 
     @app.route("/status", methods=["GET"])
     def status(self, request: IRequest) -> bytes:
@@ -307,7 +359,13 @@ class ControlAPI:
 
     @app.route("/api/device", methods=["DELETE"])
     def deleteDevice(self, request: IRequest) -> Deferred[bytes]:
-        serial = _bodySerial(self._jsonBody(request))
+        # ?serial= or a JSON body: many HTTP clients send no body with a
+        # DELETE.
+        query = _queryText(request, b"serial")
+        if query is not None:
+            serial = _pathSerial(query)
+        else:
+            serial = _bodySerial(self._jsonBody(request))
         objects = len(self.state.store.buckets(serial))
         self.log.info("removing {serial}", serial=serial)
         return self.pairing.removeDevice(serial).addCallback(

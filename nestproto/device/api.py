@@ -25,7 +25,7 @@ from zope.interface import implementer
 from .._version import __version__
 from ..buckets import Bucket
 from ..errors import BadBody, ErrorShape, NotFound, SerialRequired, Unavailable
-from ..httpjson import jsonResponse, readBody
+from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import Deliver, SubscriberHub
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
@@ -47,7 +47,6 @@ _ENTRY_FIELD_PATTERNS = {
 }
 _ENTRY_FIELD_MAX_LENGTH = 128
 _ENTRY_BODY_MAX_BYTES = 4096
-_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?$")
 
 
 @frozen
@@ -63,25 +62,6 @@ class TransportSettings:
     suspendTimeMaxSeconds: int = 300
     deferDeviceWindowSeconds: int = 15
     disableDeferWindowSeconds: int = 60
-
-
-def requestOrigin(request: IRequest) -> str:
-    """
-    C{scheme://host:port} as the device reached us, always with an explicit
-    port: without one the firmware mis-parses the port and push can no
-    longer wake it (PROTOCOL.md §1). A Host header without a port means the
-    scheme's default port.
-    """
-    secure = request.isSecure()
-    scheme = "https" if secure else "http"
-    raw = request.getHeader(b"host")
-    match = _HOST_PATTERN.match(raw.decode("latin-1")) if raw else None
-    if match is None:
-        local = request.getHost()
-        host = f"[{local.host}]" if ":" in local.host else local.host
-        return f"{scheme}://{host}:{local.port}"
-    port = match.group(2) or ("443" if secure else "80")
-    return f"{scheme}://{match.group(1)}:{int(port)}"
 
 
 def entryMap(origin: str) -> dict[str, str]:
