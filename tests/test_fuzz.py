@@ -402,7 +402,7 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
     if data.draw(st.booleans(), label="held subscriber"):
         fuzzer.holdSubscriber()
     method = data.draw(st.sampled_from(METHODS))
-    path = data.draw(paths(CONTROL_PATHS, SERIAL))
+    path = data.draw(paths(CONTROL_PATHS + _PREFIXED_CONTROL_PATHS, SERIAL))
     status = fuzzer.check(
         client,
         method,
@@ -410,15 +410,27 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
         headers,
         data.draw(controlBodies(SERIAL)),
     )
-    authorized = headers.get("Authorization", "").lower() == f"bearer {TOKEN}"
+    authorized = headers.get(
+        "Authorization", ""
+    ).lower() == f"bearer {TOKEN}" or path.startswith(f"/k/{TOKEN}/")
     if protected and not authorized:
-        endpoint = _route(method, path)
+        endpoint = _route(method, path.removeprefix("/k/wrong"))
         if endpoint is None or method == "OPTIONS":
             case.assertNotEqual(status, 200, (method, path, headers))
         elif not ControlAPI.app.isPublic(endpoint):
             # Whatever else is wrong with it: no route answers before the
             # token is checked.
             case.assertEqual(status, 401, (method, path, headers))
+
+
+#: Control paths under the token's path prefix, and under a wrong one.
+_PREFIXED_CONTROL_PATHS = (
+    f"/k/{TOKEN}/status?serial={{serial}}",
+    f"/k/{TOKEN}/command",
+    f"/k/{TOKEN}/api/device",
+    "/k/wrong/command",
+    "/k/wrong/api/devices",
+)
 
 
 def _route(method: str, path: str) -> str | None:
