@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
-from .errors import NestError, UnknownDevice
+from .errors import BadClaim, NotPaired, TooManyAttempts, UnknownDevice
 from .membership import GLOBAL_SCOPE, OWNER_RECORD, deviceMember, structureIdFor
 from .state import DeviceState
 from .store import BucketUpdate, Decide, RecordWrite, Write
@@ -40,32 +40,6 @@ INVALID_KEY_MESSAGE = "Invalid, expired, or already claimed entry key"
 
 _CODE_PATTERN = re.compile(r"^[A-Z0-9]{7}$")
 _USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
-
-
-class BadClaim(NestError):
-    """A claim request is malformed: no code, no user, or a bad format."""
-
-    code = "bad_claim"
-
-
-class TooManyAttempts(NestError):
-    """A client guessed wrong too often and must wait."""
-
-    status = 429
-    code = "too_many_attempts"
-
-    def __init__(self, retryAfterSeconds: int) -> None:
-        super().__init__(
-            f"Too many invalid entry keys; try again in {retryAfterSeconds} seconds"
-        )
-        self.retryAfterSeconds = retryAfterSeconds
-
-
-class NotPaired(NestError):
-    """The device has no owner to remove."""
-
-    status = 404
-    code = "not_paired"
 
 
 @frozen

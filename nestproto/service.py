@@ -47,6 +47,7 @@ from twisted.web.server import Site
 
 from ._version import __version__
 from .apps import AppSettings, buildApps
+from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
@@ -238,6 +239,37 @@ class Options(usage.Options):
     #: Where the control token came from: C{"--control-token"}, the path of
     #: the token file, or C{None} (the API is open).
     controlTokenSource: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-origin"] = []
+        self["trusted-network"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """
+        Let browser pages of ORIGIN (http(s)://HOST[:PORT]) call the control
+        API, with CORS (repeatable; default: only the API's own origin).
+        """
+        normal = normaliseOrigin(origin)
+        if normal is None:
+            raise usage.UsageError(
+                f"--allow-origin {origin!r} must be http(s)://HOST or "
+                "http(s)://HOST:PORT, with no path"
+            )
+        self["allow-origin"].append(normal)
+
+    def opt_trusted_network(self, network: str) -> None:
+        """
+        Let control API clients from the addresses of CIDR (e.g.
+        192.168.1.0/24) in without the control token (repeatable).
+        """
+        try:
+            self["trusted-network"].append(parseNetwork(network))
+        except ValueError:
+            raise usage.UsageError(
+                f"--trusted-network {network!r} must be an address or a "
+                "network such as 192.168.1.0/24"
+            ) from None
 
     def opt_version(self) -> NoReturn:
         """Display nestproto's version and exit."""
@@ -561,10 +593,19 @@ def _startupLines(
     source = getattr(options, "controlTokenSource", None)
     if options["control-token"] is None:
         protection = "open: no token, anyone who can reach it may use it"
-    elif source == "--control-token":
-        protection = "bearer token from --control-token"
     else:
-        protection = f"bearer token from the file {source}"
+        where = (
+            "--control-token" if source == "--control-token" else f"the file {source}"
+        )
+        protection = (
+            f"bearer token from {where} (Authorization header or the /k/<token>/ "
+            "path prefix)"
+        )
+        networks = options.get("trusted-network") or []
+        if networks:
+            protection += "; no token needed from " + ", ".join(map(str, networks))
+    origins = ", ".join(options.get("allow-origin") or [])
+    protection += f"; browser pages allowed from {origins or 'its own origin only'}"
     record = options["record"]
     if record is None:
         recording = "off"
@@ -711,6 +752,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             ),
             control=ControlSettings(
                 token=options["control-token"],
+                allowOrigins=frozenset(options["allow-origin"]),
+                trustedNetworks=tuple(options["trusted-network"]),
                 unavailableAfterSeconds=options["unavailable-after"],
             ),
             entryKeyTtlSeconds=options["entry-key-ttl"],

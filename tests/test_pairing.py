@@ -125,8 +125,13 @@ class ServerTestCase(SynchronousTestCase):
     ) -> tuple[int, Any]:
         if data is None and document is not None:
             data = json.dumps(document).encode()
+        sent = dict(headers or {})
+        changing = data is not None or method in ("POST", "PUT", "PATCH")
+        if changing and not any(n.lower() == "content-type" for n in sent):
+            # As every control client does (the API refuses any other type).
+            sent["Content-Type"] = "application/json"
         d = self.server.controlClient.request(
-            method, CONTROL_URL + path, data=data, headers=headers
+            method, CONTROL_URL + path, data=data, headers=sent
         )
         return self.answer(d, self.server.controlClient)
 
@@ -630,6 +635,7 @@ class ClaimTests(ServerTestCase):
         d = self.server.controlClient.post(
             CONTROL_URL + "/api/register",
             data=json.dumps({"code": "000AAAA", "userId": "u"}).encode(),
+            headers={"Content-Type": "application/json"},
         )
         self.server.controlClient.flush()
         response = self.successResultOf(d)
