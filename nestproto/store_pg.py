@@ -72,6 +72,8 @@ from .store import (
 
 #: The channel commits ring; the payload is C{key|revision|sequence}.
 CHANNEL = "nestproto_changes"
+#: The listening connection's application_name.
+FEED_NAME = "nestproto-feed"
 #: Seconds the listening connection waits for a notification before it
 #: re-reads the log anyway (and so finds out whether it is still alive).
 POLL_SECONDS = 5.0
@@ -141,14 +143,17 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def connect(dsn: str, autocommit: bool = True) -> Connection:
-    """A connection to C{dsn} with keepalives, unless the DSN sets them."""
+def connect(dsn: str, name: str = "nestproto") -> Connection:
+    """
+    An autocommit connection to C{dsn} with keepalives unless the DSN sets
+    them, named C{name} (in pg_stat_activity) unless the DSN names it.
+    """
     params = psycopg.conninfo.conninfo_to_dict(dsn)
-    for name, value in KEEPALIVES.items():
-        params.setdefault(name, value)
-    params.setdefault("application_name", "nestproto")
+    for option, value in KEEPALIVES.items():
+        params.setdefault(option, value)
+    params.setdefault("application_name", name)
     return psycopg.connect(
-        psycopg.conninfo.make_conninfo("", **params), autocommit=autocommit
+        psycopg.conninfo.make_conninfo("", **params), autocommit=True
     )
 
 
@@ -448,6 +453,7 @@ class PostgreSQLStore:
 
         def closeListener(ignored: None) -> Deferred[None] | None:
             if self._listenInThread is None:
+                self._closeListening()
                 return None
             return self._listenInThread(self._closeListening)
 
@@ -707,10 +713,13 @@ class PostgreSQLStore:
         d.addCallbacks(self._heard, self._deaf)
 
     def _heard(self, heard: _Heard) -> None:
+        self._receive(heard)
+        self._listenNext(wait=True)
+
+    def _receive(self, heard: _Heard) -> None:
         if heard.snapshot is not None:
             self._resync(heard.snapshot)
         self._apply(heard.commits)
-        self._listenNext(wait=True)
 
     def _deaf(self, failure: Failure) -> None:
         self.log.warn(
@@ -767,7 +776,7 @@ class PostgreSQLStore:
             if connection is None or connection.closed:
                 if self._listenFailures:
                     time.sleep(RECONNECT_SECONDS)
-                connection = self._listening = connect(self._dsn)
+                connection = self._listening = connect(self._dsn, FEED_NAME)
                 connection.execute(f'LISTEN "{CHANNEL}"')
                 connection.execute(f'LISTEN "{self._wakeChannel}"')
             elif wait:
