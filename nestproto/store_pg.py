@@ -42,7 +42,8 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -57,6 +58,7 @@ from zope.interface import implementer
 from .buckets import Bucket
 from .errors import StoreClosed, StoreUnavailable
 from .model import BucketChanged, Commit, RecordChanged
+from .presence import IPresence, Presence
 from .store import (
     REPLAY_COMMITS,
     BucketUpdate,
@@ -374,9 +376,19 @@ class PostgreSQLStore:
         store._records = snapshot.records
         store.lastSequence = snapshot.sequence
         if listenInThread is not None:
-            store._feedStopped = Deferred()
-            store._listenNext(wait=False)
+            store.follow(listenInThread)
         return store
+
+    def follow(self, listenInThread: ThreadRunner) -> None:
+        """
+        From now on, apply and announce other processes' commits too, with
+        a listening connection whose waits run in C{listenInThread}.
+        """
+        if self._feedStopped is not None:
+            return
+        self._listenInThread = listenInThread
+        self._feedStopped = Deferred()
+        self._listenNext(wait=False)
 
     # Reads: committed state only
 
@@ -619,6 +631,55 @@ class PostgreSQLStore:
                 (last - CHANGES_KEPT, CHANGES_KEPT_SECONDS),
             )
         return _Outcome(decided, earlier + commits)
+
+    def _syncPresence(
+        self,
+        touched: dict[str, tuple[float | None, dict[str, str] | None]],
+        forgotten: list[str],
+        readUpTo: datetime | None,
+    ) -> tuple[list[tuple[str, float, str | None]], datetime | None]:
+        """
+        For L{SharedPresence}: write, then read what changed since
+        C{readUpTo} (a little before: a slow writer's row may carry an
+        earlier time than one already read).
+        """
+        connection = self._writerConnection()
+        rows = [
+            (serial, seen, None if entry is None else _dumps(entry))
+            for serial, (seen, entry) in sorted(touched.items())
+            if seen is not None
+        ]
+        with connection.transaction():
+            if rows:
+                connection.execute(
+                    "INSERT INTO presence (serial, last_seen, entry) "
+                    "SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[]) "
+                    "ON CONFLICT (serial) DO UPDATE SET "
+                    "last_seen = GREATEST(presence.last_seen, EXCLUDED.last_seen), "
+                    "entry = COALESCE(EXCLUDED.entry, presence.entry), "
+                    "updated = clock_timestamp()",
+                    (
+                        [r[0] for r in rows],
+                        [r[1] for r in rows],
+                        [r[2] for r in rows],
+                    ),
+                )
+            if forgotten:
+                connection.execute(
+                    "DELETE FROM presence WHERE serial = ANY(%s)", (forgotten,)
+                )
+        if readUpTo is None:
+            found = connection.execute(
+                "SELECT serial, last_seen, entry, updated FROM presence"
+            ).fetchall()
+        else:
+            found = connection.execute(
+                "SELECT serial, last_seen, entry, updated FROM presence "
+                "WHERE updated > %s - interval '10 seconds'",
+                (readUpTo,),
+            ).fetchall()
+        newest = max((row[3] for row in found), default=readUpTo)
+        return [(row[0], row[1], row[2]) for row in found], newest
 
     def _notifyWake(self) -> None:
         self._writerConnection().execute(f'NOTIFY "{self._wakeChannel}"')
@@ -975,3 +1036,107 @@ def _doorbell(commit: Commit) -> str:
         revision = "" if change.bucket is None else str(change.bucket.revision)
         return f"{change.key}|{revision}|{commit.sequence}"
     return f"||{commit.sequence}"
+
+
+#: Seconds between a process's presence writes and reads of the others'.
+PRESENCE_SYNC_SECONDS = 2.0
+
+
+@implementer(IPresence)
+@define
+class SharedPresence:
+    """
+    L{IPresence} shared by every process on the database.
+
+    A device talks to one process at a time, but any process may be asked
+    about it. Noting each request in the database would be a write per
+    request, so each process keeps what it heard in memory and, every
+    L{PRESENCE_SYNC_SECONDS}, writes what changed and reads what the others
+    wrote (last seen only moves forward). What another process heard shows
+    here within two sync intervals.
+    """
+
+    log = Logger()
+
+    _store: PostgreSQLStore
+    _clock: IReactorTime
+    _local: Presence = field(init=False)
+    _touched: set[str] = field(factory=set, init=False, repr=False)
+    _entries: dict[str, dict[str, str]] = field(factory=dict, init=False, repr=False)
+    _forgotten: set[str] = field(factory=set, init=False, repr=False)
+    #: The newest C{updated} (server time) read so far.
+    _readUpTo: datetime | None = field(default=None, init=False)
+    _syncing: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._local = Presence(self._clock)
+
+    def touch(self, serial: str) -> None:
+        self._local.touch(serial)
+        self._touched.add(serial)
+        self._forgotten.discard(serial)
+
+    def noteEntry(self, serial: str, fields: Mapping[str, str]) -> None:
+        self._local.noteEntry(serial, fields)
+        self._touched.add(serial)
+        self._entries[serial] = dict(fields)
+        self._forgotten.discard(serial)
+
+    def lastSeen(self, serial: str) -> float | None:
+        return self._local.lastSeen(serial)
+
+    def entryFields(self, serial: str) -> dict[str, str]:
+        return self._local.entryFields(serial)
+
+    def forget(self, serial: str) -> None:
+        self._local.forget(serial)
+        self._touched.discard(serial)
+        self._entries.pop(serial, None)
+        self._forgotten.add(serial)
+
+    def heardFrom(self) -> list[str]:
+        return self._local.heardFrom()
+
+    def sync(self) -> Deferred[None]:
+        """Write what this process heard; read what the others did."""
+        if self._syncing:
+            return succeed(None)
+        self._syncing = True
+        touched = {
+            serial: (self._local.lastSeen(serial), self._entries.get(serial))
+            for serial in self._touched
+        }
+        forgotten = sorted(self._forgotten)
+        self._touched, self._entries, self._forgotten = set(), {}, set()
+        d: Deferred[tuple[list[tuple[str, float, str | None]], datetime | None]]
+        d = self._store._runInThread(
+            self._store._syncPresence, touched, forgotten, self._readUpTo
+        )
+
+        def merge(
+            result: tuple[list[tuple[str, float, str | None]], datetime | None],
+        ) -> None:
+            rows, readUpTo = result
+            self._readUpTo = readUpTo
+            for serial, lastSeen, entry in rows:
+                if serial not in self._forgotten:
+                    fields = None
+                    if entry is not None and serial not in self._entries:
+                        fields = json.loads(entry)
+                    self._local.merge(serial, lastSeen, fields)
+
+        def retry(failure: Failure) -> None:
+            # Keep what was not written for the next sync.
+            for serial, (_, entry) in touched.items():
+                self._touched.add(serial)
+                if entry is not None:
+                    self._entries.setdefault(serial, entry)
+            self._forgotten.update(forgotten)
+            self.log.warn(
+                "presence sync failed: {error}", error=failure.getErrorMessage()
+            )
+
+        def done(result: None) -> None:
+            self._syncing = False
+
+        return d.addCallbacks(merge, retry).addBoth(done)
