@@ -586,7 +586,17 @@ class PostgreSQLStore:
             finalBuckets.update(one.bucketOps)
             finalRecords.update(one.recordOps)
         if not announced:
-            return _Outcome(decided, [])
+            # Nothing to commit, but the decisions saw the database: show
+            # at least as much, so a refused compare-and-set is not
+            # followed by a read of an older bucket.
+            row = connection.execute(
+                "SELECT value FROM meta WHERE name = 'last_sequence'"
+            ).fetchone()
+            last = 0 if row is None else int(row[0])
+            return _Outcome(
+                decided,
+                _readChanges(connection, applied, last) if last > applied else [],
+            )
         _writeRows(connection, finalBuckets, finalRecords)
 
         # Last: the counter's row lock orders commits until this COMMIT.
@@ -835,7 +845,8 @@ class PostgreSQLStore:
         connection = self._listening
         try:
             if connection is None or connection.closed:
-                if self._listenFailures:
+                if self._listenFailures > 1:
+                    # Reconnecting failed too: do not spin while it is down.
                     time.sleep(RECONNECT_SECONDS)
                 connection = self._listening = connect(self._dsn, FEED_NAME)
                 connection.execute(f'LISTEN "{CHANNEL}"')
