@@ -21,13 +21,14 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
 from .errors import BadClaim, NotPaired, TooManyAttempts, UnknownDevice
 from .membership import GLOBAL_SCOPE, OWNER_RECORD, deviceMember, structureIdFor
 from .state import DeviceState
-from .store import BucketUpdate, Decide, RecordWrite, Write
+from .store import BucketUpdate, Decide, RecordUpdate, RecordWrite, Write
 
 ENTRY_KEY_RECORD = "entry_key"
 #: How long a minted entry key is valid (PROTOCOL.md §5, the anchor's default).
@@ -310,12 +311,28 @@ class Pairing:
         claimed = EntryKey(
             serial, key.code, key.expiresMs, key.createdMs, userId, nowMs
         )
+
+        def stillClaimable(doc: dict[str, Any] | None) -> dict[str, Any]:
+            # Decided in the transaction: of two claims of one code (on one
+            # process or two) only the first finds it unclaimed.
+            if doc is None or EntryKey.fromRecord(serial, doc) != key:
+                raise _CodeTaken()
+            return claimed.toRecord()
+
         writes += [
+            RecordUpdate(ENTRY_KEY_RECORD, serial, stillClaimable),
             RecordWrite(OWNER_RECORD, serial, {"user": userId, "claimedAt": nowMs}),
-            RecordWrite(ENTRY_KEY_RECORD, serial, claimed.toRecord()),
         ]
-        self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
-        return self.state.change(writes).addCallback(lambda ignored: serial)
+
+        def claimedNow(ignored: object) -> str:
+            self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
+            return serial
+
+        def takenMeanwhile(failure: Failure) -> None:
+            failure.trap(_CodeTaken)
+            return None
+
+        return self.state.change(writes).addCallbacks(claimedNow, takenMeanwhile)
 
     def dismissDialog(self, serial: str) -> Deferred[bool]:
         """
@@ -378,6 +395,10 @@ class Pairing:
             RecordWrite(ENTRY_KEY_RECORD, serial, None),
         ]
         return self.state.removeDevice(serial, structure, records)
+
+
+class _CodeTaken(Exception):
+    """The code was claimed, replaced or removed while a claim was decided."""
 
 
 def _deviceList(structure: Bucket) -> list[str]:

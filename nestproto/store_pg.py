@@ -41,7 +41,6 @@ import hashlib
 import json
 import secrets
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -60,16 +59,19 @@ from .errors import StoreClosed, StoreUnavailable
 from .model import BucketChanged, Commit, RecordChanged
 from .presence import IPresence, Presence
 from .store import (
-    REPLAY_COMMITS,
     BucketUpdate,
     BucketWrite,
-    ChangeListener,
+    CommittedState,
+    Decided,
     IBucketStore,
+    RecordUpdate,
     RecordWrite,
     SchemaTooNew,
     ScopeDelete,
     ThreadRunner,
     Write,
+    decideRequest,
+    logFailedCommit,
 )
 
 #: The channel commits ring; the payload is C{key|revision|sequence}.
@@ -272,16 +274,6 @@ class _Pending:
     done: Deferred[list[Bucket | None]]
 
 
-@define
-class _Decided:
-    """One write request, decided in the transaction."""
-
-    results: list[Bucket | None]
-    bucketOps: dict[tuple[str, str], Bucket | None] = field(factory=dict)
-    recordOps: dict[tuple[str, str], dict[str, Any] | None] = field(factory=dict)
-    sequence: int = 0
-
-
 @frozen
 class _Outcome:
     """
@@ -290,7 +282,7 @@ class _Outcome:
     since the last one this process applied, then its own).
     """
 
-    decided: list[_Decided | Failure]
+    decided: list[Decided | Failure]
     commits: list[Commit]
 
 
@@ -304,7 +296,7 @@ class _Heard:
 
 @implementer(IBucketStore)
 @define
-class PostgreSQLStore:
+class PostgreSQLStore(CommittedState):
     """
     L{IBucketStore} on PostgreSQL, shared by every process on the database.
 
@@ -313,22 +305,12 @@ class PostgreSQLStore:
         for a store that sees only its own commits (tools, the migration).
     """
 
-    log = Logger()
-
     _dsn: str = field(repr=False)
     _runInThread: ThreadRunner
     _clock: IReactorTime
     _listenInThread: ThreadRunner | None = None
-    # Contents stay out of the repr (see SQLiteStore).
-    _buckets: dict[str, dict[str, Bucket]] = field(factory=dict, repr=False)
-    _records: dict[str, dict[str, dict[str, Any]]] = field(factory=dict, repr=False)
     _queue: list[_Pending] = field(factory=list, repr=False)
-    _listeners: list[ChangeListener] = field(factory=list, repr=False)
     _drained: list[Deferred[None]] = field(factory=list, repr=False)
-    _recent: deque[Commit] = field(
-        factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False
-    )
-    lastSequence: int = 0
     _committing: bool = False
     _closed: bool = False
     #: Used on the writing thread only.
@@ -389,40 +371,6 @@ class PostgreSQLStore:
         self._listenInThread = listenInThread
         self._feedStopped = Deferred()
         self._listenNext(wait=False)
-
-    # Reads: committed state only
-
-    def get(self, scope: str, key: str) -> Bucket | None:
-        return self._buckets.get(scope, {}).get(key)
-
-    def buckets(self, scope: str) -> list[Bucket]:
-        found = self._buckets.get(scope, {})
-        return [found[key] for key in sorted(found)]
-
-    def scopes(self) -> list[str]:
-        return sorted(scope for scope, found in self._buckets.items() if found)
-
-    def record(self, kind: str, name: str) -> dict[str, Any] | None:
-        return self._records.get(kind, {}).get(name)
-
-    def records(self, kind: str) -> dict[str, dict[str, Any]]:
-        return dict(self._records.get(kind, {}))
-
-    # The feed
-
-    def listen(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def since(self, sequence: int) -> list[Commit] | None:
-        if sequence == self.lastSequence:
-            return []
-        if (
-            sequence > self.lastSequence
-            or not self._recent
-            or self._recent[0].sequence > sequence + 1
-        ):
-            return None
-        return [commit for commit in self._recent if commit.sequence > sequence]
 
     # Writes
 
@@ -535,7 +483,7 @@ class PostgreSQLStore:
                     named.add((write.scope, write.key))
                 elif isinstance(write, BucketWrite):
                     named.add((write.scope, write.bucket.key))
-                elif isinstance(write, RecordWrite):
+                elif isinstance(write, RecordWrite | RecordUpdate):
                     recordNames.add((write.kind, write.name))
         inScopes: dict[str, set[str]] = {scope: set() for scope in scopes}
         if scopes:
@@ -567,11 +515,34 @@ class PostgreSQLStore:
                 stored[scope, key] = Bucket(key, revision, timestamp, json.loads(value))
                 inScopes.get(scope, set()).add(key)
 
-        decided: list[_Decided | Failure] = []
-        accepted: list[_Decided] = []
+        # Records a decision reads, as the transaction sees them (locked above).
+        storedRecords: dict[tuple[str, str], dict[str, Any] | None] = {}
+        updated = sorted(
+            (w.kind, w.name)
+            for p in batch
+            for w in p.writes
+            if isinstance(w, RecordUpdate)
+        )
+        if updated:
+            for kind, name, doc in connection.execute(
+                "SELECT r.kind, r.name, r.doc FROM records r "
+                "JOIN unnest(%s::text[], %s::text[]) AS k(kind, name) "
+                "ON r.kind = k.kind AND r.name = k.name",
+                ([k for k, n in updated], [n for k, n in updated]),
+            ):
+                storedRecords[kind, name] = json.loads(doc)
+        decided: list[Decided | Failure] = []
+        accepted: list[Decided] = []
         for pending in batch:
             try:
-                one = _decide(pending.writes, stored, inScopes, accepted, nowMs)
+                one = decideRequest(
+                    pending.writes,
+                    accepted,
+                    lambda scope, key: stored.get((scope, key)),
+                    lambda scope: inScopes.get(scope, set()),
+                    lambda kind, name: storedRecords.get((kind, name)),
+                    nowMs,
+                )
             except Exception:
                 decided.append(Failure())
                 continue
@@ -617,7 +588,7 @@ class PostgreSQLStore:
         for sequence, one in enumerate(announced, start=first):
             one.sequence = sequence
         for pending, each in zip(batch, decided, strict=True):
-            if isinstance(each, _Decided) and each.sequence:
+            if isinstance(each, Decided) and each.sequence:
                 one = each
                 commits.append(
                     Commit(
@@ -721,7 +692,7 @@ class PostgreSQLStore:
         committed all the same; then the feed brings the change a moment
         later, as it would another process's.)
         """
-        self.log.failure("committing {count} writes failed", failure, count=len(batch))
+        logFailedCommit(self.log, failure, len(batch), psycopg.Error)
         self._committing = False
         for pending in batch:
             pending.done.errback(StoreUnavailable())
@@ -743,32 +714,7 @@ class PostgreSQLStore:
                 )
                 self._reload = True
                 return
-            for change in commit.buckets:
-                inScope = self._buckets.setdefault(change.scope, {})
-                if change.bucket is None:
-                    inScope.pop(change.key, None)
-                    if not inScope:
-                        del self._buckets[change.scope]
-                else:
-                    inScope[change.key] = change.bucket
-            for record in commit.records:
-                if record.doc is None:
-                    self._records.get(record.kind, {}).pop(record.name, None)
-                else:
-                    self._records.setdefault(record.kind, {})[record.name] = record.doc
-            self.lastSequence = commit.sequence
-            self._announce(commit)
-
-    def _announce(self, commit: Commit) -> None:
-        self._recent.append(commit)
-        for listener in list(self._listeners):
-            try:
-                listener(commit)
-            except Exception:
-                self.log.failure(
-                    "change listener failed for commit {sequence}",
-                    sequence=commit.sequence,
-                )
+            self._show(commit)
 
     # The cross-process feed
 
@@ -828,12 +774,10 @@ class PostgreSQLStore:
             for name in sorted(set(oldDocs) | set(newDocs)):
                 if oldDocs.get(name) != newDocs.get(name):
                     records.append(RecordChanged(kind, name, newDocs.get(name)))
-        self._buckets = snapshot.buckets
-        self._records = snapshot.records
-        self.lastSequence = snapshot.sequence
-        # since() cannot bridge the jump.
+        # since() cannot bridge the jump; the differences, shown as one
+        # commit, bring memory to the snapshot.
         self._recent.clear()
-        self._announce(Commit(snapshot.sequence, None, tuple(buckets), tuple(records)))
+        self._show(Commit(snapshot.sequence, None, tuple(buckets), tuple(records)))
 
     # On the listening thread
 
@@ -897,62 +841,6 @@ class PostgreSQLStore:
         if self._listening is not None:
             self._listening.close()
             self._listening = None
-
-
-def _decide(
-    writes: Sequence[Write],
-    stored: dict[tuple[str, str], Bucket | None],
-    inScopes: dict[str, set[str]],
-    earlier: list[_Decided],
-    nowMs: int,
-) -> _Decided:
-    """
-    Decide one request on top of what the transaction read and the
-    C{earlier} requests of its batch; raises (changing nothing) when a
-    decision does.
-    """
-    one = _Decided([])
-
-    def current(scope: str, key: str) -> Bucket | None:
-        for layer in (one, *reversed(earlier)):
-            if (scope, key) in layer.bucketOps:
-                return layer.bucketOps[scope, key]
-        return stored.get((scope, key))
-
-    def absentBefore(scope: str, key: str) -> bool:
-        for layer in reversed(earlier):
-            if (scope, key) in layer.bucketOps:
-                return layer.bucketOps[scope, key] is None
-        return stored.get((scope, key)) is None
-
-    for write in writes:
-        if isinstance(write, BucketUpdate):
-            before = current(write.scope, write.key)
-            after = write.decide(before, nowMs)
-            if after is not None and after.key != write.key:
-                raise ValueError(f"decided {after.key} for {write.key}")
-            if after is not before:
-                one.bucketOps[write.scope, write.key] = after
-            one.results.append(after)
-        elif isinstance(write, BucketWrite):
-            after = None if write.delete else write.bucket
-            one.bucketOps[write.scope, write.bucket.key] = after
-            one.results.append(after)
-        elif isinstance(write, ScopeDelete):
-            keys = set(inScopes.get(write.scope, set()))
-            for layer in (*earlier, one):
-                keys.update(k for s, k in layer.bucketOps if s == write.scope)
-            for key in keys:
-                if current(write.scope, key) is not None:
-                    one.bucketOps[write.scope, key] = None
-            one.results.append(None)
-        else:
-            one.recordOps[write.kind, write.name] = write.doc
-            one.results.append(None)
-    for (scope, key), after in list(one.bucketOps.items()):
-        if after is None and absentBefore(scope, key):
-            del one.bucketOps[scope, key]
-    return one
 
 
 def _writeRows(

@@ -46,6 +46,7 @@ from .helpers import (
     objectsBody,
     receive,
 )
+from .store_contract import CommitGate
 
 CODE_PATTERN = re.compile(r"^[0-9]{3}[A-Z]{4}$")
 INVALID = "Invalid, expired, or already claimed entry key"
@@ -478,6 +479,24 @@ class ClaimTests(ServerTestCase):
         self.assertEqual(
             written, [ENTRY_KEY_RECORD, OWNER_RECORD, "structure.u", "user.u"]
         )
+
+    def test_racingClaimsOneWins(self) -> None:
+        """
+        Two claims of one code decided while neither has committed: the
+        code is checked inside the transaction, so the first wins and the
+        second changes nothing.
+        """
+        gate = CommitGate(runInline)
+        server = makeServer(clock=self.server.clock, storeRunner=gate)
+        key = self.successResultOf(server.pairing.passphrase(SERIAL))
+        gate.holding = True
+        first = server.pairing.claim(key.code, "alice")
+        second = server.pairing.claim(key.code, "bob")
+        gate.release()
+        self.assertEqual(self.successResultOf(first), SERIAL)
+        self.assertIsNone(self.successResultOf(second))
+        self.assertEqual(server.state.membership.ownerOf(SERIAL), "alice")
+        self.assertIsNone(server.store.get(GLOBAL_SCOPE, "user.bob"))
 
     def test_hyphenAndCase(self) -> None:
         """
