@@ -34,10 +34,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from .device.auth import basicCredentials, serialFromUsername
-from .errors import NestError
+from .errors import (
+    DeviceUnauthorized,
+    NestError,
+    PairingRequired,
+    TooManyNewDevices,
+)
 from .pairing import DEVICE_SECRET_RECORD, ENTRY_KEY_RECORD, EntryKey
 from .state import DeviceState
-from .store import RecordWrite
+from .store import RecordUpdate
 
 #: New serials one client address may bring per hour by default. A
 #: household has a handful of thermostats; a reboot of all of them behind
@@ -51,41 +56,6 @@ FRONT_DOOR = "front door"
 #: ...or write device state (subscribe, put, upload), which pairing, when
 #: required, gates.
 TRANSPORT = "transport"
-
-
-class DeviceUnauthorized(NestError):
-    """The serial is bound to another password than the one given."""
-
-    status = 401
-    code = "device_unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("Unauthorized: wrong credentials for this device")
-
-
-class PairingRequired(NestError):
-    """Pairing is required and the device is neither claimed nor pairing."""
-
-    status = 401
-    code = "pairing_required"
-
-    def __init__(self) -> None:
-        # The anchor's words (PROTOCOL.md §2.3).
-        super().__init__("Device not authorized. Complete pairing first.")
-
-
-class TooManyNewDevices(NestError):
-    """A client address brought more new serials this hour than allowed."""
-
-    status = 429
-    code = "too_many_new_devices"
-
-    def __init__(self, retryAfterSeconds: int) -> None:
-        super().__init__(
-            "Too many new devices from this address; try again in "
-            f"{retryAfterSeconds} seconds"
-        )
-        self.retryAfterSeconds = retryAfterSeconds
 
 
 @frozen
@@ -285,11 +255,25 @@ class Admission:
             if self._binding.get(serial) is record:
                 del self._binding[serial]
             if isinstance(result, Failure):
-                self.log.failure(
-                    "binding a password to {serial} failed", result, serial=serial
-                )
+                if result.check(NestError):
+                    # The store said why (a full disk): the next request of
+                    # the serial binds again.
+                    self.log.error(
+                        "binding a password to {serial} failed: {reason}",
+                        serial=serial,
+                        reason=result.getErrorMessage(),
+                    )
+                else:
+                    self.log.failure(
+                        "binding a password to {serial} failed", result, serial=serial
+                    )
+
+        def firstWins(bound: dict[str, Any] | None) -> dict[str, Any]:
+            # Decided in the transaction: of two first passwords (two
+            # processes on one PostgreSQL), the one committed first stays.
+            return record if bound is None else bound
 
         d: Deferred[Any] = self.state.change(
-            [RecordWrite(DEVICE_SECRET_RECORD, serial, record)]
+            [RecordUpdate(DEVICE_SECRET_RECORD, serial, firstWins)]
         )
         d.addBoth(done)

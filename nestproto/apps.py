@@ -17,7 +17,7 @@ from .device.api import DeviceAPI, TransportSettings
 from .hub import HOLD_SECONDS, SubscriberHub
 from .membership import Membership
 from .pairing import DEFAULT_TTL_SECONDS, Pairing
-from .presence import Presence
+from .presence import IPresence, Presence
 from .state import DeviceState
 from .store import IBucketStore, ThreadRunner
 from .uploads import LogStore
@@ -57,6 +57,7 @@ def buildApps(
     weatherSource: IWeatherSource | None = None,
     logs: LogStore | None = None,
     deviceClass: type[DeviceAPI] = DeviceAPI,
+    presence: IPresence | None = None,
 ) -> Apps:
     """
     Wire every part of nestproto around C{store}.
@@ -66,6 +67,8 @@ def buildApps(
     @param logs: defaults to discarding uploads.
     @param deviceClass: a L{DeviceAPI} subclass to serve instead (tests of
         the replayer serve deliberately broken ones).
+    @param presence: defaults to this process's memory; several processes
+        on one store share one.
     """
     settings = settings or AppSettings()
     # Every consumer learns of a change from the store's feed, in this order:
@@ -75,7 +78,7 @@ def buildApps(
     store.listen(lambda commit: hub.pushCommit(commit, membership.devicesSeeing))
     events = EventStream(clock, store, membership.devicesSeeing)
     store.listen(events.publish)
-    state = DeviceState(store, membership, Presence(clock), clock)
+    state = DeviceState(store, membership, presence or Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
     # One Admission for both ports: the device port admits, the control port

@@ -1,9 +1,17 @@
-# -*- test-case-name: tests.test_device_api -*-
+# -*- test-case-name: tests.test_router -*-
 """
-The errors nestproto answers with: each one is a JSON body and a status.
+The errors nestproto answers with, on either port: one hierarchy under
+L{NestError}, and L{refusal}, the one mapping from an error to a status, a
+JSON body and headers.
 """
 
 from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from attrs import frozen
+from werkzeug.exceptions import HTTPException
 
 
 class NestError(Exception):
@@ -16,6 +24,10 @@ class NestError(Exception):
 
     status: int = 400
     code: str = "bad_request"
+
+    def headers(self) -> dict[bytes, bytes]:
+        """Headers the answer carries besides the body's content type."""
+        return {}
 
 
 class BadBody(NestError):
@@ -71,6 +83,15 @@ class Unavailable(NestError):
 
     status = 503
     code = "unavailable"
+
+
+class BadURL(NestError):
+    """The request's URL is not UTF-8 once percent-decoded."""
+
+    code = "bad_url"
+
+    def __init__(self) -> None:
+        super().__init__("URL is not UTF-8")
 
 
 class BadQuery(NestError):
@@ -131,3 +152,201 @@ class TooManyBuckets(NestError):
     """A device's change would take it past the buckets one device may hold."""
 
     code = "too_many_buckets"
+
+
+# The control port's refusals (PROTOCOL.md §16).
+
+
+class CommandError(NestError):
+    """A command that is unknown, malformed, or not possible for the device."""
+
+    code = "bad_command"
+
+
+class Unauthorized(NestError):
+    """The control API has a token and the request did not carry it."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Missing or wrong Authorization: Bearer token")
+
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"www-authenticate": b'Bearer realm="nestproto"'}
+
+
+class ForeignOrigin(NestError):
+    """
+    A browser page of another origin, not one the server was told to
+    allow, made the request (issue 12 item 5).
+    """
+
+    status = 403
+    code = "origin_not_allowed"
+
+    def __init__(self) -> None:
+        super().__init__("Requests from this origin are not allowed (--allow-origin)")
+
+
+class NotJSON(NestError):
+    """A request that changes something did not say its body is JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+    def __init__(self) -> None:
+        super().__init__("Content-Type must be application/json")
+
+
+class InvalidSerial(NestError):
+    """A control call names a device by something that is not a serial."""
+
+    code = "invalid_serial"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Invalid serial: a serial is 10 to 64 letters and digits "
+            "(separators are ignored)"
+        )
+
+
+# Pairing (PROTOCOL.md §13).
+
+
+class BadClaim(NestError):
+    """A claim request is malformed: no code, no user, or a bad format."""
+
+    code = "bad_claim"
+
+
+#: The anchor's answer to a claim of a code no claimable key has.
+INVALID_KEY_MESSAGE = "Invalid, expired, or already claimed entry key"
+
+
+class InvalidEntryKey(NestError):
+    """
+    No claimable key has the code: unknown, expired or claimed already,
+    which the answer does not tell apart (PROTOCOL.md §13 step 2).
+    """
+
+    code = "invalid_entry_key"
+
+    def __init__(self) -> None:
+        super().__init__(INVALID_KEY_MESSAGE)
+
+
+class TooManyAttempts(NestError):
+    """A client guessed wrong too often and must wait."""
+
+    status = 429
+    code = "too_many_attempts"
+
+    def __init__(self, retryAfterSeconds: int) -> None:
+        super().__init__(
+            f"Too many invalid entry keys; try again in {retryAfterSeconds} seconds"
+        )
+        self.retryAfterSeconds = retryAfterSeconds
+
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"retry-after": b"%d" % (self.retryAfterSeconds,)}
+
+
+class NotPaired(NestError):
+    """The device has no owner to remove."""
+
+    status = 404
+    code = "not_paired"
+
+
+# Device admission (nestproto.admission, PROTOCOL.md §2).
+
+
+class DeviceUnauthorized(NestError):
+    """The serial is bound to another password than the one given."""
+
+    status = 401
+    code = "device_unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Unauthorized: wrong credentials for this device")
+
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"www-authenticate": b'Basic realm="nest"'}
+
+
+class PairingRequired(NestError):
+    """Pairing is required and the device is neither claimed nor pairing."""
+
+    status = 401
+    code = "pairing_required"
+
+    def __init__(self) -> None:
+        # The anchor's words (PROTOCOL.md §2.3).
+        super().__init__("Device not authorized. Complete pairing first.")
+
+
+class TooManyNewDevices(NestError):
+    """A client address brought more new serials this hour than allowed."""
+
+    status = 429
+    code = "too_many_new_devices"
+
+    def __init__(self, retryAfterSeconds: int) -> None:
+        super().__init__(
+            "Too many new devices from this address; try again in "
+            f"{retryAfterSeconds} seconds"
+        )
+        self.retryAfterSeconds = retryAfterSeconds
+
+    def headers(self) -> dict[bytes, bytes]:
+        return {b"retry-after": b"%d" % (self.retryAfterSeconds,)}
+
+
+# The one mapping from an error to an answer.
+
+
+class ErrorShape(Enum):
+    """
+    The body each port's clients read an error from. Thermostats read
+    C{error} (PROTOCOL.md §2.3); control clients read C{message} after a
+    command and C{error} after a read, and check C{success} (§16.1, §16.6).
+    """
+
+    DEVICE = "device"
+    CONTROL = "control"
+
+
+@frozen
+class Refusal:
+    """An error as it is answered: status, JSON document and extra headers."""
+
+    status: int
+    document: dict[str, Any]
+    headers: dict[bytes, bytes]
+
+
+def refusal(error: BaseException, shape: ErrorShape) -> Refusal:
+    """
+    How C{error} is answered on a port whose clients read C{shape}: a
+    L{NestError} with its status, code and sentence; a routing error
+    (werkzeug's unknown path, wrong method) with its status and name; any
+    other exception, which is a bug of ours, as a bare 500.
+    """
+    headers: dict[bytes, bytes] = {}
+    if isinstance(error, NestError):
+        status, code, message = error.status, error.code, str(error)
+        headers = error.headers()
+    elif isinstance(error, HTTPException):
+        status = error.code or 400
+        message = error.name or "Bad request"
+        code = message.lower().replace(" ", "_")
+    else:
+        status, code, message = 500, "internal", "Internal error"
+    document: dict[str, Any]
+    if shape is ErrorShape.CONTROL:
+        document = {"success": False, "error": message, "message": message}
+    else:
+        document = {"error": message}
+    document["code"] = code
+    return Refusal(status, document, headers)

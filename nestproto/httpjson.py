@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_device_api -*-
+# -*- test-case-name: tests.test_router -*-
 """
 JSON in and out of HTTP, shared by the device and control APIs.
 """
@@ -6,15 +6,14 @@ JSON in and out of HTTP, shared by the device and control APIs.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from klein import Klein
-from klein.resource import KleinResource
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
 
-from .errors import BodyTooLarge, NestError
+from .errors import BodyTooLarge
+
+_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?$")
 
 
 def jsonResponse(request: IRequest, document: Any, status: int = 200) -> bytes:
@@ -37,62 +36,21 @@ def readBody(request: IRequest, limit: int) -> bytes:
     return body
 
 
-def errorDocument(failure: Failure) -> tuple[int, dict[str, str]]:
+def requestOrigin(request: IRequest) -> str:
     """
-    The status and JSON body for a refused request: a L{NestError} or a
-    routing error (unknown path, wrong method).
-
-    The device side's error bodies carry the human sentence under C{error}
-    (PROTOCOL.md §2.3, e.g. C{{"error": "Device serial required"}}) and the
-    machine word under C{code}.
+    C{scheme://host:port} as the client reached us, always with an explicit
+    port: without one the firmware mis-parses the port and push can no
+    longer wake it (PROTOCOL.md §1). A Host header without a port means the
+    scheme's default port. On the control port this is the API's own
+    origin, the one its browser pages may call it from.
     """
-    error = failure.value
-    if isinstance(error, NestError):
-        return error.status, {"error": str(error), "code": error.code}
-    if isinstance(error, HTTPException):
-        status = error.code or 400
-        words = (error.name or "error").lower().replace(" ", "_")
-        return status, {"error": error.name, "code": words}
-    raise TypeError(f"not a request error: {error!r}")
-
-
-class JSONKlein(Klein):
-    """
-    A Klein app whose every answer is JSON from the app's own handlers.
-
-    Its resource answers a URL that is not UTF-8 with a JSON 400: Klein
-    itself answers it with a text body and logs an error, before any of the
-    app's error handlers can run. Its routes do not merge repeated slashes:
-    werkzeug answers C{/nest//entry} with a 308 that, rendered by an error
-    handler, carries no C{Location} and so leads nowhere; such a path is
-    simply not found.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.url_map.merge_slashes = False
-
-    def resource(self) -> KleinResource:
-        return _JSONKleinResource(self)
-
-
-class _JSONKleinResource(KleinResource):
-    def render(self, request: IRequest) -> Any:
-        try:
-            request.getRequestHostname().decode("utf-8")
-            b"/".join(request.prepath + request.postpath).decode("utf-8")
-        except UnicodeDecodeError:
-            # Both ports' clients read "error" or "message" (PROTOCOL.md
-            # §16.6); the device ignores error bodies.
-            message = "URL is not UTF-8"
-            return jsonResponse(
-                request,
-                {
-                    "success": False,
-                    "error": message,
-                    "message": message,
-                    "code": "bad_url",
-                },
-                400,
-            )
-        return super().render(request)
+    secure = request.isSecure()
+    scheme = "https" if secure else "http"
+    raw = request.getHeader(b"host")
+    match = _HOST_PATTERN.match(raw.decode("latin-1")) if raw else None
+    if match is None:
+        local = request.getHost()
+        host = f"[{local.host}]" if ":" in local.host else local.host
+        return f"{scheme}://{host}:{local.port}"
+    port = match.group(2) or ("443" if secure else "80")
+    return f"{scheme}://{match.group(1)}:{int(port)}"

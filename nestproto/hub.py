@@ -1,27 +1,35 @@
 # -*- test-case-name: tests.test_hub -*-
 """
-Held subscribes, per device (PROTOCOL.md §6.4, §12).
+Held subscribes, per device (PROTOCOL.md §6.4, §12, §20.3).
 
 A held subscribe is a subscription with a Deferred that fires when the
-answer is over: after the hold timeout when nothing came, or once the batch
-window passes quietly after the last push. Pushes go to every live
-subscription of the device; a push that could not be written is kept and
-replayed to that device's next held subscribe.
+answer is over: after the hold timeout when nothing came, or when its hold
+policy ends it after a push. Pushes go to every live subscription of the
+device; a push that could not be written is kept and replayed to that
+device's next held subscribe.
+
+Each held subscribe names its L{IHoldPolicy}, the way its dialect answers
+while holding: L{BatchWindow} (v7: a chunk per push, the answer ends when
+pushes stop), L{EndOnChange} (key-list: the answer ends with no body when a
+watched key changes) or L{OneBucketPerAnswer} (one bucket, then the end).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
 
 from .buckets import Bucket
 from .model import Commit
 
 #: Writes one chunk of pushed buckets to the device; raises when it cannot.
+#: Called with no buckets once, first, when the policy sends the headers at
+#: once: the answer is open and the device may sleep.
 Deliver = Callable[[Sequence[Bucket]], None]
 #: Picks, from undelivered buckets, those a new subscribe should still get.
 ReplayFilter = Callable[[Sequence[Bucket]], list[Bucket]]
@@ -33,10 +41,103 @@ BATCH_SECONDS = 3.0
 MAX_SUBSCRIPTIONS_PER_DEVICE = 100
 
 
+@frozen
+class Reaction:
+    """
+    What a held subscribe does with a push.
+
+    @ivar deliver: buckets written as one chunk; none: nothing is written.
+    @ivar endAfterSeconds: the answer ends this long after the push, unless
+        another push comes first; C{0}: it ends now.
+    """
+
+    deliver: tuple[Bucket, ...]
+    endAfterSeconds: float
+
+
+class IHoldPolicy(Interface):
+    """How a held subscribe answers: chosen by the route's dialect."""
+
+    headersAtOnce: bool = Attribute(
+        "Whether the answer's headers go out when the hold begins (the hub "
+        "calls deliver with no buckets), so the device may sleep"
+    )
+    holdSeconds: float | None = Attribute(
+        "How long the subscribe is held when nothing comes; None or more "
+        "than the hub's holdSeconds: the hub's"
+    )
+
+    def react(buckets: Sequence[Bucket]) -> Reaction | None:
+        """What to do with C{buckets} pushed to the device; C{None}: ignore."""
+
+
+@implementer(IHoldPolicy)
+@frozen
+class BatchWindow:
+    """
+    The v7 dialect (PROTOCOL.md §6.3, §12): headers at once; each push is a
+    chunk of its own; the answer ends once C{batchSeconds} pass without a
+    push, so pushes close together reach the device on one connection.
+    """
+
+    batchSeconds: float = BATCH_SECONDS
+    headersAtOnce: bool = True
+    holdSeconds: float | None = None
+
+    def react(self, buckets: Sequence[Bucket]) -> Reaction | None:
+        return Reaction(tuple(buckets), self.batchSeconds)
+
+
+@implementer(IHoldPolicy)
+@frozen
+class EndOnChange:
+    """
+    The key-list dialect of a device (PROTOCOL.md §20.3): headers at once;
+    when one of the C{watched} keys changes the answer ends with no body,
+    and the device's next subscribe fetches the bucket with its headers.
+    Changes to other keys leave the hold as it is.
+    """
+
+    watched: frozenset[str]
+    holdSeconds: float | None = None
+    headersAtOnce: bool = True
+
+    def react(self, buckets: Sequence[Bucket]) -> Reaction | None:
+        if any(bucket.key in self.watched for bucket in buckets):
+            return Reaction((), 0)
+        return None
+
+
+@implementer(IHoldPolicy)
+@frozen
+class OneBucketPerAnswer:
+    """
+    One bucket per answer (PROTOCOL.md §20.3, the apps' long poll): nothing
+    is sent while holding, since the headers name the bucket; the first
+    pushed bucket among the C{watched} keys (any, when C{None}) is the
+    answer, which then ends. The others go out on the following polls.
+    """
+
+    watched: frozenset[str] | None = None
+    holdSeconds: float | None = None
+    headersAtOnce: bool = False
+
+    def react(self, buckets: Sequence[Bucket]) -> Reaction | None:
+        for bucket in buckets:
+            if self.watched is None or bucket.key in self.watched:
+                return Reaction((bucket,), 0)
+        return None
+
+
+#: The v7 routes' policy.
+BATCHED = BatchWindow()
+
+
 @define(eq=False)
 class _Subscription:
     serial: str
     deliver: Deliver
+    policy: IHoldPolicy
     done: Deferred[None]
     timer: IDelayedCall | None = None
 
@@ -46,17 +147,14 @@ class SubscriberHub:
     """
     The held subscribes of every device.
 
-    @ivar holdSeconds: how long an idle subscribe is held (suspend − 10 s).
-    @ivar batchSeconds: how long a connection stays open after a push for
-        further pushes, each its own chunk (less than the device's 5 s
-        closing timer).
+    @ivar holdSeconds: how long an idle subscribe is held (suspend − 10 s),
+        at most; a policy may hold shorter.
     """
 
     log = Logger()
 
     clock: IReactorTime
     holdSeconds: float = HOLD_SECONDS
-    batchSeconds: float = BATCH_SECONDS
     maxPerDevice: int = MAX_SUBSCRIPTIONS_PER_DEVICE
     _subscriptions: dict[str, list[_Subscription]] = field(factory=dict, init=False)
     _undelivered: dict[str, dict[str, Bucket]] = field(factory=dict, init=False)
@@ -64,14 +162,20 @@ class SubscriberHub:
     closed: bool = field(default=False, init=False)
 
     def hold(
-        self, serial: str, deliver: Deliver, replayFilter: ReplayFilter
+        self,
+        serial: str,
+        deliver: Deliver,
+        replayFilter: ReplayFilter,
+        policy: IHoldPolicy,
     ) -> Deferred[None] | None:
         """
-        Hold a subscribe for C{serial}.
+        Hold a subscribe for C{serial}, answering as C{policy} says.
 
-        @param deliver: called with each batch pushed to this subscribe.
+        @param deliver: called with each batch this subscribe writes (and
+            with none at first when the policy sends headers at once).
         @param replayFilter: applied to pushes that earlier subscribes of this
-            device failed to receive; what it keeps is delivered at once.
+            device failed to receive; the policy reacts at once to what it
+            keeps.
         @return: a Deferred that fires with C{None} when the answer is over;
             cancelling it (the client left) forgets the subscription at once.
             C{None} when the device already holds C{maxPerDevice}.
@@ -85,30 +189,34 @@ class SubscriberHub:
         def cancel(d: Deferred[None]) -> None:
             self._forget(subscription)
 
-        subscription = _Subscription(serial, deliver, Deferred(cancel))
+        subscription = _Subscription(serial, deliver, policy, Deferred(cancel))
         live.append(subscription)
-        subscription.timer = self.clock.callLater(
-            self.holdSeconds, self._end, subscription
-        )
+        holdSeconds = self.holdSeconds
+        if policy.holdSeconds is not None:
+            holdSeconds = min(policy.holdSeconds, holdSeconds)
+        subscription.timer = self.clock.callLater(holdSeconds, self._end, subscription)
+        if policy.headersAtOnce and not self._write(subscription, ()):
+            return subscription.done
         replay = replayFilter(list(self._undelivered.pop(serial, {}).values()))
         if replay:
-            self._deliver(subscription, replay)
+            self._react(subscription, replay)
         return subscription.done
 
     def push(self, serial: str, buckets: Sequence[Bucket]) -> int:
         """
         Deliver C{buckets} to every held subscribe of C{serial}.
 
-        @return: how many subscribes received them. With none, nothing is
-            queued: the device gets the change on its next subscribe because
-            the bucket's timestamp moved (PROTOCOL.md §12).
+        @return: how many subscribes took them (those whose policy ignored
+            them do not count). With none, nothing is queued: the device
+            gets the change on its next subscribe because the bucket's
+            timestamp moved (PROTOCOL.md §12).
         """
         if not buckets:
             return 0
         live = list(self._subscriptions.get(serial, ()))
         delivered = 0
         for subscription in live:
-            if self._deliver(subscription, buckets):
+            if self._react(subscription, buckets):
                 delivered += 1
         return delivered
 
@@ -151,7 +259,27 @@ class SubscriberHub:
             for subscription in list(live):
                 self._end(subscription)
 
-    def _deliver(self, subscription: _Subscription, buckets: Sequence[Bucket]) -> bool:
+    def _react(self, subscription: _Subscription, buckets: Sequence[Bucket]) -> bool:
+        reaction = subscription.policy.react(buckets)
+        if reaction is None:
+            return False
+        if reaction.deliver and not self._write(subscription, reaction.deliver):
+            return False
+        if reaction.endAfterSeconds <= 0:
+            self._end(subscription)
+            return True
+        if subscription.timer is not None and subscription.timer.active():
+            subscription.timer.cancel()
+        subscription.timer = self.clock.callLater(
+            reaction.endAfterSeconds, self._end, subscription
+        )
+        return True
+
+    def _write(self, subscription: _Subscription, buckets: Sequence[Bucket]) -> bool:
+        """
+        Hand C{buckets} to the subscribe's deliver. When it cannot take them
+        the subscribe ends, and its buckets are kept for the device's next.
+        """
         try:
             subscription.deliver(buckets)
         except Exception:
@@ -164,11 +292,6 @@ class SubscriberHub:
                 kept[bucket.key] = bucket
             self._end(subscription)
             return False
-        if subscription.timer is not None and subscription.timer.active():
-            subscription.timer.cancel()
-        subscription.timer = self.clock.callLater(
-            self.batchSeconds, self._end, subscription
-        )
         return True
 
     def _forget(self, subscription: _Subscription) -> None:

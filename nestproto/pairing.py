@@ -21,10 +21,11 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import buckets as rules
 from .buckets import Bucket, isBucketKey
-from .errors import NestError, UnknownDevice
+from .errors import BadClaim, NotPaired, TooManyAttempts, UnknownDevice
 from .membership import (
     GLOBAL_SCOPE,
     OWNER_RECORD,
@@ -34,7 +35,7 @@ from .membership import (
     unpairedStructureKey,
 )
 from .state import DeviceState
-from .store import BucketUpdate, Decide, RecordWrite, Write
+from .store import BucketUpdate, Decide, RecordUpdate, RecordWrite, Write
 
 ENTRY_KEY_RECORD = "entry_key"
 #: Record kind binding a serial to the device password it first gave
@@ -46,48 +47,9 @@ DEFAULT_TTL_SECONDS = 3600
 MIN_REMAINING_SECONDS = 1800
 #: The pairing dialog the device shows while it waits to be claimed.
 CONFIRM_PAIRING = {"dialog_id": "confirm-pairing", "dialog_data": ""}
-INVALID_KEY_MESSAGE = "Invalid, expired, or already claimed entry key"
 
 _CODE_PATTERN = re.compile(r"^[A-Z0-9]{7}$")
 _USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
-
-
-class BadClaim(NestError):
-    """A claim request is malformed: no code, no user, or a bad format."""
-
-    code = "bad_claim"
-
-
-class InvalidEntryKey(NestError):
-    """
-    No claimable key has the code: unknown, expired or claimed already,
-    which the answer does not tell apart (PROTOCOL.md §13 step 2).
-    """
-
-    code = "invalid_entry_key"
-
-    def __init__(self) -> None:
-        super().__init__(INVALID_KEY_MESSAGE)
-
-
-class TooManyAttempts(NestError):
-    """A client guessed wrong too often and must wait."""
-
-    status = 429
-    code = "too_many_attempts"
-
-    def __init__(self, retryAfterSeconds: int) -> None:
-        super().__init__(
-            f"Too many invalid entry keys; try again in {retryAfterSeconds} seconds"
-        )
-        self.retryAfterSeconds = retryAfterSeconds
-
-
-class NotPaired(NestError):
-    """The device has no owner to remove."""
-
-    status = 404
-    code = "not_paired"
 
 
 @frozen
@@ -369,15 +331,31 @@ class Pairing:
         claimed = EntryKey(
             serial, key.code, key.expiresMs, key.createdMs, userId, nowMs
         )
+
+        def stillClaimable(doc: dict[str, Any] | None) -> dict[str, Any]:
+            # Decided in the transaction: of two claims of one code (on one
+            # process or two) only the first finds it unclaimed.
+            if doc is None or EntryKey.fromRecord(serial, doc) != key:
+                raise _CodeTaken()
+            return claimed.toRecord()
+
         writes += [
+            RecordUpdate(ENTRY_KEY_RECORD, serial, stillClaimable),
             RecordWrite(OWNER_RECORD, serial, {"user": userId, "claimedAt": nowMs}),
-            RecordWrite(ENTRY_KEY_RECORD, serial, claimed.toRecord()),
             # Claiming is how an owner vouches for the device in front of
             # them: whatever password it gives next is bound anew.
             RecordWrite(DEVICE_SECRET_RECORD, serial, None),
         ]
-        self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
-        return self.state.change(writes).addCallback(lambda ignored: serial)
+
+        def claimedNow(ignored: object) -> str:
+            self.log.info("{serial} claimed by {user}", serial=serial, user=userId)
+            return serial
+
+        def takenMeanwhile(failure: Failure) -> None:
+            failure.trap(_CodeTaken)
+            return None
+
+        return self.state.change(writes).addCallbacks(claimedNow, takenMeanwhile)
 
     def dismissDialog(self, serial: str) -> Deferred[bool]:
         """
@@ -450,6 +428,10 @@ class Pairing:
             RecordWrite(DEVICE_SECRET_RECORD, serial, None),
         ]
         return self.state.removeDevice(serial, structures, records)
+
+
+class _CodeTaken(Exception):
+    """The code was claimed, replaced or removed while a claim was decided."""
 
 
 def _deviceList(structure: Bucket) -> list[str]:

@@ -56,6 +56,18 @@ class Presence:
     def lastSeen(self, serial: str) -> float | None:
         return self._lastSeen.get(serial)
 
+    def merge(
+        self, serial: str, lastSeen: float, fields: Mapping[str, str] | None
+    ) -> None:
+        """
+        Take what another process heard of C{serial}: last seen only moves
+        forward; C{fields}, when given, replace the entry fields.
+        """
+        if lastSeen > self._lastSeen.get(serial, float("-inf")):
+            self._lastSeen[serial] = lastSeen
+        if fields is not None:
+            self._entryFields[serial] = dict(fields)
+
     def entryFields(self, serial: str) -> dict[str, str]:
         return dict(self._entryFields.get(serial, {}))
 

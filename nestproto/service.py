@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import treq
 from attrs import define, field
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.copyright import version as twistedVersion
 from twisted.internet.defer import CancelledError, Deferred
@@ -48,15 +48,17 @@ from twisted.web.server import Site
 from ._version import __version__
 from .admission import DEFAULT_NEW_SERIALS_PER_HOUR, AdmissionSettings
 from .apps import AppSettings, buildApps
+from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
+from .presence import IPresence
 from .recording.format import CONTROL, DEVICE
 from .recording.recorder import Recorder, RecorderService
-from .store import SchemaTooNew, SQLiteStore
+from .store import IBucketStore, SchemaTooNew, SQLiteStore
 from .uploads import LogStore
 from .weather import NoWeather, OpenMeteoSource
 
@@ -186,6 +188,13 @@ class Options(usage.Options):
             "Directory of the state; created if missing.",
         ],
         [
+            "store",
+            None,
+            None,
+            "Keep the state in PostgreSQL, shared by every process given the "
+            "same URL: postgresql://USER@HOST/DB (default: SQLite in --data).",
+        ],
+        [
             "origin",
             None,
             None,
@@ -261,6 +270,37 @@ class Options(usage.Options):
     #: the token file, or C{None} (the API is open).
     controlTokenSource: str | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-origin"] = []
+        self["trusted-network"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """
+        Let browser pages of ORIGIN (http(s)://HOST[:PORT]) call the control
+        API, with CORS (repeatable; default: only the API's own origin).
+        """
+        normal = normaliseOrigin(origin)
+        if normal is None:
+            raise usage.UsageError(
+                f"--allow-origin {origin!r} must be http(s)://HOST or "
+                "http(s)://HOST:PORT, with no path"
+            )
+        self["allow-origin"].append(normal)
+
+    def opt_trusted_network(self, network: str) -> None:
+        """
+        Let control API clients from the addresses of CIDR (e.g.
+        192.168.1.0/24) in without the control token (repeatable).
+        """
+        try:
+            self["trusted-network"].append(parseNetwork(network))
+        except ValueError:
+            raise usage.UsageError(
+                f"--trusted-network {network!r} must be an address or a "
+                "network such as 192.168.1.0/24"
+            ) from None
+
     def opt_version(self) -> NoReturn:
         """Display nestproto's version and exit."""
         print(f"nestproto {__version__} (Twisted {twistedVersion})")
@@ -303,6 +343,7 @@ class Options(usage.Options):
                 "before the server answers"
             )
         _checkDataDirectory(self["data"])
+        _checkStore(self["store"])
         if not MIN_ENTRY_KEY_TTL <= self["entry-key-ttl"] <= 7 * 24 * 3600:
             raise usage.UsageError(
                 f"--entry-key-ttl must be {MIN_ENTRY_KEY_TTL}-604800 seconds: a "
@@ -351,6 +392,20 @@ def _checkEndpoint(name: str, description: str) -> None:
     except Exception as e:
         raise usage.UsageError(
             f"--{name} {description!r} is not a server endpoint: {e}"
+        ) from None
+
+
+def _checkStore(url: str | None) -> None:
+    """A C{--store} must be a PostgreSQL URL, and psycopg installed."""
+    if url is None:
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise usage.UsageError("--store must be a postgresql://USER@HOST/DATABASE URL")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise usage.UsageError(
+            "--store postgresql:// needs psycopg: pip install 'nestproto[postgresql]'"
         ) from None
 
 
@@ -411,7 +466,7 @@ class _StoreService(Service):
     the file, stops the threads and lets the data directory go.
     """
 
-    store: SQLiteStore
+    store: IBucketStore
     pools: list[ThreadPool]
     hub: SubscriberHub
     events: EventStream
@@ -580,13 +635,38 @@ def _startupLines(
     What the server says at start-up: never the token itself, only where
     it came from.
     """
+    lines = _startupLinesSQLite(options, storePath, devices)
+    if options.get("store") is not None:
+        lines[1] = (
+            "store: PostgreSQL {where}; devices loaded: {devices}",
+            {"where": storePath, "devices": devices},
+        )
+    return lines
+
+
+def _startupLinesSQLite(
+    options: usage.Options, storePath: str, devices: int
+) -> list[tuple[str, dict[str, object]]]:
+    """
+    What the server says at start-up: never the token itself, only where
+    it came from.
+    """
     source = getattr(options, "controlTokenSource", None)
     if options["control-token"] is None:
         protection = "open: no token, anyone who can reach it may use it"
-    elif source == "--control-token":
-        protection = "bearer token from --control-token"
     else:
-        protection = f"bearer token from the file {source}"
+        where = (
+            "--control-token" if source == "--control-token" else f"the file {source}"
+        )
+        protection = (
+            f"bearer token from {where} (Authorization header or the /k/<token>/ "
+            "path prefix)"
+        )
+        networks = options.get("trusted-network") or []
+        if networks:
+            protection += "; no token needed from " + ", ".join(map(str, networks))
+    origins = ", ".join(options.get("allow-origin") or [])
+    protection += f"; browser pages allowed from {origins or 'its own origin only'}"
     perHour = options["new-serials-per-hour"]
     admission = (
         "pairing required: only claimed devices are served"
@@ -673,7 +753,7 @@ def _site(resource: IResource) -> Site:
 
 def _openStore(
     options: usage.Options, runInThread: Any, clock: IReactorTime
-) -> tuple[DataLock, SQLiteStore, str]:
+) -> tuple[DataLock, IBucketStore, str]:
     """
     Take the data directory (one server per directory), then open the
     store in it.
@@ -691,6 +771,13 @@ def _openStore(
             f"the data directory {os.path.abspath(data)} cannot be written: "
             f"{e.strerror}"
         ) from None
+    if options.get("store") is not None:
+        try:
+            shared, described = _openPostgreSQL(options["store"], runInThread, clock)
+            return lock, shared, described
+        except BaseException:
+            lock.release()
+            raise
     storePath = os.path.abspath(os.path.join(data, STORE_FILE))
     try:
         store = SQLiteStore.open(storePath, runInThread, clock)
@@ -701,6 +788,39 @@ def _openStore(
         lock.release()
         raise
     return lock, store, storePath
+
+
+def _openPostgreSQL(
+    url: str, runInThread: Any, clock: IReactorTime
+) -> tuple[IBucketStore, str]:
+    """
+    Open the PostgreSQL store at C{url}; also say where it is, without a
+    password.
+
+    @raise StartupError: it cannot be reached or read.
+    """
+    import psycopg
+
+    from .store_pg import PostgreSQLStore
+
+    try:
+        where = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as e:
+        raise StartupError(f"--store is not a PostgreSQL URL: {e}") from None
+    described = "{}@{}:{}/{}".format(
+        where.get("user", ""),
+        where.get("host", "localhost"),
+        where.get("port", 5432),
+        where.get("dbname", ""),
+    )
+    try:
+        store = PostgreSQLStore.open(url, runInThread, clock)
+    except (psycopg.Error, SchemaTooNew) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise StartupError(
+            f"the PostgreSQL store {described} cannot be opened: {reason}"
+        ) from None
+    return store, described
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
@@ -728,6 +848,23 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         )
     except StartupError as e:
         _fail(options, e)
+    pools = [pool, ioPool]
+    presence: IPresence | None = None
+    shared: list[IService] = []
+    if options.get("store") is not None:
+        # The PostgreSQL engine's listening connection waits in a thread
+        # of its own; presence is synced through the store's.
+        from .store_pg import PRESENCE_SYNC_SECONDS, PostgreSQLStore, SharedPresence
+
+        feedPool = ThreadPool(minthreads=1, maxthreads=1, name="nestproto-feed")
+        pools.append(feedPool)
+        assert isinstance(store, PostgreSQLStore)
+        store.follow(partial(deferToThreadPool, reactor, feedPool))
+        sharedPresence = SharedPresence(store, reactor)
+        presence = sharedPresence
+        syncing = TimerService(PRESENCE_SYNC_SECONDS, sharedPresence.sync)
+        syncing.clock = reactor
+        shared.append(syncing)
     weatherSource = (
         NoWeather() if options["weather"] == "none" else OpenMeteoSource(treq, reactor)
     )
@@ -735,6 +872,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     apps = buildApps(
         store,
         reactor,
+        presence=presence,
         runInThread=partial(deferToThreadPool, reactor, ioPool),
         settings=AppSettings(
             holdSeconds=options["hold-timeout"],
@@ -744,6 +882,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             ),
             control=ControlSettings(
                 token=options["control-token"],
+                allowOrigins=frozenset(options["allow-origin"]),
+                trustedNetworks=tuple(options["trusted-network"]),
                 unavailableAfterSeconds=options["unavailable-after"],
             ),
             admission=AdmissionSettings(
@@ -761,9 +901,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     devices = sum(1 for scope in store.scopes() if scope)
     _Announce(_startupLines(options, storePath, devices)).setServiceParent(root)
     _CollectorService().setServiceParent(root)
-    _StoreService(store, [pool, ioPool], apps.hub, apps.events, lock).setServiceParent(
-        root
-    )
+    _StoreService(store, pools, apps.hub, apps.events, lock).setServiceParent(root)
+    for service in shared:
+        service.setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
@@ -103,7 +103,21 @@ class RecordWrite:
     doc: dict[str, Any] | None
 
 
-Write = BucketUpdate | BucketWrite | ScopeDelete | RecordWrite
+@frozen
+class RecordUpdate:
+    """
+    Decide record C{kind}/C{name} inside the transaction: C{decide} is
+    called with the record as the transaction sees it (C{None} when absent)
+    and returns the record to store (C{None} deletes it), or raises to
+    refuse the whole write (a pairing code claimed meanwhile).
+    """
+
+    kind: str
+    name: str
+    decide: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+
+
+Write = BucketUpdate | BucketWrite | ScopeDelete | RecordWrite | RecordUpdate
 
 
 class IChangeFeed(Interface):
@@ -223,98 +237,139 @@ def _upgrade(connection: sqlite3.Connection) -> None:
     connection.execute("COMMIT")
 
 
-#: One row operation of a transaction: a bucket put or delete (C{None}), or
-#: a record put or delete.
-_BucketOp = tuple[str, str, Bucket | None]
-_RecordOp = tuple[str, str, dict[str, Any] | None]
+def logFailedCommit(
+    log: Logger, failure: Failure, count: int, databaseError: type[Exception]
+) -> None:
+    """
+    Say why a commit failed: one error line when the database or the disk
+    refused (full, read-only, gone), which is the operator's matter; the
+    whole failure when it is a bug of ours.
+    """
+    if failure.check(databaseError, OSError):
+        log.error(
+            "committing {count} writes failed, nothing changed: {reason}",
+            count=count,
+            reason=failure.getErrorMessage(),
+        )
+    else:
+        log.failure("committing {count} writes failed", failure, count=count)
 
 
 @define
-class _Decided:
-    """One write request, decided: what it writes and what it answers."""
+class Decided:
+    """
+    One write request, decided: what it writes and what it answers. Every
+    engine decides with L{decideRequest}, so the rules are the same
+    whichever database holds the rows.
+    """
 
-    origin: str | None
-    done: Deferred[list[Bucket | None]]
     results: list[Bucket | None]
     bucketOps: dict[tuple[str, str], Bucket | None] = field(factory=dict)
     recordOps: dict[tuple[str, str], dict[str, Any] | None] = field(factory=dict)
     sequence: int = 0
 
 
-@frozen
-class _Pending:
-    writes: Sequence[Write]
-    origin: str | None
-    done: Deferred[list[Bucket | None]]
-
-
-@implementer(IBucketStore)
-@define
-class SQLiteStore:
+def decideRequest(
+    writes: Sequence[Write],
+    earlier: Sequence[Decided],
+    storedBucket: Callable[[str, str], Bucket | None],
+    keysInScope: Callable[[str], Iterable[str]],
+    storedRecord: Callable[[str, str], dict[str, Any] | None],
+    nowMs: int,
+) -> Decided:
     """
-    The embedded default L{IBucketStore}: one SQLite file in WAL mode with
-    C{synchronous=FULL}, so a commit survives power loss, not only a crash.
+    Decide one write request on top of what the transaction sees (the
+    C{stored*} lookups) and the C{earlier} requests of its batch.
 
-    One process owns the file, so committed state is kept in memory for
-    reads, and writes are decided on the reactor thread against it in
-    commit order: a batch is decided only once the batch before it has
-    committed, which is the same as deciding inside the transaction.
-    Writes that arrive while a commit runs are committed together in the
-    next transaction (group commit).
+    @raise Exception: whatever a decision raises; nothing is then written.
+    """
+    one = Decided([])
+
+    def current(scope: str, key: str) -> Bucket | None:
+        for layer in (one, *reversed(earlier)):
+            if (scope, key) in layer.bucketOps:
+                return layer.bucketOps[scope, key]
+        return storedBucket(scope, key)
+
+    def currentRecord(kind: str, name: str) -> dict[str, Any] | None:
+        for layer in (one, *reversed(earlier)):
+            if (kind, name) in layer.recordOps:
+                return layer.recordOps[kind, name]
+        return storedRecord(kind, name)
+
+    for write in writes:
+        if isinstance(write, BucketUpdate):
+            before = current(write.scope, write.key)
+            after = write.decide(before, nowMs)
+            if after is not None and after.key != write.key:
+                raise ValueError(f"decided {after.key} for {write.key}")
+            if after is not before:
+                one.bucketOps[write.scope, write.key] = after
+            one.results.append(after)
+        elif isinstance(write, BucketWrite):
+            after = None if write.delete else write.bucket
+            one.bucketOps[write.scope, write.bucket.key] = after
+            one.results.append(after)
+        elif isinstance(write, ScopeDelete):
+            keys = set(keysInScope(write.scope))
+            for layer in (*earlier, one):
+                keys.update(k for s, k in layer.bucketOps if s == write.scope)
+            for key in keys:
+                if current(write.scope, key) is not None:
+                    one.bucketOps[write.scope, key] = None
+            one.results.append(None)
+        elif isinstance(write, RecordUpdate):
+            previous = currentRecord(write.kind, write.name)
+            doc = write.decide(previous)
+            if doc != previous:
+                one.recordOps[write.kind, write.name] = doc
+            one.results.append(None)
+        else:
+            one.recordOps[write.kind, write.name] = write.doc
+            one.results.append(None)
+    # A delete of what was absent all along changes nothing.
+    for (scope, key), after in list(one.bucketOps.items()):
+        if after is None and _absentBefore(scope, key, earlier, storedBucket):
+            del one.bucketOps[scope, key]
+    return one
+
+
+def _absentBefore(
+    scope: str,
+    key: str,
+    earlier: Sequence[Decided],
+    storedBucket: Callable[[str, str], Bucket | None],
+) -> bool:
+    for layer in reversed(earlier):
+        if (scope, key) in layer.bucketOps:
+            return layer.bucketOps[scope, key] is None
+    return storedBucket(scope, key) is None
+
+
+@define
+class CommittedState:
+    """
+    What every engine keeps in memory: the committed buckets and records it
+    serves reads from, and its change feed. An engine shows a commit with
+    L{_show} once it is durable, and at no other time.
     """
 
     log = Logger()
 
-    _connection: sqlite3.Connection
-    _runInThread: ThreadRunner
-    _clock: IReactorTime
     # Contents stay out of the repr: a Logger on a class puts the instance
     # (and whatever holds the store) into every event as log_source, and a
     # JSON log observer would write out every bucket and entry key.
-    _buckets: dict[str, dict[str, Bucket]] = field(factory=dict, repr=False)
-    _records: dict[str, dict[str, dict[str, Any]]] = field(factory=dict, repr=False)
-    _queue: list[_Pending] = field(factory=list, repr=False)
-    _listeners: list[ChangeListener] = field(factory=list, repr=False)
-    #: Fired once nothing is queued or committing (L{close}).
-    _drained: list[Deferred[None]] = field(factory=list, repr=False)
-    _recent: deque[Commit] = field(
-        factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False
+    _buckets: dict[str, dict[str, Bucket]] = field(
+        factory=dict, repr=False, kw_only=True
     )
-    lastSequence: int = 0
-    _committing: bool = False
-    _closed: bool = False
-
-    @classmethod
-    def open(
-        cls, path: str, runInThread: ThreadRunner, clock: IReactorTime
-    ) -> SQLiteStore:
-        """
-        Open (or create, or upgrade) the store at C{path} and load it into
-        memory.
-
-        Blocks while loading: call it at start-up, before serving.
-        """
-        connection = sqlite3.connect(
-            path, check_same_thread=False, isolation_level=None
-        )
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
-        _upgrade(connection)
-        store = cls(connection, runInThread, clock)
-        for scope, key, revision, timestamp, value in connection.execute(
-            "SELECT scope, key, revision, timestamp, value FROM buckets"
-        ):
-            store._buckets.setdefault(scope, {})[key] = Bucket(
-                key, revision, timestamp, json.loads(value)
-            )
-        for kind, name, doc in connection.execute(
-            "SELECT kind, name, doc FROM records"
-        ):
-            store._records.setdefault(kind, {})[name] = json.loads(doc)
-        (store.lastSequence,) = connection.execute(
-            "SELECT value FROM meta WHERE name = 'last_sequence'"
-        ).fetchone()
-        return store
+    _records: dict[str, dict[str, dict[str, Any]]] = field(
+        factory=dict, repr=False, kw_only=True
+    )
+    _listeners: list[ChangeListener] = field(factory=list, repr=False, kw_only=True)
+    _recent: deque[Commit] = field(
+        factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False, kw_only=True
+    )
+    lastSequence: int = field(default=0, kw_only=True)
 
     # Reads: committed state only
 
@@ -349,6 +404,96 @@ class SQLiteStore:
         ):
             return None
         return [commit for commit in self._recent if commit.sequence > sequence]
+
+    def _show(self, commit: Commit) -> None:
+        """Make a durable C{commit} visible to reads, then announce it."""
+        for change in commit.buckets:
+            inScope = self._buckets.setdefault(change.scope, {})
+            if change.bucket is None:
+                inScope.pop(change.key, None)
+                if not inScope:
+                    del self._buckets[change.scope]
+            else:
+                inScope[change.key] = change.bucket
+        for record in commit.records:
+            if record.doc is None:
+                self._records.get(record.kind, {}).pop(record.name, None)
+            else:
+                self._records.setdefault(record.kind, {})[record.name] = record.doc
+        self.lastSequence = commit.sequence
+        self._recent.append(commit)
+        for listener in list(self._listeners):
+            try:
+                listener(commit)
+            except Exception:
+                self.log.failure(
+                    "change listener failed for commit {sequence}",
+                    sequence=commit.sequence,
+                )
+
+
+@frozen
+class _Pending:
+    writes: Sequence[Write]
+    origin: str | None
+    done: Deferred[list[Bucket | None]]
+
+
+@implementer(IBucketStore)
+@define
+class SQLiteStore(CommittedState):
+    """
+    The embedded default L{IBucketStore}: one SQLite file in WAL mode with
+    C{synchronous=FULL}, so a commit survives power loss, not only a crash.
+
+    One process owns the file, so committed state is kept in memory for
+    reads, and writes are decided on the reactor thread against it in
+    commit order: a batch is decided only once the batch before it has
+    committed, which is the same as deciding inside the transaction.
+    Writes that arrive while a commit runs are committed together in the
+    next transaction (group commit).
+    """
+
+    _connection: sqlite3.Connection
+    _runInThread: ThreadRunner
+    _clock: IReactorTime
+    _queue: list[_Pending] = field(factory=list, repr=False)
+    #: Fired once nothing is queued or committing (L{close}).
+    _drained: list[Deferred[None]] = field(factory=list, repr=False)
+    _committing: bool = False
+    _closed: bool = False
+
+    @classmethod
+    def open(
+        cls, path: str, runInThread: ThreadRunner, clock: IReactorTime
+    ) -> SQLiteStore:
+        """
+        Open (or create, or upgrade) the store at C{path} and load it into
+        memory.
+
+        Blocks while loading: call it at start-up, before serving.
+        """
+        connection = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None
+        )
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        _upgrade(connection)
+        store = cls(connection, runInThread, clock)
+        for scope, key, revision, timestamp, value in connection.execute(
+            "SELECT scope, key, revision, timestamp, value FROM buckets"
+        ):
+            store._buckets.setdefault(scope, {})[key] = Bucket(
+                key, revision, timestamp, json.loads(value)
+            )
+        for kind, name, doc in connection.execute(
+            "SELECT kind, name, doc FROM records"
+        ):
+            store._records.setdefault(kind, {})[name] = json.loads(doc)
+        (store.lastSequence,) = connection.execute(
+            "SELECT value FROM meta WHERE name = 'last_sequence'"
+        ).fetchone()
+        return store
 
     # Writes
 
@@ -395,83 +540,40 @@ class SQLiteStore:
         batch, self._queue = self._queue, []
         self._committing = True
         nowMs = int(self._clock.seconds() * 1000)
-        decided: list[_Decided] = []
+        accepted: list[tuple[_Pending, Decided]] = []
         refused: list[tuple[_Pending, Failure]] = []
         sequence = self.lastSequence
         for pending in batch:
             try:
-                one = self._decide(pending, decided, nowMs)
+                one = decideRequest(
+                    pending.writes,
+                    [decided for _pending, decided in accepted],
+                    self.get,
+                    lambda scope: self._buckets.get(scope, {}),
+                    self.record,
+                    nowMs,
+                )
             except Exception:
                 refused.append((pending, Failure()))
                 continue
             if one.bucketOps or one.recordOps:
                 sequence += 1
                 one.sequence = sequence
-            decided.append(one)
+            accepted.append((pending, one))
         for pending, failure in refused:
             pending.done.errback(failure)
-        if not any(one.sequence for one in decided):
-            self._finish(decided)
+        if not any(one.sequence for _pending, one in accepted):
+            self._finish(accepted)
             return
-        d = self._runInThread(self._commitToDisk, decided, sequence)
+        d = self._runInThread(
+            self._commitToDisk, [one for _pending, one in accepted], sequence
+        )
         d.addCallbacks(
-            lambda ignored: self._finish(decided),
-            lambda failure: self._fail(decided, failure),
+            lambda ignored: self._finish(accepted),
+            lambda failure: self._fail(accepted, failure),
         )
 
-    def _decide(
-        self, pending: _Pending, earlier: list[_Decided], nowMs: int
-    ) -> _Decided:
-        """
-        Decide C{pending} on top of committed state and the C{earlier}
-        requests of its batch; raises (changing nothing) when a decision
-        does.
-        """
-        one = _Decided(pending.origin, pending.done, [])
-
-        def current(scope: str, key: str) -> Bucket | None:
-            for layer in (one, *reversed(earlier)):
-                if (scope, key) in layer.bucketOps:
-                    return layer.bucketOps[scope, key]
-            return self.get(scope, key)
-
-        for write in pending.writes:
-            if isinstance(write, BucketUpdate):
-                before = current(write.scope, write.key)
-                after = write.decide(before, nowMs)
-                if after is not None and after.key != write.key:
-                    raise ValueError(f"decided {after.key} for {write.key}")
-                if after is not before:
-                    one.bucketOps[write.scope, write.key] = after
-                one.results.append(after)
-            elif isinstance(write, BucketWrite):
-                after = None if write.delete else write.bucket
-                one.bucketOps[write.scope, write.bucket.key] = after
-                one.results.append(after)
-            elif isinstance(write, ScopeDelete):
-                keys = set(self._buckets.get(write.scope, {}))
-                for layer in (*earlier, one):
-                    keys.update(k for s, k in layer.bucketOps if s == write.scope)
-                for key in keys:
-                    if current(write.scope, key) is not None:
-                        one.bucketOps[write.scope, key] = None
-                one.results.append(None)
-            else:
-                one.recordOps[write.kind, write.name] = write.doc
-                one.results.append(None)
-        # A delete of what was absent all along changes nothing.
-        for (scope, key), after in list(one.bucketOps.items()):
-            if after is None and self._absentBefore(scope, key, earlier):
-                del one.bucketOps[scope, key]
-        return one
-
-    def _absentBefore(self, scope: str, key: str, earlier: list[_Decided]) -> bool:
-        for layer in reversed(earlier):
-            if (scope, key) in layer.bucketOps:
-                return layer.bucketOps[scope, key] is None
-        return self.get(scope, key) is None
-
-    def _commitToDisk(self, decided: list[_Decided], lastSequence: int) -> None:
+    def _commitToDisk(self, decided: list[Decided], lastSequence: int) -> None:
         """One transaction for a whole batch: runs on the store's thread."""
         cursor = self._connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
@@ -515,28 +617,14 @@ class SQLiteStore:
                 cursor.execute("ROLLBACK")
             raise
 
-    def _finish(self, decided: list[_Decided]) -> None:
+    def _finish(self, decided: list[tuple[_Pending, Decided]]) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
-        for one in decided:
-            for (scope, key), bucket in one.bucketOps.items():
-                inScope = self._buckets.setdefault(scope, {})
-                if bucket is None:
-                    inScope.pop(key, None)
-                    if not inScope:
-                        del self._buckets[scope]
-                else:
-                    inScope[key] = bucket
-            for (kind, name), doc in one.recordOps.items():
-                if doc is None:
-                    self._records.get(kind, {}).pop(name, None)
-                else:
-                    self._records.setdefault(kind, {})[name] = doc
+        for pending, one in decided:
             if one.sequence:
-                self.lastSequence = one.sequence
-                self._announce(
+                self._show(
                     Commit(
                         one.sequence,
-                        one.origin,
+                        pending.origin,
                         tuple(
                             BucketChanged(scope, key, bucket)
                             for (scope, key), bucket in one.bucketOps.items()
@@ -547,29 +635,16 @@ class SQLiteStore:
                         ),
                     )
                 )
-            one.done.callback(one.results)
+            pending.done.callback(one.results)
         self._committing = False
         self._commitQueued()
         self._closeIfDrained()
 
-    def _fail(self, decided: list[_Decided], failure: Failure) -> None:
+    def _fail(self, decided: list[tuple[_Pending, Decided]], failure: Failure) -> None:
         """The batch did not commit: nothing changes, every request fails."""
-        self.log.failure(
-            "committing {count} writes failed", failure, count=len(decided)
-        )
+        logFailedCommit(self.log, failure, len(decided), sqlite3.Error)
         self._committing = False
-        for one in decided:
-            one.done.errback(StoreUnavailable())
+        for pending, _one in decided:
+            pending.done.errback(StoreUnavailable())
         self._commitQueued()
         self._closeIfDrained()
-
-    def _announce(self, commit: Commit) -> None:
-        self._recent.append(commit)
-        for listener in list(self._listeners):
-            try:
-                listener(commit)
-            except Exception:
-                self.log.failure(
-                    "change listener failed for commit {sequence}",
-                    sequence=commit.sequence,
-                )

@@ -13,16 +13,12 @@ from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.iweb import IRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from nestproto.admission import (
-    TRANSPORT,
-    Admission,
-    AdmissionSettings,
-    TooManyNewDevices,
-)
+from nestproto.admission import TRANSPORT, Admission, AdmissionSettings
+from nestproto.errors import TooManyNewDevices
 from nestproto.pairing import DEVICE_SECRET_RECORD, ENTRY_KEY_RECORD
 from nestproto.store import runInline
 
@@ -266,8 +262,13 @@ class CredentialTests(AdmissionTestCase):
             "GET", "/nest/passphrase/status", basicAuth(password="b")
         )
         self.assertEqual(status, 401)
-        commits.pop().errback(OSError("disk full"))
-        self.assertEqual(len(self.flushLoggedErrors()), 2)
+        with capturedLogs() as events:
+            commits.pop().errback(OSError(28, "No space left on device"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertIn(
+            "binding a password to 02AA01AC0000000001 failed",
+            [formatEvent(e).split(":")[0] for e in events],
+        )
         self.assertIsNone(self.server.store.record(DEVICE_SECRET_RECORD, SERIAL))
         status, document, _ = self.device(
             "GET", "/nest/passphrase/status", basicAuth(password="b")

@@ -20,7 +20,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto import buckets, hub
+from nestproto import buckets, hub, router
 from nestproto.buckets import Bucket
 from nestproto.control.api import ControlAPI
 from nestproto.device import api as deviceAPI
@@ -339,7 +339,7 @@ class FuzzTeethTests(SynchronousTestCase):
         def crash(body: bytes) -> Any:
             raise RuntimeError("broken")
 
-        self.patch(wire, "parsePut", crash)
+        self.patch(deviceAPI, "V7", evolve(deviceAPI.V7, parsePut=crash))
         self.assertIn("500", self.assertFuzzFails())
         self.flushLoggedErrors(RuntimeError)
 
@@ -358,7 +358,7 @@ class FuzzTeethTests(SynchronousTestCase):
 
     def test_notJSON(self) -> None:
         """A refusal answered as text is caught."""
-        jsonResponse = deviceAPI.jsonResponse
+        jsonResponse = router.jsonResponse
 
         def text(request: Any, document: Any, status: int = 200) -> bytes:
             if status < 400:
@@ -367,12 +367,12 @@ class FuzzTeethTests(SynchronousTestCase):
             request.setHeader(b"content-type", b"text/plain")
             return b"no"
 
-        self.patch(deviceAPI, "jsonResponse", text)
+        self.patch(router, "jsonResponse", text)
         self.assertIn("text/plain", self.assertFuzzFails())
 
     def test_tokenIgnored(self) -> None:
         """A control port that forgets to check its token is caught."""
-        self.patch(ControlAPI, "_authorize", lambda self, request: None)
+        self.patch(ControlAPI, "admit", lambda self, request, route: None)
 
         @settings(TEETH, max_examples=200)
         @given(st.data())

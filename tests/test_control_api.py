@@ -2,7 +2,9 @@
 """
 Tests for L{nestproto.control}: commands (PROTOCOL.md §14-§16.1; §19
 scenarios 46-55), status and device list (§16.5, §16.6), the event
-stream, token auth and CORS, all through the control port's resource.
+stream, all through the control port's resource. Who may use the API
+(token, path prefix, trusted networks, origins, JSON only) is in
+L{tests.test_access}.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto.buckets import Bucket
-from nestproto.control.api import ControlSettings
 from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.fields import NUMERIC_FIELDS
 from nestproto.membership import GLOBAL_SCOPE
@@ -29,8 +30,6 @@ from .helpers import (
     SERIAL,
     DroppableBody,
     basicAuth,
-    completed,
-    makeServer,
     receiveDroppable,
     sseEvents,
 )
@@ -1243,99 +1242,6 @@ class EventTests(ControlTestCase):
         self.successResultOf(done)
         self.assertEqual(self.server.control.events.count(), 0)
         self.assertEqual(self.server.clock.getDelayedCalls(), [])
-
-
-class AuthTests(ServerTestCase):
-    """
-    C{--control-token}: Bearer auth on every control call.
-    """
-
-    controlSettings = ControlSettings(token="s3cret")
-
-    def test_refused(self) -> None:
-        """
-        A missing, wrong or non-Bearer token is a 401 JSON answer on every
-        endpoint, with nothing done.
-        """
-        self.passphrase()
-        before = self.snapshot()
-        for headers in [
-            {},
-            {"Authorization": "Bearer wrong"},
-            {"Authorization": "Basic czNjcmV0"},
-            {"Authorization": "Bearer"},
-        ]:
-            for method, path, document in [
-                ("GET", "/health", None),
-                ("GET", f"/status?serial={SERIAL}", None),
-                ("GET", "/api/devices", None),
-                ("GET", "/api/events", None),
-                (
-                    "POST",
-                    "/command",
-                    {"serial": SERIAL, "command": "set_away", "value": True},
-                ),
-                ("POST", "/api/register", {"code": "000AAAA", "userId": "u"}),
-            ]:
-                status, answer = self.control(method, path, document, headers)
-                self.assertEqual(status, 401, (headers, path))
-                self.assertEqual(answer["success"], False)
-                self.assertIn("Bearer", answer["error"])
-        self.assertEqual(self.snapshot(), before)
-
-    def test_accepted(self) -> None:
-        """
-        The right token is accepted.
-        """
-        status, document = self.control(
-            "GET", "/health", headers={"Authorization": "Bearer s3cret"}
-        )
-        self.assertEqual((status, document["status"]), (200, "ok"))
-
-    def test_openWithoutToken(self) -> None:
-        """
-        Without a token configured, any Authorization header is accepted.
-        """
-        client = makeServer().controlClient
-        d = client.get(CONTROL_URL + "/health", headers={"Authorization": "Bearer x"})
-        client.flush()
-        self.assertEqual(self.successResultOf(d).code, 200)
-
-
-class CORSTests(ServerTestCase):
-    """
-    Browsers may call the control API from another origin.
-    """
-
-    def test_preflight(self) -> None:
-        """
-        An OPTIONS preflight is answered 204 with the CORS headers, without
-        a token.
-        """
-        client = makeServer(
-            controlSettings=ControlSettings(token="s3cret")
-        ).controlClient
-        d = client.request("OPTIONS", CONTROL_URL + "/command")
-        client.flush()
-        response = self.successResultOf(d)
-        self.assertEqual(response.code, 204)
-        headers = response.headers
-        self.assertEqual(headers.getRawHeaders("access-control-allow-origin"), ["*"])
-        self.assertIn(
-            "Authorization", headers.getRawHeaders("access-control-allow-headers")[0]
-        )
-        self.assertIn("POST", headers.getRawHeaders("access-control-allow-methods")[0])
-
-    def test_everyAnswer(self) -> None:
-        """
-        Successful answers and errors carry the CORS headers.
-        """
-        for path in ["/health", "/status", "/nowhere"]:
-            d = self.server.controlClient.get(CONTROL_URL + path)
-            response, _body = completed(self, self.server.controlClient, d)
-            self.assertEqual(
-                response.headers.getRawHeaders("access-control-allow-origin"), ["*"]
-            )
 
 
 class CommandPropertyTests(SynchronousTestCase):

@@ -26,6 +26,7 @@ from twisted.web.resource import IResource
 from nestproto import replay
 from nestproto.device.api import DeviceAPI
 from nestproto.device.auth import deviceSerial
+from nestproto.device.dialect import Dialect
 from nestproto.recording.bindings import Bindings
 from nestproto.recording.compare import compareDocuments
 from nestproto.recording.format import (
@@ -60,12 +61,17 @@ class _Session:
     """An in-memory server behind a recorder, and clients of both ports."""
 
     def __init__(
-        self, directory: str, raw: bool = False, controlToken: str | None = None
+        self,
+        directory: str,
+        raw: bool = False,
+        controlToken: str | None = None,
+        tokenInPath: bool = False,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START_SECONDS)
         self.recorder = Recorder(directory, self.clock, raw=raw)
         self.controlToken = controlToken
+        self.tokenInPath = tokenInPath
         device, control = memoryServer(self.clock, controlToken=controlToken)
         self.device = StubClient(self.recorder.wrap(device, DEVICE))
         self.control = StubClient(self.recorder.wrap(control, CONTROL))
@@ -138,12 +144,15 @@ class _Session:
 
     def command(self, value: float) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
-        if self.controlToken is not None:
+        base = CONTROL_URL
+        if self.controlToken is not None and self.tokenInPath:
+            base += f"/k/{self.controlToken}"
+        elif self.controlToken is not None:
             headers["Authorization"] = f"Bearer {self.controlToken}"
         return self.request(
             self.control,
             "POST",
-            CONTROL_URL + "/command",
+            base + "/command",
             data=json.dumps(
                 {"serial": SERIAL, "command": "set_temperature", "value": value}
             ).encode(),
@@ -415,7 +424,7 @@ class RecorderTests(SynchronousTestCase):
 class _EchoingDeviceAPI(DeviceAPI):
     """A broken server: its put receipts echo the stored value."""
 
-    def put(self, request: IRequest) -> Deferred[bytes]:
+    def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = deviceSerial(request)
 
         def echo(body: bytes) -> bytes:
@@ -425,7 +434,7 @@ class _EchoingDeviceAPI(DeviceAPI):
                 item["value"] = {} if bucket is None else bucket.value
             return json.dumps(document).encode()
 
-        return super().put(request).addCallback(echo)
+        return super().put(request, dialect).addCallback(echo)
 
 
 class _ReorderingResource:
@@ -583,6 +592,56 @@ class ControlTokenTests(SynchronousTestCase):
 
     def test_replayWithoutToken(self) -> None:
         """Without it, the control exchange is refused: a status mismatch."""
+        result = self.replay(None)
+        self.assertIn(
+            ("status", 200, 401),
+            [(m.where, m.recorded, m.replayed) for m in result.mismatches],
+        )
+
+
+class PathTokenTests(SynchronousTestCase):
+    """
+    A control client using the C{/k/<token>/} prefix: recorded without the
+    token, replayed with it put back.
+    """
+
+    def setUp(self) -> None:
+        self.path = _Session(
+            self.mktemp(), controlToken="s3cret", tokenInPath=True
+        ).record()
+        self.fixture = loadFixture(self.path)
+
+    def replay(self, token: str | None) -> Any:
+        target = MemoryTarget(
+            self.fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
+        )
+        results: list[Any] = []
+        Replayer(target, self.fixture, controlToken=token).run().addCallback(
+            results.append
+        )
+        return results[0]
+
+    def test_tokenRedacted(self) -> None:
+        """The token is not in the file; the path says where it was."""
+        with open(self.path, encoding="utf-8") as handle:
+            text = handle.read()
+        self.assertNotIn("s3cret", text)
+        self.assertIn('"path": "/k/redacted/command"', text)
+
+    def test_raw(self) -> None:
+        """A raw recording keeps the path as it was."""
+        session = _Session(
+            self.mktemp(), raw=True, controlToken="s3cret", tokenInPath=True
+        )
+        with open(session.record(), encoding="utf-8") as handle:
+            self.assertIn('"path": "/k/s3cret/command"', handle.read())
+
+    def test_replayWithToken(self) -> None:
+        """Given the token, the replay puts it back in the path and matches."""
+        self.assertEqual(self.replay("s3cret").describe(), [])
+
+    def test_replayWithoutToken(self) -> None:
+        """Without it, the command is sent without the prefix and refused."""
         result = self.replay(None)
         self.assertIn(
             ("status", 200, 401),

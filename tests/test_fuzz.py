@@ -21,12 +21,13 @@ import gzip
 import json
 from copy import deepcopy
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
+from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from nestproto.buckets import Bucket
@@ -401,16 +402,45 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
     if data.draw(st.booleans(), label="held subscriber"):
         fuzzer.holdSubscriber()
     method = data.draw(st.sampled_from(METHODS))
+    path = data.draw(paths(CONTROL_PATHS + _PREFIXED_CONTROL_PATHS, SERIAL))
     status = fuzzer.check(
         client,
         method,
-        _url(CONTROL_URL, data.draw(paths(CONTROL_PATHS, SERIAL))),
+        _url(CONTROL_URL, path),
         headers,
         data.draw(controlBodies(SERIAL)),
     )
-    authorized = headers.get("Authorization", "").lower() == f"bearer {TOKEN}"
+    authorized = headers.get(
+        "Authorization", ""
+    ).lower() == f"bearer {TOKEN}" or path.startswith(f"/k/{TOKEN}/")
     if protected and not authorized:
-        case.assertNotEqual(status, 200, (method, headers))
+        endpoint = _route(method, path.removeprefix("/k/wrong"))
+        if endpoint is None or method == "OPTIONS":
+            case.assertNotEqual(status, 200, (method, path, headers))
+        elif not ControlAPI.app.isPublic(endpoint):
+            # Whatever else is wrong with it: no route answers before the
+            # token is checked.
+            case.assertEqual(status, 401, (method, path, headers))
+
+
+#: Control paths under the token's path prefix, and under a wrong one.
+_PREFIXED_CONTROL_PATHS = (
+    f"/k/{TOKEN}/status?serial={{serial}}",
+    f"/k/{TOKEN}/command",
+    f"/k/{TOKEN}/api/device",
+    "/k/wrong/command",
+    "/k/wrong/api/devices",
+)
+
+
+def _route(method: str, path: str) -> str | None:
+    """The control API's route C{method} and C{path} name, if any."""
+    adapter = ControlAPI.app.url_map.bind("localhost")
+    try:
+        endpoint, _arguments = adapter.match(urlsplit(path).path, method=method)
+    except HTTPException:
+        return None
+    return str(endpoint)
 
 
 class ControlFuzzTests(SynchronousTestCase):

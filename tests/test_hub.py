@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_hub -*-
 """
 Tests for L{nestproto.hub.SubscriberHub}: held subscribes, pushes, the
-batch window, the hold timeout, the per-device limit and replay.
+hold policies (the v7 batch window, end-on-change, one bucket per answer),
+the hold timeout, the per-device limit and replay.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from nestproto.buckets import Bucket
 from nestproto.hub import (
     BATCH_SECONDS,
+    BATCHED,
     HOLD_SECONDS,
     MAX_SUBSCRIPTIONS_PER_DEVICE,
+    BatchWindow,
+    EndOnChange,
+    IHoldPolicy,
+    OneBucketPerAnswer,
+    Reaction,
     ReplayFilter,
     SubscriberHub,
 )
@@ -29,16 +37,28 @@ DEVICE = Bucket(f"device.{SERIAL}", 5, 1000, {"current_humidity": 40})
 
 
 class Recorder:
-    """A deliver that records each batch, or fails once told to."""
+    """
+    A deliver that records each batch, and how often the answer was opened
+    (headers at once), or fails once told to.
+    """
 
     def __init__(self) -> None:
         self.batches: list[list[Bucket]] = []
+        self.opened = 0
         self.gone = False
 
     def __call__(self, batch: Sequence[Bucket]) -> None:
         if self.gone:
             raise ConnectionLost("subscriber left")
+        if not batch:
+            self.assertNothingYet()
+            self.opened += 1
+            return
         self.batches.append(list(batch))
+
+    def assertNothingYet(self) -> None:
+        if self.opened or self.batches:
+            raise AssertionError("headers sent after the answer began")
 
 
 def keepAll(kept: Sequence[Bucket]) -> list[Bucket]:
@@ -55,10 +75,13 @@ class HubTestCase(SynchronousTestCase):
         self.hub = SubscriberHub(self.clock)
 
     def hold(
-        self, serial: str = SERIAL, replayFilter: ReplayFilter = keepAll
+        self,
+        serial: str = SERIAL,
+        replayFilter: ReplayFilter = keepAll,
+        policy: IHoldPolicy = BATCHED,
     ) -> tuple[Deferred[None], Recorder]:
         recorder = Recorder()
-        held = self.hub.hold(serial, recorder, replayFilter)
+        held = self.hub.hold(serial, recorder, replayFilter, policy)
         assert held is not None
         return held, recorder
 
@@ -72,13 +95,15 @@ class HoldTests(HubTestCase):
 
     def test_defaults(self) -> None:
         """
-        The defaults are the protocol's: a 290 s hold, a 3 s batch window,
-        100 subscribes per device (PROTOCOL.md §6.4, §12).
+        The defaults are the protocol's: a 290 s hold, a 3 s batch window
+        for v7 with headers at once, 100 subscribes per device
+        (PROTOCOL.md §6.4, §12).
         """
         self.assertEqual(
-            (self.hub.holdSeconds, self.hub.batchSeconds, self.hub.maxPerDevice),
+            (self.hub.holdSeconds, BATCHED.batchSeconds, self.hub.maxPerDevice),
             (290.0, 3.0, 100),
         )
+        self.assertEqual((BATCHED.headersAtOnce, BATCHED.holdSeconds), (True, None))
         self.assertEqual(
             (HOLD_SECONDS, BATCH_SECONDS, MAX_SUBSCRIPTIONS_PER_DEVICE),
             (290.0, 3.0, 100),
@@ -101,7 +126,7 @@ class HoldTests(HubTestCase):
     def test_holdSecondsConfigurable(self) -> None:
         """The hold time is the hub's C{holdSeconds}."""
         hub = SubscriberHub(self.clock, holdSeconds=10.0)
-        held = hub.hold(SERIAL, Recorder(), keepAll)
+        held = hub.hold(SERIAL, Recorder(), keepAll, BATCHED)
         assert held is not None
         self.clock.advance(9.999)
         self.assertNoResult(held)
@@ -149,14 +174,14 @@ class HoldTests(HubTestCase):
         and changes nothing; another device is unaffected.
         """
         holds = [self.hold()[0] for _ in range(MAX_SUBSCRIPTIONS_PER_DEVICE)]
-        self.assertIsNone(self.hub.hold(SERIAL, Recorder(), keepAll))
+        self.assertIsNone(self.hub.hold(SERIAL, Recorder(), keepAll, BATCHED))
         self.assertEqual(self.hub.count(SERIAL), MAX_SUBSCRIPTIONS_PER_DEVICE)
         other, _ = self.hold(OTHER_SERIAL)
         self.assertEqual(self.hub.total(), MAX_SUBSCRIPTIONS_PER_DEVICE + 1)
         self.assertEqual(len(self.clock.getDelayedCalls()), len(holds) + 1)
         holds[0].cancel()
         self.failureResultOf(holds[0], CancelledError)
-        self.assertIsNotNone(self.hub.hold(SERIAL, Recorder(), keepAll))
+        self.assertIsNotNone(self.hub.hold(SERIAL, Recorder(), keepAll, BATCHED))
         self.clock.advance(HOLD_SECONDS)
         self.assertClean()
         self.successResultOf(other)
@@ -164,7 +189,7 @@ class HoldTests(HubTestCase):
     def test_limitZero(self) -> None:
         """A hub allowing no subscribes refuses each and keeps no entry."""
         hub = SubscriberHub(self.clock, maxPerDevice=0)
-        self.assertIsNone(hub.hold(SERIAL, Recorder(), keepAll))
+        self.assertIsNone(hub.hold(SERIAL, Recorder(), keepAll, BATCHED))
         self.assertEqual(hub.total(), 0)
         self.assertEqual(hub.count(SERIAL), 0)
 
@@ -176,7 +201,9 @@ class HoldTests(HubTestCase):
         held, _ = self.hold()
         again: list[Deferred[None] | None] = []
         held.addCallback(
-            lambda ignored: again.append(self.hub.hold(SERIAL, Recorder(), keepAll))
+            lambda ignored: again.append(
+                self.hub.hold(SERIAL, Recorder(), keepAll, BATCHED)
+            )
         )
         self.clock.advance(HOLD_SECONDS)
         self.assertEqual(self.hub.count(SERIAL), 1)
@@ -369,10 +396,228 @@ class ReplayTests(HubTestCase):
         self.failedPush(SHARED)
         recorder = Recorder()
         recorder.gone = True
-        held = self.hub.hold(SERIAL, recorder, keepAll)
+        held = self.hub.hold(SERIAL, recorder, keepAll, BATCHED)
         assert held is not None
         self.successResultOf(held)
         self.assertEqual(self.hub.undelivered(SERIAL), [SHARED])
+        self.assertClean()
+
+
+class BatchWindowTests(HubTestCase):
+    """
+    L{BatchWindow}, the v7 policy: headers at once, a chunk per push, the
+    answer ended once pushes stop for the window (PushTests has the window
+    itself).
+    """
+
+    def test_provides(self) -> None:
+        """Every policy provides L{IHoldPolicy}."""
+        for policy in [
+            BATCHED,
+            EndOnChange(frozenset({SHARED.key})),
+            OneBucketPerAnswer(),
+        ]:
+            verifyObject(IHoldPolicy, policy)
+
+    def test_reaction(self) -> None:
+        """A push is delivered whole, and the answer may end in 3 s."""
+        self.assertEqual(
+            BATCHED.react([SHARED, DEVICE]), Reaction((SHARED, DEVICE), 3.0)
+        )
+        self.assertEqual(BatchWindow(1.5).react([SHARED]), Reaction((SHARED,), 1.5))
+
+    def test_headersAtOnce(self) -> None:
+        """
+        The answer is opened (headers only) as the hold begins, before any
+        push or replay, so the device may sleep (PROTOCOL.md §6.3).
+        """
+        held, recorder = self.hold()
+        self.assertEqual((recorder.opened, recorder.batches), (1, []))
+        self.hub.push(SERIAL, [SHARED])
+        self.hub.push(SERIAL, [DEVICE])
+        self.assertEqual(recorder.opened, 1)
+        self.assertEqual(recorder.batches, [[SHARED], [DEVICE]])
+        self.clock.advance(BATCH_SECONDS)
+        self.successResultOf(held)
+        self.assertClean()
+
+    def test_openingFails(self) -> None:
+        """
+        A client gone before the headers could go ends its hold at once,
+        with its timer; nothing is kept for it.
+        """
+        recorder = Recorder()
+        recorder.gone = True
+        held = self.hub.hold(SERIAL, recorder, keepAll, BATCHED)
+        assert held is not None
+        self.successResultOf(held)
+        self.assertEqual(self.hub.undelivered(SERIAL), [])
+        self.assertClean()
+
+
+class EndOnChangeTests(HubTestCase):
+    """
+    L{EndOnChange}, the key-list device policy (PROTOCOL.md §20.3): headers
+    at once; a change of a watched key ends the answer with no body.
+    """
+
+    policy = EndOnChange(frozenset({SHARED.key}))
+
+    def test_changeEndsWithNoBody(self) -> None:
+        """
+        The hold sends its headers at once; a push of a watched key ends it
+        at once, writing nothing, and counts as taken; nothing is left.
+        """
+        held, recorder = self.hold(policy=self.policy)
+        self.assertEqual(recorder.opened, 1)
+        self.assertNoResult(held)
+        self.clock.advance(100)
+        self.assertEqual(self.hub.push(SERIAL, [DEVICE, SHARED]), 1)
+        self.assertIsNone(self.successResultOf(held))
+        self.assertEqual(recorder.batches, [])
+        self.assertEqual(self.hub.undelivered(SERIAL), [])
+        self.assertClean()
+
+    def test_otherKeysIgnored(self) -> None:
+        """
+        A push of keys the subscribe does not list leaves it held, is not
+        counted, and the hold ends at its timeout with no body.
+        """
+        held, recorder = self.hold(policy=self.policy)
+        self.assertEqual(self.hub.push(SERIAL, [DEVICE]), 0)
+        self.clock.advance(BATCH_SECONDS)
+        self.assertNoResult(held)
+        self.clock.advance(HOLD_SECONDS - BATCH_SECONDS)
+        self.successResultOf(held)
+        self.assertEqual(recorder.batches, [])
+        self.assertClean()
+
+    def test_shorterHold(self) -> None:
+        """
+        The policy may hold shorter than the hub (an app's
+        C{X-nl-subscribe-timeout}), never longer.
+        """
+        held, _ = self.hold(policy=EndOnChange(frozenset({SHARED.key}), 8.0))
+        self.clock.advance(7.999)
+        self.assertNoResult(held)
+        self.clock.advance(0.001)
+        self.successResultOf(held)
+        longer, _ = self.hold(policy=EndOnChange(frozenset(), HOLD_SECONDS * 2))
+        self.clock.advance(HOLD_SECONDS)
+        self.successResultOf(longer)
+        self.assertClean()
+
+    def test_cancel(self) -> None:
+        """Cancelling (the client left) leaves nothing; a push reaches nobody."""
+        held, recorder = self.hold(policy=self.policy)
+        held.cancel()
+        self.failureResultOf(held, CancelledError)
+        self.assertClean()
+        self.assertEqual(self.hub.push(SERIAL, [SHARED]), 0)
+
+    def test_keptPushEndsNextHold(self) -> None:
+        """
+        A push an earlier subscribe missed, of a watched key, ends the next
+        hold at once: the device's next poll fetches the bucket.
+        """
+        failing, gone = self.hold()
+        gone.gone = True
+        self.hub.push(SERIAL, [SHARED])
+        self.successResultOf(failing)
+        held, recorder = self.hold(policy=self.policy)
+        self.successResultOf(held)
+        self.assertEqual((recorder.opened, recorder.batches), (1, []))
+        self.assertEqual(self.hub.undelivered(SERIAL), [])
+        self.assertClean()
+
+    def test_besideV7(self) -> None:
+        """
+        A key-list hold and a v7 hold of one device each answer as their
+        own policy says.
+        """
+        keylist, quiet = self.hold(policy=self.policy)
+        v7, recorder = self.hold()
+        self.assertEqual(self.hub.push(SERIAL, [SHARED]), 2)
+        self.successResultOf(keylist)
+        self.assertEqual(quiet.batches, [])
+        self.assertEqual(recorder.batches, [[SHARED]])
+        self.assertNoResult(v7)
+        self.clock.advance(BATCH_SECONDS)
+        self.successResultOf(v7)
+        self.assertClean()
+
+
+class OneBucketPerAnswerTests(HubTestCase):
+    """
+    L{OneBucketPerAnswer} (PROTOCOL.md §20.3): nothing while holding; the
+    first watched bucket pushed is the whole answer.
+    """
+
+    def test_oneBucketThenEnd(self) -> None:
+        """
+        No headers go out while holding; a push of several buckets writes
+        only the first watched one and ends the answer at once.
+        """
+        policy = OneBucketPerAnswer(frozenset({SHARED.key}))
+        held, recorder = self.hold(policy=policy)
+        self.assertEqual(recorder.opened, 0)
+        self.assertEqual(self.hub.push(SERIAL, [DEVICE, SHARED]), 1)
+        self.successResultOf(held)
+        self.assertEqual(recorder.batches, [[SHARED]])
+        self.assertClean()
+
+    def test_anyKey(self) -> None:
+        """Watching every key, the first bucket pushed is the answer."""
+        held, recorder = self.hold(policy=OneBucketPerAnswer())
+        self.hub.push(SERIAL, [DEVICE, SHARED])
+        self.successResultOf(held)
+        self.assertEqual(recorder.batches, [[DEVICE]])
+        self.assertClean()
+
+    def test_otherKeysIgnored(self) -> None:
+        """
+        Unwatched keys do not answer; the hold times out with nothing
+        written at all.
+        """
+        policy = OneBucketPerAnswer(frozenset({SHARED.key}), holdSeconds=8.0)
+        held, recorder = self.hold(policy=policy)
+        self.assertEqual(self.hub.push(SERIAL, [DEVICE]), 0)
+        self.clock.advance(8.0)
+        self.successResultOf(held)
+        self.assertEqual((recorder.opened, recorder.batches), (0, []))
+        self.assertClean()
+
+    def test_failedWriteKept(self) -> None:
+        """
+        A bucket that could not be written is kept, and is the answer of
+        the device's next hold at once.
+        """
+        held, recorder = self.hold(policy=OneBucketPerAnswer())
+        recorder.gone = True
+        self.assertEqual(self.hub.push(SERIAL, [SHARED]), 0)
+        self.successResultOf(held)
+        self.assertEqual(self.hub.undelivered(SERIAL), [SHARED])
+        again, replayed = self.hold(policy=OneBucketPerAnswer())
+        self.successResultOf(again)
+        self.assertEqual(replayed.batches, [[SHARED]])
+        self.assertClean()
+
+    def test_cancel(self) -> None:
+        """Cancelling leaves nothing behind."""
+        held, _ = self.hold(policy=OneBucketPerAnswer())
+        held.cancel()
+        self.failureResultOf(held, CancelledError)
+        self.assertClean()
+
+    def test_endAll(self) -> None:
+        """At shutdown every policy's holds end, with no timer left."""
+        holds = [
+            self.hold(policy=policy)[0]
+            for policy in [BATCHED, EndOnChange(frozenset()), OneBucketPerAnswer()]
+        ]
+        self.hub.endAll()
+        for held in holds:
+            self.successResultOf(held)
         self.assertClean()
 
 

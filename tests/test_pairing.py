@@ -47,6 +47,7 @@ from .helpers import (
     objectsBody,
     receive,
 )
+from .store_contract import CommitGate
 
 CODE_PATTERN = re.compile(r"^[0-9]{3}[A-Z]{4}$")
 INVALID = "Invalid, expired, or already claimed entry key"
@@ -136,8 +137,13 @@ class ServerTestCase(SynchronousTestCase):
     ) -> tuple[int, Any]:
         if data is None and document is not None:
             data = json.dumps(document).encode()
+        sent = dict(headers or {})
+        changing = data is not None or method in ("POST", "PUT", "PATCH")
+        if changing and not any(n.lower() == "content-type" for n in sent):
+            # As every control client does (the API refuses any other type).
+            sent["Content-Type"] = "application/json"
         d = self.server.controlClient.request(
-            method, CONTROL_URL + path, data=data, headers=headers
+            method, CONTROL_URL + path, data=data, headers=sent
         )
         return self.answer(d, self.server.controlClient)
 
@@ -491,6 +497,24 @@ class ClaimTests(ServerTestCase):
             ],
         )
 
+    def test_racingClaimsOneWins(self) -> None:
+        """
+        Two claims of one code decided while neither has committed: the
+        code is checked inside the transaction, so the first wins and the
+        second changes nothing.
+        """
+        gate = CommitGate(runInline)
+        server = makeServer(clock=self.server.clock, storeRunner=gate)
+        key = self.successResultOf(server.pairing.passphrase(SERIAL))
+        gate.holding = True
+        first = server.pairing.claim(key.code, "alice")
+        second = server.pairing.claim(key.code, "bob")
+        gate.release()
+        self.assertEqual(self.successResultOf(first), SERIAL)
+        self.assertIsNone(self.successResultOf(second))
+        self.assertEqual(server.state.membership.ownerOf(SERIAL), "alice")
+        self.assertIsNone(server.store.get(GLOBAL_SCOPE, "user.bob"))
+
     def test_hyphenAndCase(self) -> None:
         """
         The code is accepted as the device shows it (C{123-ABCD}) and in
@@ -647,6 +671,7 @@ class ClaimTests(ServerTestCase):
         d = self.server.controlClient.post(
             CONTROL_URL + "/api/register",
             data=json.dumps({"code": "000AAAA", "userId": "u"}).encode(),
+            headers={"Content-Type": "application/json"},
         )
         self.server.controlClient.flush()
         response = self.successResultOf(d)

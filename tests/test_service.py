@@ -179,6 +179,48 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--control-token", TOKEN)
         self.assertEqual(options.controlTokenSource, "--control-token")
 
+    def test_allowOrigin(self) -> None:
+        """
+        C{--allow-origin} may be given several times; each origin is kept
+        with its port; anything but an http(s) origin is refused.
+        """
+        options = self.parse(
+            "--allow-origin",
+            "http://Dashboard.home.arpa",
+            "--allow-origin",
+            "https://ha.example:8123",
+        )
+        self.assertEqual(
+            options["allow-origin"],
+            ["http://dashboard.home.arpa:80", "https://ha.example:8123"],
+        )
+        self.assertEqual(self.parse()["allow-origin"], [])
+        for bad in ["*", "dashboard.home.arpa", "http://host/path", "null"]:
+            self.assertRaises(usage.UsageError, self.parse, "--allow-origin", bad)
+
+    def test_trustedNetwork(self) -> None:
+        """
+        C{--trusted-network} may be given several times, as networks or
+        single addresses; anything else is refused.
+        """
+        options = self.parse(
+            "--trusted-network", "192.168.1.0/24", "--trusted-network", "fd00::5"
+        )
+        self.assertEqual(
+            [str(n) for n in options["trusted-network"]],
+            ["192.168.1.0/24", "fd00::5/128"],
+        )
+        self.assertEqual(self.parse()["trusted-network"], [])
+        for bad in ["home", "192.168.1.0/33", ""]:
+            self.assertRaises(usage.UsageError, self.parse, "--trusted-network", bad)
+
+    def test_helpHasNoMarkup(self) -> None:
+        """The new options' help is plain text."""
+        help = str(Options())
+        for name in ["--allow-origin", "--trusted-network"]:
+            self.assertIn(name, help)
+        self.assertNotIn("C{", help)
+
 
 class _RefusingReactor(MemoryReactorClock):
     """A reactor where listening on C{port} fails as a port in use does."""
@@ -346,7 +388,12 @@ class MakeServiceTests(SynchronousTestCase):
             service.startService()
         service.stopService()
         text = [formatEvent(e) for e in events]
-        self.assertIn("control API access: bearer token from --control-token", text)
+        self.assertIn(
+            "control API access: bearer token from --control-token (Authorization "
+            "header or the /k/<token>/ path prefix); browser pages allowed from "
+            "its own origin only",
+            text,
+        )
         self.assertIn("recording exchanges: off", text)
         self.assertIn(
             "device admission: open: any device may connect; passwords bound on "
@@ -358,6 +405,54 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(f"store: SQLite database {path}; devices loaded: 0", text)
         for event in events:
             self.assertNotIn(TOKEN, repr(event))
+
+    def test_accessOptionsReachTheControlAPI(self) -> None:
+        """
+        The control API that makeService serves lets a trusted network in
+        without the token and answers an allowed origin with CORS; the
+        start-up line says both, and not the token.
+        """
+        options = Options()
+        options.parseOptions(
+            [
+                "--data",
+                self.mktemp(),
+                "--control-token",
+                TOKEN,
+                "--trusted-network",
+                "127.0.0.0/8",
+                "--allow-origin",
+                "http://dash.home.arpa",
+            ]
+        )
+        service: Any = makeService(options, MemoryReactorClock())
+        with capturedLogs() as events:
+            service.startService()
+        try:
+            (control,) = [
+                s.factory.resource
+                for s in service
+                if isinstance(s, _Listener) and s.name == "control"
+            ]
+            client = StubClient(control)
+            d = client.get(
+                "http://127.0.0.1:8082/api/devices",
+                headers={"Origin": "http://dash.home.arpa"},
+            )
+            client.flush()
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(
+                response.headers.getRawHeaders("access-control-allow-origin"),
+                ["http://dash.home.arpa"],
+            )
+        finally:
+            service.stopService()
+        text = [formatEvent(e) for e in events]
+        (line,) = [t for t in text if t.startswith("control API access")]
+        self.assertIn("no token needed from 127.0.0.0/8", line)
+        self.assertIn("browser pages allowed from http://dash.home.arpa:80", line)
+        self.assertNotIn(TOKEN, repr(events))
 
     def test_listenersNamed(self) -> None:
         """The two listeners are named device and control."""

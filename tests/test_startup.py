@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -357,8 +359,10 @@ class LogLevelTests(StartupTestCase):
         At warn, a start-up and a stop log nothing (the server listens on
         Unix sockets here: no log line gives their addresses).
         """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
+        # A Unix socket path is at most 107 bytes: a checkout's _trial_temp
+        # can be deeper than that, so the sockets live in a short temp dir.
+        directory = tempfile.mkdtemp(prefix="np-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         device = os.path.join(directory, "device.sock")
         server = self.twistd(
             "--data",

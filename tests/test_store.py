@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -101,14 +102,19 @@ class SQLiteStoreTests(SynchronousTestCase):
     def test_diskErrorFailsTheBatch(self) -> None:
         """
         A commit that fails in SQLite itself (here: the connection is gone)
-        fails its writes with a 503 and leaves memory as it was.
+        fails its writes with a 503, leaves memory as it was, and says why
+        in one error line, without a traceback.
         """
         store = SQLiteStore.open(self.path, runInline, self.clock)
         store._connection.close()
-        failure = self.failureResultOf(store.write([update("S", "device.S", {})]))
-        self.assertIsInstance(failure.value, StoreUnavailable)
+        with capturedLogs() as events:
+            failed = store.write([update("S", "device.S", {})])
+        self.assertIsInstance(self.failureResultOf(failed).value, StoreUnavailable)
         self.assertIsNone(store.get("S", "device.S"))
-        self.flushLoggedErrors(sqlite3.ProgrammingError)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.error)
+        self.assertNotIn("log_failure", event)
+        self.assertIn("closed database", event["reason"])
 
     def test_walMode(self) -> None:
         """The file is in WAL mode, so readers never block the writer."""

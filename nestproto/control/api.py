@@ -9,108 +9,81 @@ unchanged, without the anchor's defects (§16.6).
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from attrs import Factory, field, frozen
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from zope.interface import implementer
 
 from ..admission import Admission
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
-from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
-from ..httpjson import JSONKlein, jsonResponse, readBody
+from ..errors import (
+    BadBody,
+    CommandError,
+    ErrorShape,
+    ForeignOrigin,
+    InvalidEntryKey,
+    InvalidSerial,
+    NotFound,
+    NotJSON,
+    SerialRequired,
+    Unauthorized,
+    Unavailable,
+    UnknownDevice,
+)
+from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
 from ..pairing import (
     ClaimThrottle,
-    InvalidEntryKey,
     Pairing,
-    TooManyAttempts,
     checkUserId,
     normaliseCode,
 )
+from ..router import IGate, Route, Router
 from ..state import DeviceState
 from . import commands
+from .access import (
+    CHANGING_METHODS,
+    CORS_ALLOW_HEADERS,
+    CORS_ALLOW_METHODS,
+    CORS_MAX_AGE_SECONDS,
+    IPNetwork,
+    isJSONType,
+    isTrusted,
+    judgeOrigin,
+    sameSecret,
+)
 from .events import EventStream
 from .status import DEFAULT_UNAVAILABLE_AFTER_SECONDS, deviceStatus
 
 _BODY_MAX_BYTES = 256 * 1024
-_CORS_HEADERS = {
-    b"access-control-allow-origin": b"*",
-    b"access-control-allow-headers": b"Authorization, Content-Type, Accept",
-    b"access-control-allow-methods": b"GET, POST, DELETE, OPTIONS",
-    b"access-control-max-age": b"600",
-}
 
 #: The anchor's words for a control call that names no device.
 CONTROL_SERIAL_REQUIRED = "Serial parameter required"
 
 
-class InvalidSerial(NestError):
-    """A control call names a device by something that is not a serial."""
-
-    code = "invalid_serial"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "Invalid serial: a serial is 10 to 64 letters and digits "
-            "(separators are ignored)"
-        )
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Unauthorized(NestError):
-    """The control API has a token and the request did not carry it."""
-
-    status = 401
-    code = "unauthorized"
-
-    def __init__(self) -> None:
-        super().__init__("Missing or wrong Authorization: Bearer token")
-
-
-@frozen
+@frozen(kw_only=True)
 class ControlSettings:
     """
-    @ivar token: when set, every request must carry C{Authorization:
-        Bearer <token>}; when C{None} the API is open (the anchor's
-        default), and any Authorization header is accepted and ignored.
+    @ivar token: when set, every request must carry it, as C{Authorization:
+        Bearer <token>} or under the path prefix C{/k/<token>/}, or come
+        from a C{trustedNetworks} address; when C{None} the API is open (the
+        anchor's default), and any Authorization header is ignored.
+    @ivar allowOrigins: browser origins (normalised C{scheme://host:port})
+        besides the API's own whose pages may call it, with CORS.
+    @ivar trustedNetworks: client addresses let in without the token.
     @ivar unavailableAfterSeconds: silence after which a device is shown
         unavailable.
     """
 
     token: str | None = None
+    allowOrigins: frozenset[str] = frozenset()
+    trustedNetworks: tuple[IPNetwork, ...] = ()
     unavailableAfterSeconds: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS
-
-
-def _guarded(handler: F) -> F:
-    """CORS headers and the token check, before the handler runs."""
-
-    @wraps(handler)
-    def guarded(self: ControlAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-        _cors(request)
-        self._authorize(request)
-        return handler(self, request, *args, **kwargs)
-
-    return guarded  # type: ignore[return-value]
-
-
-def _cors(request: IRequest) -> None:
-    # Any origin: browser dashboards on other hosts call this API; the token,
-    # when set, is what protects it, and it is not a cookie a page could
-    # borrow.
-    for name, value in _CORS_HEADERS.items():
-        request.setHeader(name, value)
 
 
 def _queryText(request: IRequest, name: bytes) -> str | None:
@@ -138,15 +111,23 @@ def _pathSerial(raw: object) -> str:
     return serial
 
 
+def _hasBody(request: IRequest) -> bool:
+    request.content.seek(0)
+    present = bool(request.content.read(1))
+    request.content.seek(0)
+    return present
+
+
 def _bodySerial(document: dict[str, Any]) -> str:
     return _pathSerial(document.get("serial"))
 
 
+@implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class ControlAPI:
     """The control port's Klein app."""
 
-    app: ClassVar[Klein] = JSONKlein()
+    app: ClassVar[Router] = Router(ErrorShape.CONTROL, secretPrefix=b"k")
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
@@ -163,58 +144,69 @@ class ControlAPI:
         default=Factory(lambda self: Admission(self.state), takes_self=True)
     )
 
-    # Errors
+    # The gate (nestproto.router): every request, every route.
 
-    @app.handle_errors(NestError, HTTPException)
-    def refused(self, request: IRequest, failure: Failure) -> bytes:
-        _cors(request)
-        error = failure.value
-        if request.method == b"OPTIONS" and isinstance(error, MethodNotAllowed):
-            # A CORS preflight: browsers send it without credentials.
+    def enter(self, request: IRequest) -> bytes | None:
+        """
+        A browser page of a foreign origin is refused before anything is
+        routed, so it changes nothing; an allowed one gets CORS headers on
+        every answer, and its preflight is answered here, without
+        credentials (browsers send none with it).
+        """
+        verdict = judgeOrigin(
+            request.getHeader(b"origin"),
+            requestOrigin(request),
+            self.settings.allowOrigins,
+        )
+        if self.settings.allowOrigins:
+            request.setHeader(b"vary", b"Origin")
+        if not verdict.allowed:
+            raise ForeignOrigin()
+        if verdict.cors is not None:
+            request.setHeader(
+                b"access-control-allow-origin", verdict.cors.encode("latin-1")
+            )
+        if request.method == b"OPTIONS":
+            if verdict.cors is not None:
+                request.setHeader(b"access-control-allow-headers", CORS_ALLOW_HEADERS)
+                request.setHeader(b"access-control-allow-methods", CORS_ALLOW_METHODS)
+                request.setHeader(
+                    b"access-control-max-age", b"%d" % (CORS_MAX_AGE_SECONDS,)
+                )
             request.setResponseCode(204)
             return b""
-        if isinstance(error, NestError):
-            status, code, message = error.status, error.code, str(error)
-        else:
-            assert isinstance(error, HTTPException)
-            status = error.code or 400
-            code = (error.name or "error").lower().replace(" ", "_")
-            message = error.name or "Bad request"
-        if isinstance(error, TooManyAttempts):
-            request.setHeader(b"retry-after", b"%d" % (error.retryAfterSeconds,))
-        if isinstance(error, Unauthorized):
-            request.setHeader(b"www-authenticate", b'Bearer realm="nestproto"')
-        # /command clients show "message", /status clients show "error"
-        # (PROTOCOL.md §16.6): every error carries both.
-        document = {"success": False, "error": message, "message": message}
-        document["code"] = code
-        return jsonResponse(request, document, status)
+        return None
 
-    @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Failure) -> bytes:
-        _cors(request)
-        self.log.failure("error handling {path}", failure, path=request.path)
-        return jsonResponse(
-            request,
-            {
-                "success": False,
-                "error": "Internal error",
-                "message": "Internal error",
-                "code": "internal",
-            },
-            500,
-        )
+    def admit(self, request: IRequest, route: Route) -> None:
+        """
+        With a token, the request carries it (header or path prefix) or
+        comes from a trusted network; C{/health} needs none. A request that
+        changes something has a JSON body, or no body for a C{DELETE}.
+        """
+        if not self._authenticated(request, route):
+            raise Unauthorized()
+        if request.method in CHANGING_METHODS and not isJSONType(
+            request.getHeader(b"content-type")
+        ):
+            if request.method != b"DELETE" or _hasBody(request):
+                raise NotJSON()
 
-    def _authorize(self, request: IRequest) -> None:
+    def _authenticated(self, request: IRequest, route: Route) -> bool:
         token = self.settings.token
-        if token is None:
-            return
+        if route.pathSecret is not None:
+            if token is None:
+                # No token, no secret prefix: it names nothing here.
+                raise NotFound("Not Found")
+            return sameSecret(route.pathSecret, token)
+        if token is None or route.public:
+            return True
         header = request.getHeader(b"authorization") or b""
         scheme, _, provided = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(
-            provided.strip(), token.encode("utf-8")
-        ):
-            raise Unauthorized()
+        if scheme.lower() == b"bearer" and sameSecret(provided.strip(), token):
+            return True
+        client = request.getClientAddress()
+        host = getattr(client, "host", None)
+        return isinstance(host, str) and isTrusted(host, self.settings.trustedNetworks)
 
     def _jsonBody(self, request: IRequest) -> dict[str, Any]:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
@@ -230,20 +222,15 @@ class ControlAPI:
     # Reading
 
     @app.route("/health", methods=["GET"])
-    @_guarded
+    @app.public
     def health(self, request: IRequest) -> bytes:
-        return jsonResponse(
-            request,
-            {
-                "status": "ok",
-                "timestamp": self.state.nowMs(),
-                "devices": len(self.state.membership.knownSerials()),
-                "subscriptions": self.hub.total(),
-            },
-        )
+        """
+        For health checks, which carry no token: that the server answers,
+        and nothing about what it serves (issue 12 item 10).
+        """
+        return jsonResponse(request, {"status": "ok"})
 
     @app.route("/status", methods=["GET"])
-    @_guarded
     def status(self, request: IRequest) -> bytes:
         serial = self._knownSerial(_pathSerial(_queryText(request, b"serial")))
         return jsonResponse(request, self._status(serial))
@@ -254,7 +241,6 @@ class ControlAPI:
         )
 
     @app.route("/api/devices", methods=["GET"])
-    @_guarded
     def devices(self, request: IRequest) -> bytes:
         devices = []
         for serial in self.state.membership.knownSerials():
@@ -266,7 +252,6 @@ class ControlAPI:
         return jsonResponse(request, {"devices": devices, "total": len(devices)})
 
     @app.route("/api/schedule", methods=["GET"])
-    @_guarded
     def schedule(self, request: IRequest) -> bytes:
         serial = self._knownSerial(_pathSerial(_queryText(request, b"serial")))
         stored = self.state.store.get(serial, f"schedule.{serial}")
@@ -283,7 +268,6 @@ class ControlAPI:
         )
 
     @app.route("/api/events", methods=["GET"])
-    @_guarded
     def eventStream(self, request: IRequest) -> Deferred[bytes] | bytes:
         lastEventId = request.getHeader(b"last-event-id")
         attached = self.events.attach(
@@ -297,12 +281,11 @@ class ControlAPI:
     # Changing
 
     @app.route("/command", methods=["POST"])
-    @_guarded
     def command(self, request: IRequest) -> Deferred[bytes]:
         document = self._jsonBody(request)
         serial = _bodySerial(document)
         if "command" not in document:
-            raise commands.CommandError("command required")
+            raise CommandError("command required")
         planned = commands.plan(
             self.state, serial, document["command"], document.get("value")
         )
@@ -325,7 +308,6 @@ class ControlAPI:
     # Pairing
 
     @app.route("/api/register", methods=["POST"])
-    @_guarded
     def register(self, request: IRequest) -> Deferred[bytes]:
         client = request.getClientAddress()
         address = str(getattr(client, "host", client))
@@ -357,7 +339,6 @@ class ControlAPI:
         return self.pairing.claim(code, userId).addCallback(answer)
 
     @app.route("/api/dismiss-pairing/<serial>", methods=["POST"])
-    @_guarded
     def dismissPairing(self, request: IRequest, serial: str) -> Deferred[bytes]:
         serial = self._knownSerial(_pathSerial(serial))
 
@@ -372,7 +353,6 @@ class ControlAPI:
         return self.pairing.dismissDialog(serial).addCallback(answer)
 
     @app.route("/api/registered-devices", methods=["GET"])
-    @_guarded
     def registeredDevices(self, request: IRequest) -> bytes:
         userId = _queryText(request, b"userId")
         owners = self.state.store.records(OWNER_RECORD)
@@ -384,7 +364,6 @@ class ControlAPI:
         return jsonResponse(request, devices)
 
     @app.route("/api/registered-devices/<serial>", methods=["DELETE"])
-    @_guarded
     def unregister(self, request: IRequest, serial: str) -> Deferred[bytes]:
         serial = _pathSerial(serial)
         return self.pairing.unclaim(serial).addCallback(
@@ -395,10 +374,9 @@ class ControlAPI:
         )
 
     @app.route("/api/device", methods=["DELETE"])
-    @_guarded
     def deleteDevice(self, request: IRequest) -> Deferred[bytes]:
-        # The serial may be given in the query, so that a client can send a
-        # DELETE without a body, or in a JSON body as the anchor takes it.
+        # ?serial= or a JSON body (the anchor's): many HTTP clients send no
+        # body with a DELETE.
         raw: object = _queryText(request, b"serial")
         if raw is None:
             body = readBody(request, _BODY_MAX_BYTES)

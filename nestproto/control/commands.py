@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 
 from .. import buckets as rules
 from ..buckets import Bucket
-from ..errors import NestError, UnknownDevice
+from ..errors import CommandError, UnknownDevice
 from ..membership import GLOBAL_SCOPE
 from ..state import DeviceState
 from ..store import BucketUpdate, Decide
@@ -49,12 +49,6 @@ _MODES = {
     "auto": "range",
     "emergency": "emergency",
 }
-
-
-class CommandError(NestError):
-    """A command that is unknown, malformed, or not possible for the device."""
-
-    code = "bad_command"
 
 
 @frozen

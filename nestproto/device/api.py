@@ -2,8 +2,9 @@
 """
 The device-facing HTTP API: the endpoints a thermostat calls.
 
-Handlers are thin: they parse with L{wire}, act through L{DeviceState} and
-L{SubscriberHub}, and render with L{wire}.
+Handlers are thin: they parse with their route's dialect (L{V7}: L{wire}),
+act through L{DeviceState} and L{SubscriberHub}, and render with the
+dialect; a held subscribe answers with the dialect's hold policy.
 """
 
 from __future__ import annotations
@@ -14,29 +15,38 @@ from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
 from attrs import Factory, field, frozen
-from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
-from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
 
 from .._version import __version__
-from ..admission import FRONT_DOOR, TRANSPORT, Admission, PairingRequired
+from ..admission import FRONT_DOOR, TRANSPORT, Admission
 from ..buckets import Bucket
-from ..errors import BadBody, NestError, NotFound, SerialRequired, Unavailable
-from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
+from ..errors import (
+    BadBody,
+    ErrorShape,
+    NestError,
+    NotFound,
+    PairingRequired,
+    SerialRequired,
+    Unavailable,
+)
+from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import Deliver, SubscriberHub
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
+from ..router import IGate, Route, Router
 from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 from ..weather import WeatherService, parseWeatherQuery
 from . import wire
 from .auth import deviceSerial, normaliseSerial
+from .dialect import V7, Dialect
+from .wire import Rendered, SubscribeBody
 
 #: Entry form fields and how each must look (PROTOCOL.md §4).
 _ENTRY_FIELD_PATTERNS = {
@@ -46,7 +56,6 @@ _ENTRY_FIELD_PATTERNS = {
 }
 _ENTRY_FIELD_MAX_LENGTH = 128
 _ENTRY_BODY_MAX_BYTES = 4096
-_HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?$")
 
 
 @frozen
@@ -62,25 +71,6 @@ class TransportSettings:
     suspendTimeMaxSeconds: int = 300
     deferDeviceWindowSeconds: int = 15
     disableDeferWindowSeconds: int = 60
-
-
-def requestOrigin(request: IRequest) -> str:
-    """
-    C{scheme://host:port} as the device reached us, always with an explicit
-    port: without one the firmware mis-parses the port and push can no
-    longer wake it (PROTOCOL.md §1). A Host header without a port means the
-    scheme's default port.
-    """
-    secure = request.isSecure()
-    scheme = "https" if secure else "http"
-    raw = request.getHeader(b"host")
-    match = _HOST_PATTERN.match(raw.decode("latin-1")) if raw else None
-    if match is None:
-        local = request.getHost()
-        host = f"[{local.host}]" if ":" in local.host else local.host
-        return f"{scheme}://{host}:{local.port}"
-    port = match.group(2) or ("443" if secure else "80")
-    return f"{scheme}://{match.group(1)}:{int(port)}"
 
 
 def entryMap(origin: str) -> dict[str, str]:
@@ -146,11 +136,12 @@ def _transportTail(rest: str) -> str:
     return rest.rstrip("/").rsplit("/", 1)[-1]
 
 
+@implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class DeviceAPI:
     """The device port's Klein app."""
 
-    app: ClassVar[Klein] = JSONKlein()
+    app: ClassVar[Router] = Router(ErrorShape.DEVICE)
     log: ClassVar[Logger] = Logger()
 
     state: DeviceState
@@ -167,20 +158,15 @@ class DeviceAPI:
         default=Factory(lambda self: Admission(self.state), takes_self=True)
     )
 
-    # Errors
+    # The gate (nestproto.router): every route is open at the router; who
+    # the caller is comes from its serial, which each route that needs one
+    # requires (PROTOCOL.md §2).
 
-    @app.handle_errors(NestError, HTTPException)
-    def refused(self, request: IRequest, failure: Failure) -> bytes:
-        status, document = errorDocument(failure)
-        self.log.debug("refused {path}: {error}", path=request.path, error=document)
-        return jsonResponse(request, document, status)
+    def enter(self, request: IRequest) -> bytes | None:
+        return None
 
-    @app.handle_errors(Exception)
-    def failed(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("error handling {path}", failure, path=request.path)
-        return jsonResponse(
-            request, {"error": "Internal error", "code": "internal"}, 500
-        )
+    def admit(self, request: IRequest, route: Route) -> None:
+        return None
 
     # Discovery and liveness
 
@@ -215,14 +201,15 @@ class DeviceAPI:
     @app.route("/transport/<path:rest>", methods=["POST"])
     @app.route("/czfe/<path:rest>", methods=["POST"])
     def transport(self, request: IRequest, rest: str = "") -> Deferred[bytes]:
+        """The v7 transport (PROTOCOL.md §6, §7): subscribe, or put."""
         if self.hub.closed:
             # Stopping: the store takes no more writes. Send the device to a
             # new connection, which the next server process will answer.
             _closeAfter(request)
             raise Unavailable("Server is shutting down")
         if _transportTail(rest) == "put":
-            return self.put(request)
-        return self.subscribe(request)
+            return self.put(request, V7)
+        return self.subscribe(request, V7)
 
     @app.route("/nest/transport/<path:rest>", methods=["GET"])
     @app.route("/transport/<path:rest>", methods=["GET"])
@@ -242,38 +229,48 @@ class DeviceAPI:
         self.admission.admit(request, serial, FRONT_DOOR)
         self.state.presence.touch(serial)
         self._transportHeaders(request)
-        return self._objects(request, self.state.listing(serial), withValues=False)
+        return _render(request, V7.renderListing(self.state.listing(serial)))
 
-    def subscribe(self, request: IRequest) -> Deferred[bytes]:
+    # What every dialect's transport does, parsing and rendering as the
+    # route's dialect says.
+
+    def subscribe(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = self._callerSerial(request, TRANSPORT)
-        body = wire.parseSubscribe(readBody(request, wire.MAX_BODY_BYTES))
+        body = dialect.parseSubscribe(readBody(request, dialect.maxBodyBytes))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         self.log.debug("subscribe from {serial}", serial=serial)
         return self.state.subscribe(serial, body.objects, weaveId).addCallback(
-            self._answerSubscribe, request, serial, body.chunked
+            self._answerSubscribe, request, serial, body, dialect
         )
 
     def _answerSubscribe(
-        self, outcome: SubscribeOutcome, request: IRequest, serial: str, chunked: bool
+        self,
+        outcome: SubscribeOutcome,
+        request: IRequest,
+        serial: str,
+        body: SubscribeBody,
+        dialect: Dialect,
     ) -> bytes | Deferred[bytes]:
         self._transportHeaders(request)
-        if outcome.buckets or not chunked:
+        if outcome.buckets or not body.chunked:
             if wire.touchesSetpoint(outcome.buckets):
                 request.setHeader(
                     b"x-nl-disable-defer-window",
                     b"%d" % (self.settings.disableDeferWindowSeconds,),
                 )
-            body = self._objects(request, outcome.buckets)
-            if not chunked:
-                request.setHeader(b"content-length", b"%d" % (len(body),))
-            return body
-        request.setHeader(b"content-type", b"application/json")
-        held = self.hub.hold(serial, _chunkWriter(request), outcome.replayFilter)
+            answer = _render(request, dialect.renderAnswer(outcome.buckets))
+            if not body.chunked:
+                request.setHeader(b"content-length", b"%d" % (len(answer),))
+            return answer
+        held = self.hub.hold(
+            serial,
+            _answerWriter(request, dialect),
+            outcome.replayFilter,
+            dialect.holdPolicy(body),
+        )
         if held is None:
             self.log.warn("{serial} holds too many subscribes", serial=serial)
-            return self._objects(request, [])
-        # Headers now, so the device may sleep while we hold (§6.3).
-        request.write(b"")
+            return _render(request, dialect.renderAnswer([]))
         return held.addCallback(self._heldEnded, request)
 
     def _heldEnded(self, ignored: None, request: IRequest) -> bytes:
@@ -284,25 +281,23 @@ class DeviceAPI:
             _closeAfter(request)
         return b""
 
-    def put(self, request: IRequest) -> Deferred[bytes]:
+    def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = deviceSerial(request)
         if serial is None:
             raise SerialRequired()
         keeps = self.admission.admit(request, serial, TRANSPORT)
-        entries = wire.parsePut(readBody(request, wire.MAX_BODY_BYTES))
+        entries = dialect.parsePut(readBody(request, dialect.maxBodyBytes))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         if not keeps:
             # Pairing is required and the device is not claimed yet: its put
             # is answered as the anchor does and dropped (PROTOCOL.md §2.3,
             # §19 scenario 59).
             self._transportHeaders(request)
-            return succeed(self._objects(request, []))
+            return succeed(_render(request, dialect.renderReceipts([])))
 
         def answer(receipts: list[Bucket]) -> bytes:
             self._transportHeaders(request)
-            # Receipts never carry a value: the device would take it as
-            # authoritative and lose edits made since (PROTOCOL.md §7.3).
-            return self._objects(request, receipts, withValues=False)
+            return _render(request, dialect.renderReceipts(receipts))
 
         return self.state.put(serial, entries, weaveId).addCallback(answer)
 
@@ -379,12 +374,6 @@ class DeviceAPI:
             return False
         return True
 
-    def _objects(
-        self, request: IRequest, buckets: Sequence[Bucket], withValues: bool = True
-    ) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return wire.renderObjects(buckets, withValues)
-
     def _transportHeaders(self, request: IRequest) -> None:
         request.setHeader(b"x-nl-service-timestamp", b"%d" % (self.state.nowMs(),))
         request.setHeader(
@@ -409,18 +398,37 @@ def _closeAfter(request: IRequest) -> None:
         channel.persistent = False
 
 
-def _chunkWriter(request: IRequest) -> Deliver:
+def _render(request: IRequest, rendered: Rendered) -> bytes:
+    for name, value in rendered.headers:
+        request.setHeader(name, value)
+    return rendered.body
+
+
+def _answerWriter(request: IRequest, dialect: Dialect) -> Deliver:
     """
-    Writes each pushed batch as one complete JSON chunk; raises when the
-    client has gone, so the hub keeps the batch for the next subscribe.
+    Writes a held answer as the hub delivers it, rendered by C{dialect}:
+    headers alone when the hold begins with them (the device may sleep,
+    PROTOCOL.md §6.3), then each batch as one chunk; raises when the client
+    has gone, so the hub keeps the batch for the next subscribe.
     """
+    # notifyFinish and startedWriting are on every twisted.web request, but
+    # not on IRequest.
+    web = cast(Request, request)
     gone: list[bool] = []
-    # notifyFinish is on every twisted.web request, but not on IRequest.
-    cast(Request, request).notifyFinish().addBoth(lambda result: gone.append(True))
+    web.notifyFinish().addBoth(lambda result: gone.append(True))
 
     def deliver(batch: Sequence[Bucket]) -> None:
         if gone:
             raise ConnectionLost("subscriber left before the push")
-        request.write(wire.renderObjects(batch))
+        if not batch:
+            for name, value in dialect.openingHeaders:
+                request.setHeader(name, value)
+            request.write(b"")
+            return
+        rendered = dialect.renderAnswer(batch)
+        if not web.startedWriting:
+            for name, value in rendered.headers:
+                request.setHeader(name, value)
+        request.write(rendered.body)
 
     return deliver

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_wire -*-
 """
-The device's JSON shapes: parsing subscribe and put bodies (both forms) and
-rendering object lists in the field order the firmware needs.
+The v7 dialect's JSON shapes (PROTOCOL.md §6-§8): parsing subscribe and put
+bodies (both forms) and rendering object lists in the field order the
+firmware needs. L{nestproto.device.dialect} names these as the v7 dialect.
 
 Pure: no Twisted, no I/O. Every check happens here, before anything is
 changed, so a refused body changes nothing.
@@ -266,6 +267,32 @@ def renderObjects(buckets: Iterable[Bucket], withValues: bool = True) -> bytes:
         {"objects": [objectJSON(bucket, withValues) for bucket in buckets]},
         separators=(",", ":"),
     ).encode("utf-8")
+
+
+#: Headers of every v7 answer that carries objects.
+JSON_HEADERS = ((b"content-type", b"application/json"),)
+
+
+@frozen
+class Rendered:
+    """An answer's body and the headers that describe it."""
+
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+def renderAnswer(buckets: Iterable[Bucket]) -> Rendered:
+    """A subscribe's answer, or one chunk of it: the buckets with values."""
+    return Rendered(JSON_HEADERS, renderObjects(buckets))
+
+
+def renderReceipts(buckets: Iterable[Bucket]) -> Rendered:
+    """
+    A put's receipts or a listing: keys, revisions and timestamps, never a
+    value; a device takes a value as authoritative and would lose edits
+    made since (PROTOCOL.md §7.3, §8).
+    """
+    return Rendered(JSON_HEADERS, renderObjects(buckets, withValues=False))
 
 
 def touchesSetpoint(buckets: Iterable[Bucket]) -> bool:

@@ -232,7 +232,7 @@ class Recorder:
             "start": _offset(exchange.started, start),
             "request": {
                 "method": request.method.decode("latin-1"),
-                "path": redactor.text(path),
+                "path": redactor.path(path),
                 "headers": {
                     name: redactor.header(name, value)
                     for name, value in requestHeaders.items()

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_fixtures -*-
 """
 Redaction of recordings: serials and MACs become synthetic ones, Basic
-passwords and control tokens a fixed word, entry codes synthetic codes,
-consistently within one recorder run.
+passwords and control tokens (in headers and in the C{/k/<token>/} path
+prefix) a fixed word, entry codes synthetic codes, consistently within one
+recorder run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _SYNTHETIC_MAC = "02005E{:06X}"
 _SYNTHETIC_CODE = "{:03d}CODE"
 
 _MAC_PLAIN = re.compile(r"^[0-9A-Fa-f]{12}$")
+#: The control port's secret path prefix (nestproto.control.access).
+_SECRET_PATH = re.compile(r"^/k/[^/?#]*")
 #: A bucket key whose id is a device serial (buckets.SERIAL_KEYED_TYPES).
 _SERIAL_KEY = re.compile(
     r"^(?:" + "|".join(sorted(SERIAL_KEYED_TYPES)) + r")\.([A-Za-z0-9]{10,64})$"
@@ -106,6 +109,12 @@ class Redactor:
             return self._macs[found.replace(":", "")]
 
         return pattern.sub(substitute, text)
+
+    def path(self, path: str) -> str:
+        """A request path with its control token and known names replaced."""
+        if self.raw:
+            return path
+        return self.text(_SECRET_PATH.sub("/k/" + REDACTED_PASSWORD, path, count=1))
 
     def document(self, document: Any) -> Any:
         """A JSON document with L{text} applied to every key and string."""

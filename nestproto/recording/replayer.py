@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import treq
 from attrs import define, field, frozen
@@ -20,7 +21,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from .bindings import Bindings
 from .compare import Mismatch, compareDocuments
-from .format import Exchange, Fixture, decodeBody, splitDocuments
+from .format import CONTROL, Exchange, Fixture, decodeBody, splitDocuments
 from .redaction import REDACTED_PASSWORD
 from .targets import MemoryTarget, ReplayTarget, ServerFactory, memoryServer
 
@@ -98,7 +99,9 @@ class Replayer:
 
     @ivar tolerance: seconds by which a chunk or an end may be early or late.
     @ivar controlToken: sent as C{Authorization: Bearer} on control
-        exchanges recorded with a (redacted) token.
+        exchanges recorded with a (redacted) token, and put back into the
+        C{/k/<token>/} path prefix of those recorded under it (without a
+        token the prefix is taken off).
     """
 
     target: ReplayTarget
@@ -207,10 +210,16 @@ class Replayer:
                 del headers["authorization"]
             else:
                 headers["authorization"] = f"Bearer {self.controlToken}"
+        path = exchange.path
+        secretPath = f"/k/{REDACTED_PASSWORD}/"
+        if exchange.kind == CONTROL and path.startswith(secretPath):
+            rest = path[len(secretPath) - 1 :]
+            if self.controlToken is None:
+                path = rest
+            else:
+                path = f"/k/{quote(self.controlToken, safe='')}{rest}"
         try:
-            d = self.target.request(
-                exchange.kind, exchange.method, exchange.path, headers, data
-            )
+            d = self.target.request(exchange.kind, exchange.method, path, headers, data)
         except Exception as e:
             live.failure = str(e)
             self._mismatch(exchange, "request", "sent", str(e))

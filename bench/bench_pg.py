@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""
+Scale-out benchmark (issue 16): three C{twistd -n nestproto} processes on
+one PostgreSQL database, simulated thermostats over real TCP; one JSON line
+printed per scenario, each figure beside its target.
+
+ - C{held}: N thermostats in total (default 51,000) boot and hold a
+   subscribe, spread evenly over the three processes. One client worker
+   process per server holds its share (a process may open 20,000 files
+   here, so one client could not hold them all).
+ - C{push}: commands through the control port of one process for
+   thermostats held on another, at C{--push-rate} a second; milliseconds
+   from sending a command to its chunk arriving on the held connection
+   (both clocks are the machine's CLOCK_MONOTONIC).
+ - C{put}: C{--put-devices} thermostats per process put a changing
+   C{target_temperature} with C{if_object_revision} in a loop, all three
+   processes at once; durable acknowledgements a second in total, errors.
+
+It reuses bench_transport.py's HTTP client and simulated thermostat. Run it
+from the project root with psycopg installed; it creates and drops its own
+database on C{--server} (see bench/README.rst)::
+
+    python bench/bench_pg.py                                   # full size
+    python bench/bench_pg.py --held 3000 --push-seconds 5      # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_transport as bt  # noqa: E402
+
+TARGETS = {"held": 50000, "push_p99_ms": 50.0, "put_acks_per_s": 2000.0}
+PROCESSES = 3
+
+
+class SharedServer(bt.Server):
+    """A twistd nestproto on the shared database."""
+
+    def __init__(self, args: argparse.Namespace, store: str) -> None:
+        super().__init__(args)
+        self.store = store
+
+    def command(self) -> list[str]:
+        return super().command() + ["--store", self.store, "--weather", "none"]
+
+
+def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(
+        data=None,
+        server_profile=None,
+        patch_klein_cycle=False,
+        gc_watch=False,
+        hold_timeout=args.hold_timeout,
+    )
+
+
+# The client worker: holds one server's share of thermostats
+
+
+async def worker(args: argparse.Namespace) -> int:
+    bt.raiseFileLimit()
+    devices = [
+        bt.Device(serial, index, args.device_port)
+        for index, serial in enumerate(bt.serials(args.prefix, args.count))
+    ]
+    started = time.monotonic()
+    bootErrors = await bt.bootAll(devices, args.boot_concurrency)
+    booted = time.monotonic()
+    holdErrors, _ = await bt.holdAll(
+        [d for d in devices if len(d.objects) >= 2], args.connect_concurrency
+    )
+    held = [d for d in devices if d.holding]
+
+    def pushed(
+        device: bt.Device, objects: list[dict[str, Any]], arrived: float
+    ) -> None:
+        print(json.dumps({"push": device.serial, "at": time.monotonic()}), flush=True)
+
+    for device in held:
+        device.onPush = pushed
+    print(
+        json.dumps(
+            {
+                "held": len(held),
+                "serials": [d.serial for d in held[: args.report_serials]],
+                "boot_errors": len(bootErrors),
+                "hold_errors": len(holdErrors),
+                "first_errors": (bootErrors + holdErrors)[:3],
+                "boot_s": round(booted - started, 1),
+                "hold_s": round(time.monotonic() - booted, 1),
+            }
+        ),
+        flush=True,
+    )
+    # Hold until the parent closes stdin.
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    return 0
+
+
+# The parent
+
+
+async def startWorker(
+    server: SharedServer, index: int, count: int, args: argparse.Namespace
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--worker",
+        "--device-port",
+        str(server.devicePort),
+        "--count",
+        str(count),
+        "--prefix",
+        f"02E{index}01AC",
+        "--boot-concurrency",
+        str(args.boot_concurrency),
+        "--connect-concurrency",
+        str(args.connect_concurrency),
+        "--report-serials",
+        str(args.push_devices),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=2**24,
+    )
+
+
+async def heldScenario(
+    servers: list[SharedServer], args: argparse.Namespace
+) -> tuple[list[asyncio.subprocess.Process], list[dict[str, Any]]]:
+    share = args.held // PROCESSES
+    started = time.monotonic()
+    workers = [
+        await startWorker(server, index, share, args)
+        for index, server in enumerate(servers)
+    ]
+    reports = []
+    for process in workers:
+        assert process.stdout is not None
+        reports.append(json.loads(await process.stdout.readline()))
+    held = sum(r["held"] for r in reports)
+    subscriptions = [
+        await server.waitForSubscriptions(r["held"], 30)
+        for server, r in zip(servers, reports, strict=True)
+    ]
+    bt.emit(
+        {
+            "scenario": "held",
+            "processes": PROCESSES,
+            "held": held,
+            "held_per_process": [r["held"] for r in reports],
+            "server_subscriptions": subscriptions,
+            "boot_errors": sum(r["boot_errors"] for r in reports),
+            "hold_errors": sum(r["hold_errors"] for r in reports),
+            "first_errors": [e for r in reports for e in r["first_errors"]][:3],
+            "boot_s": [r["boot_s"] for r in reports],
+            "hold_s": [r["hold_s"] for r in reports],
+            "seconds": round(time.monotonic() - started, 1),
+            "server_rss_mib": [round(s.rssMiB(), 1) for s in servers],
+            "target_held": TARGETS["held"],
+            "met": held >= TARGETS["held"],
+        }
+    )
+    return workers, reports
+
+
+async def pushScenario(
+    servers: list[SharedServer],
+    workers: list[asyncio.subprocess.Process],
+    reports: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> None:
+    arrivals: dict[str, list[float]] = {}
+
+    async def readPushes(process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            event = json.loads(line)
+            arrivals.setdefault(event["push"], []).append(event["at"])
+
+    readers = [asyncio.ensure_future(readPushes(w)) for w in workers]
+    # Commands go to the control port of the next process round.
+    targets = [
+        (serial, servers[(index + 1) % PROCESSES])
+        for index, report in enumerate(reports)
+        for serial in report["serials"]
+    ]
+    connections = {
+        server.controlPort: [
+            await bt.connect(server.controlPort)
+            for _ in range(args.control_connections)
+        ]
+        for server in servers
+    }
+    idle = {port: asyncio.Queue[Any]() for port in connections}
+    for port, each in connections.items():
+        for connection in each:
+            idle[port].put_nowait(connection)
+    sent: list[tuple[str, float]] = []
+    errors: list[str] = []
+
+    async def command(serial: str, server: SharedServer, value: float) -> None:
+        queue = idle[server.controlPort]
+        connection = await queue.get()
+        sent.append((serial, time.monotonic()))
+        response = await bt._controlRequest(
+            connection,
+            server.controlPort,
+            b"/command",
+            {"serial": serial, "command": "set_temperature", "value": value},
+        )
+        if not response.ok:
+            errors.append(f"{response.status} {response.error}")
+        if connection.closed:
+            connection = await bt.connect(server.controlPort)
+        queue.put_nowait(connection)
+
+    total = int(args.push_rate * args.push_seconds)
+    tasks = []
+    started = time.monotonic()
+    for n in range(total):
+        delay = started + n / args.push_rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        serial, server = targets[n % len(targets)]
+        value = 21.5 if (n // len(targets)) % 2 == 0 else 22.0
+        tasks.append(asyncio.ensure_future(command(serial, server, value)))
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(2)
+    for reader in readers:
+        reader.cancel()
+    for each in connections.values():
+        for connection in each:
+            connection.close()
+    # Each command's push is the first arrival for its serial after it.
+    latencies: list[float] = []
+    missing = 0
+    for serial, at in sent:
+        later = [t for t in arrivals.get(serial, []) if t >= at]
+        if later:
+            latencies.append(min(later) - at)
+            arrivals[serial].remove(min(later))
+        else:
+            missing += 1
+    p99 = bt.percentile(latencies, 0.99)
+    bt.emit(
+        {
+            "scenario": "push_across_processes",
+            "path": "control POST /command on process i+1, device held on i",
+            "commands": total,
+            "commands_per_s": round(total / (time.monotonic() - started - 2), 1),
+            "command_errors": len(errors),
+            "first_errors": errors[:3],
+            "pushes_received": len(latencies),
+            "pushes_missing": missing,
+            "push_ms_p50": bt.ms(bt.percentile(latencies, 0.5)),
+            "push_ms_p90": bt.ms(bt.percentile(latencies, 0.9)),
+            "push_ms_p99": bt.ms(p99),
+            "push_ms_max": bt.ms(max(latencies) if latencies else None),
+            "target_push_ms_p99": TARGETS["push_p99_ms"],
+            "met": p99 is not None
+            and p99 * 1000 <= TARGETS["push_p99_ms"]
+            and not missing
+            and not errors,
+        }
+    )
+
+
+async def putScenario(servers: list[SharedServer], args: argparse.Namespace) -> None:
+    devices = [
+        bt.Device(serial, index, server.devicePort)
+        for n, server in enumerate(servers)
+        for index, serial in enumerate(bt.serials(f"02F{n}01AC", args.put_devices))
+    ]
+    bootErrors = await bt.bootAll(devices, 50)
+    latencies: list[float] = []
+    errors: list[str] = []
+    conflicts = 0
+    deadline = time.monotonic() + args.put_seconds
+
+    async def putter(device: bt.Device) -> None:
+        nonlocal conflicts
+        key = "shared." + device.serial
+        revision = device.objects[key][0]
+        connection = await bt.connect(device.port)
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            body = json.dumps(
+                {
+                    "session": device.session(),
+                    "objects": [
+                        {
+                            "object_key": key,
+                            "if_object_revision": revision,
+                            "value": {"target_temperature": 16.0 + (n % 80) / 10},
+                        }
+                    ],
+                }
+            ).encode()
+            started = time.monotonic()
+            response = connection.request(
+                b"POST", bt.PUT_PATH, device.authHeaders, body
+            )
+            await response.done
+            latencies.append(time.monotonic() - started)
+            if not response.ok:
+                errors.append(f"{response.status} {response.error}")
+                if connection.closed:
+                    connection = await bt.connect(device.port)
+                continue
+            receipt = response.json()["objects"][0]
+            if receipt["object_revision"] != revision + 1:
+                conflicts += 1
+            revision = receipt["object_revision"]
+        connection.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(putter(d) for d in devices if len(d.objects) >= 2))
+    elapsed = time.monotonic() - started
+    acks = len(latencies) - len(errors)
+    bt.emit(
+        {
+            "scenario": "put",
+            "processes": PROCESSES,
+            "devices": len(devices),
+            "boot_errors": len(bootErrors),
+            "seconds": round(elapsed, 2),
+            "acks": acks,
+            "acks_per_s": round(acks / elapsed, 1),
+            "target_acks_per_s": TARGETS["put_acks_per_s"],
+            "put_ms_p50": bt.ms(bt.percentile(latencies, 0.5)),
+            "put_ms_p99": bt.ms(bt.percentile(latencies, 0.99)),
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "revision_conflicts": conflicts,
+            "met": acks / elapsed >= TARGETS["put_acks_per_s"] and not errors,
+        }
+    )
+
+
+async def run(args: argparse.Namespace) -> int:
+    import psycopg
+
+    bt.raiseFileLimit()
+    name = "nestproto_bench_" + secrets.token_hex(4)
+    with psycopg.connect(args.server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    params = psycopg.conninfo.conninfo_to_dict(args.server)
+    store = "postgresql://{}@{}:{}/{}".format(
+        params.get("user", "postgres"),
+        params.get("host", "127.0.0.1"),
+        params.get("port", 5432),
+        name,
+    )
+    servers = [SharedServer(serverArguments(args), store) for _ in range(PROCESSES)]
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        for server in servers:
+            await server.start()
+        if args.held:
+            workers, reports = await heldScenario(servers, args)
+            await pushScenario(servers, workers, reports, args)
+        if args.put_seconds:
+            await putScenario(servers, args)
+    finally:
+        for process in workers:
+            if process.stdin is not None:
+                process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+        for server in servers:
+            server.stop()
+            server.cleanUp(keep=False)
+        with psycopg.connect(args.server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return 0
+
+
+def parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--server",
+        default="host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        help="libpq DSN of a database to create the bench database from",
+    )
+    parser.add_argument("--held", type=int, default=51000)
+    parser.add_argument("--boot-concurrency", type=int, default=30)
+    parser.add_argument("--connect-concurrency", type=int, default=500)
+    parser.add_argument("--hold-timeout", type=float, default=290.0)
+    parser.add_argument("--push-devices", type=int, default=300)
+    parser.add_argument("--push-rate", type=float, default=50.0)
+    parser.add_argument("--push-seconds", type=float, default=10.0)
+    parser.add_argument("--control-connections", type=int, default=4)
+    parser.add_argument("--put-devices", type=int, default=50)
+    parser.add_argument("--put-seconds", type=float, default=10.0)
+    # The worker's own arguments.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--report-serials", type=int, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parseArguments(sys.argv[1:] if argv is None else argv)
+    return asyncio.run(worker(args) if args.worker else run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
