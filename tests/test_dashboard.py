@@ -19,12 +19,13 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.web.client import Agent
 
@@ -40,13 +41,18 @@ SHARED = f"shared.{SERIAL}"
 
 try:
     from playwright.sync_api import Page, sync_playwright
+
+    PLAYWRIGHT = True
 except ImportError:  # pragma: no cover - reported by _browserMissing
-    sync_playwright = None  # type: ignore[assignment]
+    PLAYWRIGHT = False
+
+#: The reactor, as the thread-side calls see it.
+FROM_THREADS = cast(IReactorFromThreads, reactor)
 
 
 def _browserMissing() -> str | None:
     """Why the browser tests cannot run here, or C{None}."""
-    if sync_playwright is None:
+    if not PLAYWRIGHT:
         return "Playwright for Python is not installed (pip install '.[test]')"
     if not os.path.exists(CHROMIUM):
         return f"no browser at {CHROMIUM} (apt-get install chromium)"
@@ -126,9 +132,11 @@ class DashboardBrowserTests(LiveServiceTestCase):
                     page.on("request", lambda r: browsed.requests.append(r.url))
                     page.on(
                         "console",
-                        lambda m: browsed.consoleErrors.append(m.text)
-                        if m.type == "error"
-                        else None,
+                        lambda m: (
+                            browsed.consoleErrors.append(m.text)
+                            if m.type == "error"
+                            else None
+                        ),
                     )
                     page.on("pageerror", lambda e: browsed.consoleErrors.append(str(e)))
                     page.goto(url)
@@ -180,9 +188,13 @@ class DashboardBrowserTests(LiveServiceTestCase):
             def scenario(page: Page, browsed: Browsed) -> None:
                 empty = page.get_by_text("No thermostat has connected yet")
                 empty.wait_for()
-                assert re.search(r"point it at http://127\.0\.0\.1:\d+/entry", empty.inner_text())
+                assert re.search(
+                    r"point it at http://127\.0\.0\.1:\d+/entry", empty.inner_text()
+                )
                 assert page.get_by_role("status").first.inner_text() == "Live"
-                thermostat = blockingCallFromThread(reactor, self.thermostat, device)
+                thermostat = blockingCallFromThread(
+                    FROM_THREADS, self.thermostat, device
+                )
                 card = page.get_by_role("article", name=SERIAL)
                 card.wait_for()
                 card.get_by_text("Target 20.0 °C").wait_for()
@@ -205,7 +217,7 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 card.get_by_text("Target 20.5 °C").wait_for()
                 for _ in range(100):
                     value = blockingCallFromThread(
-                        reactor,
+                        FROM_THREADS,
                         lambda: thermostat.buckets[SHARED].value.get(
                             "target_temperature"
                         ),
@@ -216,7 +228,10 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 assert value == 20.5, value
                 # The thermostat's own change shows without a reload.
                 blockingCallFromThread(
-                    reactor, thermostat.change, SHARED, {"target_temperature": 22.0}
+                    FROM_THREADS,
+                    thermostat.change,
+                    SHARED,
+                    {"target_temperature": 22.0},
                 )
                 card.get_by_text("Target 22.0 °C").wait_for(timeout=1500)
                 # An error from the command layer is shown in words.
@@ -261,7 +276,9 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 pairing.get_by_role("textbox", name="Entry code").fill(code)
                 pairing.get_by_role("textbox", name="Account").fill("homeowner")
                 pairing.get_by_role("button", name="Claim thermostat").click()
-                pairing.get_by_text(f"Device {SERIAL} registered to homeowner").wait_for()
+                pairing.get_by_text(
+                    f"Device {SERIAL} registered to homeowner"
+                ).wait_for()
                 page.get_by_role("article", name=SERIAL).get_by_text(
                     "account homeowner"
                 ).wait_for()
@@ -301,9 +318,9 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 week.get_by_role("button", name="Save schedule").click()
                 week.get_by_text("Schedule saved.").wait_for()
                 # Move it to Wednesday, save, reload: it is there.
-                week.get_by_role("combobox", name="Tuesday setpoint 1 day").select_option(
-                    "2"
-                )
+                week.get_by_role(
+                    "combobox", name="Tuesday setpoint 1 day"
+                ).select_option("2")
                 week.get_by_role("button", name="Save schedule").click()
                 week.get_by_text("Schedule saved.").wait_for()
                 page.reload()
@@ -366,11 +383,12 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 card.get_by_text("Target 20.5 °C").wait_for()
                 # The same session without the CSRF header: refused.
                 status = page.evaluate(
-                    """async () => (await fetch("command", {method: "POST",
+                    """serial => fetch("command", {method: "POST",
                         headers: {"Content-Type": "application/json"},
-                        body: JSON.stringify({serial: "%s",
-                          command: "set_temperature", value: 25})})).status"""
-                    % SERIAL
+                        body: JSON.stringify({serial,
+                          command: "set_temperature", value: 25})})
+                      .then(response => response.status)""",
+                    SERIAL,
                 )
                 assert status == 403, status
                 # A page of another site posts a form to the API.
@@ -396,11 +414,12 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 self.screenshots(page, "logged-in")
 
             await self.browse(control + "/", scenario, ("http://evil.test/",))
-            response = await self.http.get(
+            code, status = await self.json(
+                "GET",
                 f"{control}/status?serial={SERIAL}",
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )
-            status = json.loads(await treq.content(response))
+            self.assertEqual(code, 200)
             self.assertEqual(status["target_temperature"], 20.5)
 
         return Deferred.fromCoroutine(go())
@@ -420,9 +439,9 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 card.get_by_role("button", name="Raise target").click()
                 card.get_by_text("Target 20.5 °C").wait_for()
                 assert page.get_by_role("status").first.inner_text() == "Live"
-                assert all(
-                    f"/k/{TOKEN}/" in url for url in browsed.requests
-                ), browsed.requests
+                assert all(f"/k/{TOKEN}/" in url for url in browsed.requests), (
+                    browsed.requests
+                )
                 assert browsed.consoleErrors == [], browsed.consoleErrors
 
             await self.browse(f"{control}/k/{TOKEN}/", scenario)
@@ -493,11 +512,17 @@ class DashboardHTTPTests(LiveServiceTestCase):
                 f.write(TOKEN + "\n")
             _device, control = await self.start()
             for path, ingress, base in [
-                ("/", "/api/hassio_ingress/abc-DEF_1", "/api/hassio_ingress/abc-DEF_1/"),
+                (
+                    "/",
+                    "/api/hassio_ingress/abc-DEF_1",
+                    "/api/hassio_ingress/abc-DEF_1/",
+                ),
                 (f"/k/{TOKEN}/", None, f"/k/{TOKEN}/"),
                 ("/", '/x"><script>', "/"),
             ]:
-                headers = {} if ingress is None else {"X-Ingress-Path": ingress}
+                headers: dict[bytes | str, bytes | str] = (
+                    {} if ingress is None else {"X-Ingress-Path": ingress}
+                )
                 response = await self.request("GET", control + path, headers=headers)
                 body = await treq.content(response)
                 self.assertEqual(response.code, 200)

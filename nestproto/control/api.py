@@ -22,6 +22,7 @@ from ..device.wire import parseJSONObject
 from ..errors import (
     BadBody,
     CommandError,
+    CSRFRequired,
     ErrorShape,
     ForeignOrigin,
     NotFound,
@@ -30,6 +31,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
     UnknownDevice,
+    WrongToken,
 )
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import SubscriberHub
@@ -56,9 +58,7 @@ from .access import (
     sameSecret,
 )
 from .dashboard import (
-    CSRFRequired,
     Dashboard,
-    WrongToken,
     csrfMatches,
     renderAsset,
     renderPage,
@@ -213,9 +213,7 @@ class ControlAPI:
         # the session's CSRF token (nestproto.control.dashboard).
         session = self.dashboard.sessions.find(request)
         if session is not None:
-            if request.method in CHANGING_METHODS and not csrfMatches(
-                request, session
-            ):
+            if request.method in CHANGING_METHODS and not csrfMatches(request, session):
                 raise CSRFRequired()
             return True
         client = request.getClientAddress()

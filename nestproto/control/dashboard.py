@@ -21,12 +21,13 @@ import html
 import re
 import secrets
 from importlib import resources
+from typing import Any, cast
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.web.iweb import IRequest
 
-from ..errors import NestError, NotFound
+from ..errors import NotFound
 
 #: The cookie a logged-in browser carries.
 SESSION_COOKIE = b"nestproto_session"
@@ -51,26 +52,6 @@ CONTENT_SECURITY_POLICY = (
     b"img-src 'self' data:; connect-src 'self'; form-action 'self'; "
     b"base-uri 'self'; frame-ancestors 'self'"
 )
-
-
-class CSRFRequired(NestError):
-    """A cookie session's changing request without its CSRF token."""
-
-    status = 403
-    code = "csrf_required"
-
-    def __init__(self) -> None:
-        super().__init__("Missing or wrong X-CSRF-Token for this session")
-
-
-class WrongToken(NestError):
-    """A login with a wrong token."""
-
-    status = 401
-    code = "wrong_token"
-
-    def __init__(self) -> None:
-        super().__init__("Wrong token")
 
 
 @frozen
@@ -139,7 +120,8 @@ def csrfMatches(request: IRequest, session: Session) -> bool:
 def setSessionCookie(request: IRequest, sessionId: str | None) -> None:
     """Set (or, with C{None}, clear) the session cookie."""
     secure = request.isSecure()
-    request.addCookie(
+    # IRequest does not declare Request's httpOnly and sameSite.
+    cast(Any, request).addCookie(
         SESSION_COOKIE,
         b"" if sessionId is None else sessionId.encode("ascii"),
         path=b"/",

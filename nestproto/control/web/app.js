@@ -92,7 +92,7 @@ document.getElementById("login-form").addEventListener("submit", async (event) =
     field.value = "";
     await start();
   } catch (e) {
-    error.textContent = e.status === 401 ? "That token is wrong." : e.message;
+    error.textContent = e.status === 403 ? "That token is wrong." : e.message;
   }
 });
 
