@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dashboard_unit,tests.test_dashboard -*-
+# -*- test-case-name: tests.test_dashboard -*-
 """
 The dashboard: the web page the control port serves at C{/} (issue 13),
 its assets, and the browser sessions it logs in with.
