@@ -211,6 +211,29 @@ class InvalidSerial(NestError):
         )
 
 
+class CSRFRequired(NestError):
+    """
+    A changing request authenticated by the dashboard's session cookie
+    without that session's CSRF token (issue 13).
+    """
+
+    status = 403
+    code = "csrf_required"
+
+    def __init__(self) -> None:
+        super().__init__("Missing or wrong X-CSRF-Token for this session")
+
+
+class WrongToken(NestError):
+    """A dashboard login with a wrong control token."""
+
+    status = 403
+    code = "wrong_token"
+
+    def __init__(self) -> None:
+        super().__init__("Wrong token")
+
+
 # Pairing (PROTOCOL.md §13).
 
 

@@ -571,11 +571,13 @@ class _Listener(StreamServerEndpointService):
         endpoint: Any,
         factory: Site,
         onFailure: Callable[[], None],
+        onListening: Callable[[IListeningPort], None] = lambda port: None,
     ) -> None:
         super().__init__(endpoint, factory)
         self.name = name
         self.description = description
         self.onFailure = onFailure
+        self.onListening = onListening
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -590,6 +592,7 @@ class _Listener(StreamServerEndpointService):
             address=_describeAddress(port.getHost()),
             endpoint=self.description,
         )
+        self.onListening(port)
         return port
 
     def _failed(self, failure: Failure) -> None:
@@ -912,12 +915,22 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         deviceResource = recorder.wrap(deviceResource, DEVICE)
         controlResource = recorder.wrap(controlResource, CONTROL)
     stop = _StopOnFailure(reactor)
-    for name, description, resource in [
-        ("device", options["device"], deviceResource),
-        ("control", options["control"], controlResource),
+    # The dashboard shows thermostats the entry URL: --origin, or the device
+    # port as the page's host reaches it.
+    dashboard = apps.control.dashboard
+    dashboard.deviceOrigin = options["origin"]
+    deviceSecure = options["device"].startswith("ssl:")
+    for name, description, resource, onListening in [
+        (
+            "device",
+            options["device"],
+            deviceResource,
+            lambda port: dashboard.deviceListening(port, deviceSecure),
+        ),
+        ("control", options["control"], controlResource, lambda port: None),
     ]:
         endpoint = serverFromString(reactor, _withBacklog(description))
-        _Listener(name, description, endpoint, _site(resource), stop).setServiceParent(
-            root
-        )
+        _Listener(
+            name, description, endpoint, _site(resource), stop, onListening
+        ).setServiceParent(root)
     return root

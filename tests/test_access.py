@@ -94,6 +94,9 @@ class AccessTestCase(ControlTestCase):
             self.failureResultOf(answer.done)
             return response.code, None, response.headers
         raw = self.successResultOf(treq.content(response))
+        if response.headers.getRawHeaders("content-type") != ["application/json"]:
+            # The dashboard's page and assets.
+            return response.code, raw, response.headers
         return response.code, json.loads(raw) if raw else None, response.headers
 
     def control(
@@ -116,13 +119,15 @@ class TokenTests(AccessTestCase):
     def test_routesEnumerated(self) -> None:
         """
         The route list comes from the router and includes the event
-        stream; C{/health} is the one route declared public.
+        stream; C{/health} and the dashboard's page, assets and login are
+        the routes declared public.
         """
         routes = controlRoutes()
         self.assertIn(("eventStream", "GET", "/api/events"), routes)
         self.assertIn(("command", "POST", "/command"), routes)
         self.assertEqual(
-            {e for e, _m, _p in routes if ControlAPI.app.isPublic(e)}, {"health"}
+            {e for e, _m, _p in routes if ControlAPI.app.isPublic(e)},
+            {"health", "page", "asset", "session", "login", "logout"},
         )
 
     def test_everyRouteRefusedWithoutToken(self) -> None:

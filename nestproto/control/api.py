@@ -23,6 +23,7 @@ from ..device.wire import parseJSONObject
 from ..errors import (
     BadBody,
     CommandError,
+    CSRFRequired,
     ErrorShape,
     ForeignOrigin,
     InvalidEntryKey,
@@ -33,6 +34,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
     UnknownDevice,
+    WrongToken,
 )
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import SubscriberHub
@@ -56,6 +58,13 @@ from .access import (
     isTrusted,
     judgeOrigin,
     sameSecret,
+)
+from .dashboard import (
+    Dashboard,
+    csrfMatches,
+    renderAsset,
+    renderPage,
+    setSessionCookie,
 )
 from .events import EventStream
 from .status import DEFAULT_UNAVAILABLE_AFTER_SECONDS, deviceStatus
@@ -139,6 +148,9 @@ class ControlAPI:
         default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
     )
     events: EventStream
+    dashboard: Dashboard = field(
+        default=Factory(lambda self: Dashboard(self.state.clock), takes_self=True)
+    )
     #: Which devices are shown: with pairing required, only claimed ones.
     admission: Admission = field(
         default=Factory(lambda self: Admission(self.state), takes_self=True)
@@ -200,9 +212,19 @@ class ControlAPI:
             return sameSecret(route.pathSecret, token)
         if token is None or route.public:
             return True
+        return self._hasCredentials(request, token)
+
+    def _hasCredentials(self, request: IRequest, token: str) -> bool:
         header = request.getHeader(b"authorization") or b""
         scheme, _, provided = header.partition(b" ")
         if scheme.lower() == b"bearer" and sameSecret(provided.strip(), token):
+            return True
+        # The dashboard's session cookie; its changing requests also carry
+        # the session's CSRF token (nestproto.control.dashboard).
+        session = self.dashboard.sessions.find(request)
+        if session is not None:
+            if request.method in CHANGING_METHODS and not csrfMatches(request, session):
+                raise CSRFRequired()
             return True
         client = request.getClientAddress()
         host = getattr(client, "host", None)
@@ -277,6 +299,80 @@ class ControlAPI:
         if attached is None:
             raise Unavailable("Too many event stream clients")
         return attached.addCallback(lambda ignored: b"")
+
+    # The dashboard (issue 13): the page, its assets, its login.
+
+    @app.route("/", methods=["GET"])
+    @app.public
+    def page(self, request: IRequest) -> bytes:
+        return renderPage(request)
+
+    @app.route("/assets/<name>", methods=["GET"])
+    @app.public
+    def asset(self, request: IRequest, name: str) -> bytes:
+        return renderAsset(request, name)
+
+    @app.route("/api/session", methods=["GET"])
+    @app.public
+    def session(self, request: IRequest) -> bytes:
+        """Whether the page must log in, and its session's CSRF token."""
+        token = self.settings.token
+        found = self.dashboard.sessions.find(request)
+        underPrefix = len(request.prepath) >= 2 and request.prepath[0] == b"k"
+        authenticated = (
+            token is None or underPrefix or self._hasCredentials(request, token)
+        )
+        return jsonResponse(
+            request,
+            {
+                "login_required": token is not None,
+                "authenticated": authenticated,
+                "csrf": None if found is None else found.csrf,
+            },
+        )
+
+    @app.route("/api/login", methods=["POST"])
+    @app.public
+    def login(self, request: IRequest) -> bytes:
+        """Trade the control token for a session cookie."""
+        token = self.settings.token
+        if token is None:
+            return jsonResponse(request, {"success": True, "csrf": None})
+        client = request.getClientAddress()
+        address = str(getattr(client, "host", client))
+        self.throttle.check(address)
+        given = self._jsonBody(request).get("token")
+        if not isinstance(given, str) or not sameSecret(given.encode(), token):
+            self.throttle.failed(address)
+            raise WrongToken()
+        self.throttle.succeeded(address)
+        sessionId, session = self.dashboard.sessions.open()
+        setSessionCookie(request, sessionId)
+        return jsonResponse(request, {"success": True, "csrf": session.csrf})
+
+    @app.route("/api/logout", methods=["POST"])
+    @app.public
+    def logout(self, request: IRequest) -> bytes:
+        self.dashboard.sessions.close(request)
+        setSessionCookie(request, None)
+        return jsonResponse(request, {"success": True})
+
+    @app.route("/api/pairing", methods=["GET"])
+    def pairingInfo(self, request: IRequest) -> bytes:
+        """
+        Where to point a thermostat, and the devices that booted but are
+        not claimed: their serials, never their codes.
+        """
+        membership = self.state.membership
+        unclaimed = [
+            serial
+            for serial in self.state.presence.heardFrom()
+            if membership.ownerOf(serial) is None
+        ]
+        return jsonResponse(
+            request,
+            {"entry_url": self.dashboard.entryURL(request), "unclaimed": unclaimed},
+        )
 
     # Changing
 
