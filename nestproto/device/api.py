@@ -23,10 +23,11 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .._version import __version__
-from ..buckets import Bucket
+from ..buckets import Bucket, empty
 from ..errors import BadBody, ErrorShape, NotFound, SerialRequired, Unavailable
 from ..httpjson import jsonResponse, readBody, requestOrigin
-from ..hub import Deliver, SubscriberHub
+from ..hub import Deliver, EndOnChange, SubscriberHub
+from ..model import PutEntry
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
 from ..router import IGate, Route, Router
@@ -34,9 +35,10 @@ from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 from ..weather import WeatherService, parseWeatherQuery
-from . import wire
+from . import keylist, wire
 from .auth import deviceSerial, normaliseSerial
-from .dialect import V7, Dialect
+from .dialect import KEY_LIST, V7, Dialect
+from .keylist import KeyListSessions, ListedKey
 from .wire import Rendered, SubscribeBody
 
 #: Entry form fields and how each must look (PROTOCOL.md §4).
@@ -127,6 +129,11 @@ def _transportTail(rest: str) -> str:
     return rest.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _speaksKeyList(rest: str) -> bool:
+    """Whether a transport path is the 4.x firmware's (PROTOCOL.md §20.1)."""
+    return rest.startswith("v3/") or rest == "v3"
+
+
 @implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class DeviceAPI:
@@ -144,6 +151,8 @@ class DeviceAPI:
     #: Shared with the control port: codes shown here are claimed there.
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
+    #: What each key-list session was sent (PROTOCOL.md §20.3).
+    sessions: KeyListSessions = field(factory=KeyListSessions)
 
     # The gate (nestproto.router): every route is open at the router; who
     # the caller is comes from its serial, which each route that needs one
@@ -194,9 +203,30 @@ class DeviceAPI:
             # new connection, which the next server process will answer.
             _closeAfter(request)
             raise Unavailable("Server is shutting down")
+        if _speaksKeyList(rest):
+            if _transportTail(rest) == "put":
+                return self.keyListPut(request, None)
+            return self.keyListSubscribe(request)
         if _transportTail(rest) == "put":
             return self.put(request, V7)
+        if keylist.isKeyListBody(readBody(request, KEY_LIST.maxBodyBytes)):
+            return self.keyListSubscribe(request)
         return self.subscribe(request, V7)
+
+    @app.route("/v2/subscribe", methods=["POST"])
+    def v2Subscribe(self, request: IRequest) -> Deferred[bytes]:
+        """The key-list subscribe of seed 001's path (PROTOCOL.md §20.3)."""
+        self._refuseWhenClosed(request)
+        return self.keyListSubscribe(request)
+
+    @app.route("/v1/put", methods=["POST"])
+    @app.route("/v2/put", methods=["POST"])
+    @app.route("/v1/put/<path:key>", methods=["POST"])
+    @app.route("/v2/put/<path:key>", methods=["POST"])
+    def v2Put(self, request: IRequest, key: str | None = None) -> Deferred[bytes]:
+        """The nested put of seed 001's paths (PROTOCOL.md §20.4)."""
+        self._refuseWhenClosed(request)
+        return self.keyListPut(request, key)
 
     @app.route("/nest/transport/<path:rest>", methods=["GET"])
     @app.route("/transport/<path:rest>", methods=["GET"])
@@ -206,7 +236,9 @@ class DeviceAPI:
         Keys, revisions and timestamps of a device's buckets, no values
         (PROTOCOL.md §8): C{device/SERIAL} or C{v7/device/device.SERIAL}.
         """
-        named = normaliseSerial(_transportTail(rest).removeprefix("device."))
+        named = normaliseSerial(
+            keylist.canonicalKey(_transportTail(rest)).removeprefix("device.")
+        )
         caller = deviceSerial(request)
         if caller is not None and named is not None and caller != named:
             raise NotFound("No such device")
@@ -215,7 +247,10 @@ class DeviceAPI:
             raise SerialRequired()
         self.state.presence.touch(serial)
         self._transportHeaders(request)
-        return _render(request, V7.renderListing(self.state.listing(serial)))
+        # The 4.x firmware's BigGet gets the buckets with their fields
+        # (PROTOCOL.md §20.5); the v7 listing never a value (§8).
+        dialect = KEY_LIST if _speaksKeyList(rest) else V7
+        return _render(request, dialect.renderListing(self.state.listing(serial)))
 
     # What every dialect's transport does, parsing and rendering as the
     # route's dialect says.
@@ -270,13 +305,93 @@ class DeviceAPI:
     def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = self._callerSerial(request)
         entries = dialect.parsePut(readBody(request, dialect.maxBodyBytes))
+        return self._putEntries(request, dialect, serial, entries)
+
+    def _putEntries(
+        self, request: IRequest, dialect: Dialect, serial: str, entries: list[PutEntry]
+    ) -> Deferred[bytes]:
         weaveId = _headerText(request, b"x-nl-weave-device-id")
 
         def answer(receipts: list[Bucket]) -> bytes:
+            if dialect is KEY_LIST:
+                self.sessions.wrote(serial, receipts)
             self._transportHeaders(request)
             return _render(request, dialect.renderReceipts(receipts))
 
         return self.state.put(serial, entries, weaveId).addCallback(answer)
+
+    # The key-list dialect (PROTOCOL.md §20)
+
+    def keyListSubscribe(self, request: IRequest) -> Deferred[bytes]:
+        """
+        A key-list subscribe (PROTOCOL.md §20.3): the first listed bucket
+        newer than the client's copy, alone, as a bare value named by the
+        C{X-nl-skv-*} headers; nothing newer, the answer's headers at once
+        and its end, with no body, when a listed key changes.
+        """
+        serial = self._callerSerial(request)
+        listed = keylist.parseKeys(readBody(request, KEY_LIST.maxBodyBytes))
+        holdSeconds = keylist.parseSubscribeTimeout(
+            request.getHeader(b"x-nl-subscribe-timeout")
+        )
+        session = _headerText(request, b"x-nl-session-id") or ""
+        weaveId = _headerText(request, b"x-nl-weave-device-id")
+
+        def currentTimestamp(key: str) -> int:
+            return (self.state.bucket(serial, key) or empty(key)).timestamp
+
+        objects = self.sessions.clientObjects(serial, session, listed, currentTimestamp)
+        self.log.debug("key-list subscribe from {serial}", serial=serial)
+        return self.state.subscribe(serial, objects, weaveId).addCallback(
+            self._answerKeyList, request, serial, session, listed, holdSeconds
+        )
+
+    def _answerKeyList(
+        self,
+        outcome: SubscribeOutcome,
+        request: IRequest,
+        serial: str,
+        session: str,
+        listed: tuple[ListedKey, ...],
+        holdSeconds: float | None,
+    ) -> bytes | Deferred[bytes]:
+        self._transportHeaders(request)
+        watched = frozenset(entry.key for entry in listed)
+        # Only a listed key is an answer: the client names what it takes.
+        newer = [bucket for bucket in outcome.buckets if bucket.key in watched]
+        if newer:
+            bucket = newer[0]
+            self.sessions.sent(serial, session, listed, bucket)
+            if wire.touchesSetpoint([bucket]):
+                request.setHeader(
+                    b"x-nl-disable-defer-window",
+                    b"%d" % (self.settings.disableDeferWindowSeconds,),
+                )
+            answer = _render(request, keylist.renderBucket(bucket))
+            request.setHeader(b"content-length", b"%d" % (len(answer),))
+            return answer
+        held = self.hub.hold(
+            serial,
+            _answerWriter(request, KEY_LIST),
+            outcome.replayFilter,
+            EndOnChange(watched, holdSeconds),
+        )
+        if held is None:
+            self.log.warn("{serial} holds too many subscribes", serial=serial)
+            request.setHeader(b"content-length", b"0")
+            return b""
+        return held.addCallback(self._heldEnded, request)
+
+    def keyListPut(self, request: IRequest, key: str | None) -> Deferred[bytes]:
+        """
+        A nested put, or one bucket's bare fields when the path names it
+        (PROTOCOL.md §20.4), answered with metadata only.
+        """
+        if key is None:
+            return self.put(request, KEY_LIST)
+        serial = self._callerSerial(request)
+        entries = keylist.parseBucketPut(key, readBody(request, KEY_LIST.maxBodyBytes))
+        return self._putEntries(request, KEY_LIST, serial, entries)
 
     # The rest of the entry map (PROTOCOL.md §9)
 
@@ -327,6 +442,11 @@ class DeviceAPI:
         return jsonResponse(request, self.pairing.status(serial))
 
     # Helpers
+
+    def _refuseWhenClosed(self, request: IRequest) -> None:
+        if self.hub.closed:
+            _closeAfter(request)
+            raise Unavailable("Server is shutting down")
 
     def _callerSerial(self, request: IRequest) -> str:
         serial = deviceSerial(request)
