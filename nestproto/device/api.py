@@ -204,7 +204,8 @@ class DeviceAPI:
             _closeAfter(request)
             raise Unavailable("Server is shutting down")
         if _speaksKeyList(rest):
-            if _transportTail(rest) == "put":
+            # The tail may carry §20.2's mutation (C{put ._sync}).
+            if keylist.canonicalKey(_transportTail(rest)) == "put":
                 return self.keyListPut(request, None)
             return self.keyListSubscribe(request)
         if _transportTail(rest) == "put":
