@@ -10,11 +10,12 @@ dialect; a held subscribe answers with the dialect's hold policy.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
@@ -23,16 +24,24 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .._version import __version__
+from ..accounts import Accounts, Login
 from ..buckets import Bucket, empty
-from ..errors import BadBody, ErrorShape, NotFound, SerialRequired, Unavailable
+from ..errors import (
+    BadBody,
+    ErrorShape,
+    NotFound,
+    SerialRequired,
+    Unavailable,
+    WrongCredentials,
+)
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import Deliver, EndOnChange, SubscriberHub
 from ..model import PutEntry
-from ..pairing import Pairing
+from ..pairing import ClaimThrottle, Pairing
 from ..proinfo import proInfo, proInfoCode
 from ..router import IGate, Route, Router
 from ..state import DeviceState, SubscribeOutcome
-from ..store import ThreadRunner
+from ..store import ThreadRunner, runInline
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 from ..weather import WeatherService, parseWeatherQuery
 from . import keylist, wire
@@ -153,6 +162,17 @@ class DeviceAPI:
     settings: TransportSettings = field(factory=TransportSettings)
     #: What each key-list session was sent (PROTOCOL.md §20.3).
     sessions: KeyListSessions = field(factory=KeyListSessions)
+    #: App accounts (PROTOCOL.md §20.6), created on the control port.
+    accounts: Accounts = field(
+        default=Factory(
+            lambda self: Accounts(self.state.store, self.state.clock, runInline),
+            takes_self=True,
+        )
+    )
+    #: Locks out an address after repeated failed logins.
+    loginThrottle: ClaimThrottle = field(
+        default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
+    )
 
     # The gate (nestproto.router): every route is open at the router; who
     # the caller is comes from its serial, which each route that needs one
@@ -394,6 +414,38 @@ class DeviceAPI:
         entries = keylist.parseBucketPut(key, readBody(request, KEY_LIST.maxBodyBytes))
         return self._putEntries(request, KEY_LIST, serial, entries)
 
+    # The apps' login (PROTOCOL.md §20.6)
+
+    @app.route("/user/login", methods=["POST"])
+    def login(self, request: IRequest) -> Deferred[bytes]:
+        """
+        An app logs in with C{username} and C{password} (a form); a wrong
+        pair is a 401, repeated failures a 429 (never a 401: python-nest
+        answers a 401 by logging in again, recursively).
+        """
+        client = request.getClientAddress()
+        address = str(getattr(client, "host", client))
+        self.loginThrottle.check(address)
+        fields = _loginForm(readBody(request, _LOGIN_BODY_MAX_BYTES))
+        username, password = fields.get("username"), fields.get("password")
+        if not username or not password:
+            raise BadBody("Missing required fields: username, password")
+        origin = self.settings.origin or requestOrigin(request)
+
+        def answer(login: Login | None) -> bytes:
+            if login is None:
+                self.loginThrottle.failed(address)
+                self.log.info("failed login for {name}", name=username[:64])
+                raise WrongCredentials()
+            self.loginThrottle.succeeded(address)
+            for name in (b"sessionid", b"cztoken"):
+                cast(Request, request).addCookie(
+                    name, login.token.encode("ascii"), path=b"/", httpOnly=True
+                )
+            return jsonResponse(request, loginAnswer(login, origin))
+
+        return self.accounts.login(username, password).addCallback(answer)
+
     # The rest of the entry map (PROTOCOL.md §9)
 
     @app.route("/nest/weather/<path:rest>", methods=["GET"])
@@ -464,6 +516,70 @@ class DeviceAPI:
             b"x-nl-defer-device-window",
             b"%d" % (self.settings.deferDeviceWindowSeconds,),
         )
+
+
+_LOGIN_BODY_MAX_BYTES = 4096
+
+
+def _loginForm(body: bytes) -> dict[str, str]:
+    """The fields of a login: a form, as the apps send, or a JSON object."""
+    if body.lstrip().startswith(b"{"):
+        return {
+            key: value
+            for key, value in wire.parseJSONObject(body).items()
+            if isinstance(value, str)
+        }
+    try:
+        parsed = parse_qs(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=16
+        )
+    except UnicodeDecodeError:
+        raise BadBody("Body is not UTF-8") from None
+    except ValueError:
+        raise BadBody("Body is not a valid form") from None
+    return {key: values[-1] for key, values in parsed.items()}
+
+
+def _cookieDate(seconds: float) -> str:
+    # As the Nest cloud wrote it: "Mon, 02-Jan-2027 15:04:05 GMT" (§20.6).
+    return time.strftime("%a, %d-%b-%Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
+def loginAnswer(login: Login, origin: str) -> dict[str, Any]:
+    """
+    The answer of a login (PROTOCOL.md §20.6): every field the apps of
+    that era index, C{urls.transport_url} the device port's origin.
+    """
+    return {
+        "access_token": login.token,
+        "user": f"user.{login.userId}",
+        "userid": login.userId,
+        "user_id": login.userId,
+        "email": f"{login.userId}@localhost",
+        "expires_in": _cookieDate(login.expiresSeconds),
+        "urls": {
+            "transport_url": origin,
+            "direct_transport_url": origin,
+            "rubyapi_url": origin + "/",
+            "weather_url": f"{origin}/nest/weather/v1?query=",
+            "log_upload_url": f"{origin}/nest/upload",
+            "support_url": origin + "/",
+        },
+        "limits": {
+            "thermostats_per_structure": 20,
+            "structures": 2,
+            "smoke_detectors_per_structure": 0,
+            "smoke_detectors": 0,
+            "thermostats": 20,
+        },
+        "weave": {
+            "service_config": "",
+            "pairing_token": "",
+            "access_token": "",
+        },
+        "is_staff": False,
+        "is_superuser": False,
+    }
 
 
 def _headerText(request: IRequest, name: bytes) -> str | None:
