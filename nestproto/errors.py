@@ -258,6 +258,27 @@ class WrongCredentials(NestError):
         super().__init__("Wrong user name or password")
 
 
+class AppTokenRequired(NestError):
+    """An app request without C{Authorization: Basic <token>} (§20.6)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Log in first: Authorization: Basic <access_token>")
+
+
+class NotYours(NestError):
+    """
+    An app token that names nobody, or asks for what is outside its account
+    (PROTOCOL.md §20.6): a 403, never a 401, which apps answer by logging
+    in again.
+    """
+
+    status = 403
+    code = "forbidden"
+
+
 class ErrorShape(Enum):
     """
     The body each port's clients read an error from. Thermostats read

@@ -24,7 +24,7 @@ from nestproto.accounts import (
 from nestproto.datadir import DataLock
 from nestproto.users import run
 
-from .helpers import DEVICE_URL, START_SECONDS, completed
+from .helpers import DEVICE_URL, SERIAL, START_SECONDS, basicAuth, completed
 from .test_pairing import ServerTestCase
 
 PASSWORD = "correct horse"
@@ -235,3 +235,68 @@ class ShellTests(SynchronousTestCase):
         status, message = run(["--data", data, "add", "carol"], lambda p: PASSWORD)
         self.assertEqual(status, 1)
         self.assertIn("POST /api/users", message)
+
+
+class MobileReadTests(AccountTestCase):
+    """C{GET /v2/mobile/user.<uid>} (scenarios 68, 70)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        for name in ["homeowner", "neighbour"]:
+            self.createUser(name)
+        # The owner's thermostat reports, shows its code and is claimed.
+        self.server.deviceClient.post(
+            DEVICE_URL + "/nest/transport/v3/put",
+            data=json.dumps(
+                {"shared": {SERIAL: {"current_temperature": 20.5}}}
+            ).encode(),
+            headers=basicAuth(),
+        )
+        self.server.deviceClient.flush()
+        code = self.passphrase()["value"]
+        self.assertEqual(self.claim(code, "homeowner")[0], 200)
+        self.ownerToken = self.login()[1]["access_token"]
+        self.neighbourToken = self.login("neighbour")[1]["access_token"]
+
+    def read(self, path: str, token: str | None) -> tuple[int, Any]:
+        headers = {} if token is None else {"Authorization": f"Basic {token}"}
+        return self.deviceGet(path, headers)
+
+    def test_scenario68OwnUserNested(self) -> None:
+        """
+        Scenario 68: the user, exactly its structures and devices, nested
+        by bare id with C{$version}/C{$timestamp}; every map apps index.
+        """
+        status, document = self.read("/v2/mobile/user.homeowner", self.ownerToken)
+        self.assertEqual(status, 200)
+        structureKey = self.server.state.membership.structureKey(SERIAL)
+        sid = structureKey.split(".", 1)[1]
+        self.assertEqual(document["user"]["homeowner"]["structures"], [structureKey])
+        self.assertEqual(document["structure"][sid]["devices"], [f"device.{SERIAL}"])
+        self.assertEqual(document["shared"][SERIAL]["current_temperature"], 20.5)
+        self.assertIn("$version", document["shared"][SERIAL])
+        self.assertIn("$timestamp", document["user"]["homeowner"])
+        self.assertEqual(document["link"][SERIAL]["structure"], structureKey)
+        for name in ["device", "schedule", "track", "where", "topaz"]:
+            self.assertIn(name, document)
+        self.assertEqual(
+            self.read("/v3/mobile/user.homeowner", self.ownerToken)[0], 200
+        )
+
+    def test_emptyAccount(self) -> None:
+        """An account without devices reads its user and empty maps."""
+        status, document = self.read("/v2/mobile/user.neighbour", self.neighbourToken)
+        self.assertEqual(status, 200)
+        self.assertEqual(document["user"]["neighbour"]["structures"], [])
+        self.assertEqual(document["shared"], {})
+
+    def test_scenario70OtherUserIs403(self) -> None:
+        """
+        Scenario 70 (reads): another user's token, or a token that names
+        nobody, gets a 403; no token a 401.
+        """
+        for token in [self.neighbourToken, "forged", ""]:
+            status, document = self.read("/v2/mobile/user.homeowner", token)
+            self.assertEqual(status, 403, token)
+            self.assertNotIn("shared", document)
+        self.assertEqual(self.read("/v2/mobile/user.homeowner", None)[0], 401)

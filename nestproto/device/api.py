@@ -27,15 +27,18 @@ from .._version import __version__
 from ..accounts import Accounts, Login
 from ..buckets import Bucket, empty
 from ..errors import (
+    AppTokenRequired,
     BadBody,
     ErrorShape,
     NotFound,
+    NotYours,
     SerialRequired,
     Unavailable,
     WrongCredentials,
 )
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import Deliver, EndOnChange, SubscriberHub
+from ..membership import GLOBAL_SCOPE
 from ..model import PutEntry
 from ..pairing import ClaimThrottle, Pairing
 from ..proinfo import proInfo, proInfoCode
@@ -445,6 +448,56 @@ class DeviceAPI:
             return jsonResponse(request, loginAnswer(login, origin))
 
         return self.accounts.login(username, password).addCallback(answer)
+
+    # The apps' reads (PROTOCOL.md §20.5, §20.6)
+
+    @app.route("/v2/mobile/<path:key>", methods=["GET"])
+    @app.route("/v3/mobile/<path:key>", methods=["GET"])
+    def mobile(self, request: IRequest, key: str) -> bytes:
+        """
+        An app's whole-state read of its user: the user, its structures,
+        their devices and each device's buckets, nested; any other user is
+        a 403 and nothing is read.
+        """
+        userId = self._appUser(request)
+        named = keylist.canonicalKey(key)
+        if named != f"user.{userId}":
+            raise NotYours("This token reads only its own user")
+        return _render(request, keylist.renderMobile(self._mobileState(userId)))
+
+    def _appUser(self, request: IRequest) -> str:
+        """
+        The user of the app token in C{Authorization: Basic <token>}
+        (PROTOCOL.md §20.6): none is a 401; a token that names nobody is a
+        403, since python-nest answers a 401 by logging in again, until it
+        crashes.
+        """
+        header = request.getHeader(b"authorization")
+        if header is None:
+            raise AppTokenRequired()
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        userId = self.accounts.userFor(token.strip()) if token.strip() else None
+        if scheme.lower() != "basic" or userId is None:
+            raise NotYours("The token is not valid")
+        return userId
+
+    def _mobileState(self, userId: str) -> keylist.MobileState:
+        store = self.state.store
+        membership = self.state.membership
+        serials = [
+            s for s in membership.knownSerials() if membership.ownerOf(s) == userId
+        ]
+        structures: dict[str, list[str]] = {}
+        for serial in serials:
+            structures.setdefault(membership.structureKey(serial), []).append(serial)
+        return keylist.MobileState(
+            user=store.get(GLOBAL_SCOPE, f"user.{userId}") or empty(f"user.{userId}"),
+            structures=[
+                (store.get(GLOBAL_SCOPE, key) or empty(key), members)
+                for key, members in structures.items()
+            ],
+            devices=[(serial, store.buckets(serial)) for serial in serials],
+        )
 
     # The rest of the entry map (PROTOCOL.md §9)
 

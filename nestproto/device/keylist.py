@@ -273,6 +273,88 @@ def renderWholeState(buckets: Sequence[Bucket]) -> Rendered:
     return Rendered(wire.JSON_HEADERS, _compact(nested(buckets, withValues=True)))
 
 
+#: Maps an app indexes blindly, present even when empty (PROTOCOL.md §20.5).
+MOBILE_TYPES = (
+    "user",
+    "structure",
+    "device",
+    "shared",
+    "schedule",
+    "link",
+    "track",
+    "where",
+    "topaz",
+)
+
+
+@frozen
+class MobileState:
+    """
+    What an app's user sees: its user bucket, its structures each with the
+    serials in it, and each of its devices' buckets.
+    """
+
+    user: Bucket
+    structures: list[tuple[Bucket, list[str]]]
+    devices: list[tuple[str, list[Bucket]]]
+
+
+def renderMobile(state: MobileState) -> Rendered:
+    """
+    C{GET /v2/mobile/user.<uid>} (PROTOCOL.md §20.5): nested like the
+    BigGet, maps keyed by bare id, C{user.structures} and
+    C{structure.devices} listing keys, C{link[S].structure} the device's
+    structure key.
+    """
+    buckets: list[Bucket] = []
+    structureOf: dict[str, str] = {}
+    for structure, serials in state.structures:
+        devices = [f"device.{serial}" for serial in serials]
+        buckets.append(
+            Bucket(
+                structure.key,
+                structure.revision,
+                structure.timestamp,
+                {**structure.value, "devices": devices},
+            )
+        )
+        structureOf.update((serial, structure.key) for serial in serials)
+    user = state.user
+    buckets.insert(
+        0,
+        Bucket(
+            user.key,
+            user.revision,
+            user.timestamp,
+            {**user.value, "structures": [s.key for s, _ in state.structures]},
+        ),
+    )
+    for serial, owned in state.devices:
+        link = f"link.{serial}"
+        if not any(bucket.key == link for bucket in owned):
+            owned = [*owned, Bucket(link)]
+        for bucket in owned:
+            if bucket.key == link:
+                bucket = Bucket(
+                    bucket.key,
+                    bucket.revision,
+                    bucket.timestamp,
+                    {**bucket.value, "structure": structureOf[serial]},
+                )
+            buckets.append(bucket)
+    buckets = [
+        Bucket(
+            b.key, b.revision, b.timestamp, {**b.value, "structure": structureOf[b.id]}
+        )
+        if b.type == "link" and b.id in structureOf and "structure" not in b.value
+        else b
+        for b in buckets
+    ]
+    document: dict[str, Any] = {name: {} for name in MOBILE_TYPES}
+    document.update(nested(buckets, withValues=True))
+    return Rendered(wire.JSON_HEADERS, _compact(document))
+
+
 def parseSubscribeTimeout(value: bytes | None) -> float | None:
     """
     C{X-nl-subscribe-timeout} (seconds), which shortens a hold.
