@@ -10,6 +10,7 @@ from __future__ import annotations
 from attrs import Factory, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from .accounts import Accounts
 from .control.api import ControlAPI, ControlSettings
 from .control.events import EventStream
 from .device.api import DeviceAPI, TransportSettings
@@ -45,6 +46,7 @@ class Apps:
     events: EventStream
     device: DeviceAPI
     control: ControlAPI
+    accounts: Accounts
 
 
 def buildApps(
@@ -79,6 +81,9 @@ def buildApps(
     state = DeviceState(store, membership, presence or Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
+    # One set of accounts: created on the control port, logged in on the
+    # device port (the apps' cloud, PROTOCOL.md §20.6).
+    accounts = Accounts(store, clock, runInThread)
     device = deviceClass(
         state=state,
         hub=hub,
@@ -89,6 +94,7 @@ def buildApps(
         logs=logs or LogStore(None, clock),
         runInThread=runInThread,
         settings=settings.transport,
+        accounts=accounts,
     )
     control = ControlAPI(
         state=state,
@@ -96,5 +102,6 @@ def buildApps(
         pairing=pairing,
         events=events,
         settings=settings.control,
+        accounts=accounts,
     )
-    return Apps(store, hub, state, pairing, events, device, control)
+    return Apps(store, hub, state, pairing, events, device, control, accounts)
