@@ -10,6 +10,7 @@ from __future__ import annotations
 from attrs import Factory, frozen
 from twisted.internet.interfaces import IReactorTime
 
+from .accounts import Accounts
 from .admission import Admission, AdmissionSettings
 from .control.api import ControlAPI, ControlSettings
 from .control.events import EventStream
@@ -47,6 +48,7 @@ class Apps:
     events: EventStream
     device: DeviceAPI
     control: ControlAPI
+    accounts: Accounts
 
 
 def buildApps(
@@ -81,6 +83,9 @@ def buildApps(
     state = DeviceState(store, membership, presence or Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
+    # One set of accounts: created on the control port, logged in on the
+    # device port (the apps' cloud, PROTOCOL.md §20.6).
+    accounts = Accounts(store, clock, runInThread)
     # One Admission for both ports: the device port admits, the control port
     # shows only what it admits.
     admission = Admission(state, settings.admission)
@@ -94,6 +99,7 @@ def buildApps(
         logs=logs or LogStore(None, clock),
         runInThread=runInThread,
         settings=settings.transport,
+        accounts=accounts,
         admission=admission,
     )
     control = ControlAPI(
@@ -102,6 +108,7 @@ def buildApps(
         pairing=pairing,
         events=events,
         settings=settings.control,
+        accounts=accounts,
         admission=admission,
     )
-    return Apps(store, hub, state, pairing, events, device, control)
+    return Apps(store, hub, state, pairing, events, device, control, accounts)

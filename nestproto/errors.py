@@ -329,6 +329,51 @@ class TooManyNewDevices(NestError):
 # The one mapping from an error to an answer.
 
 
+class AccountExists(NestError):
+    """An app account of that name exists already (PROTOCOL.md §20.6)."""
+
+    status = 409
+    code = "account_exists"
+
+
+class NoSuchAccount(NestError):
+    """No app account of that name."""
+
+    status = 404
+    code = "no_such_account"
+
+
+class WrongCredentials(NestError):
+    """An app's login names no account, or the wrong password."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Wrong user name or password")
+
+
+class AppTokenRequired(NestError):
+    """An app request without C{Authorization: Basic <token>} (§20.6)."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("Log in first: Authorization: Basic <access_token>")
+
+
+class NotYours(NestError):
+    """
+    An app token that names nobody, or asks for what is outside its account
+    (PROTOCOL.md §20.6): a 403, never a 401, which apps answer by logging
+    in again.
+    """
+
+    status = 403
+    code = "forbidden"
+
+
 class ErrorShape(Enum):
     """
     The body each port's clients read an error from. Thermostats read

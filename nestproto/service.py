@@ -41,7 +41,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
-from twisted.web.http import Request
+from twisted.web.http import Request, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -53,6 +53,7 @@ from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
+from .device.requestline import TolerantHTTPChannel
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
 from .presence import IPresence
@@ -436,6 +437,17 @@ class _QuietSite(Site):
         pass
 
 
+class _TolerantSite(_QuietSite):
+    """
+    The device port's site: 4.x thermostats may send spaces inside the
+    request target (PROTOCOL.md §20.2).
+    """
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        # As twisted.web.http's own factory builds it, around our channel.
+        return _GenericHTTPChannelProtocol(TolerantHTTPChannel())
+
+
 @define
 class _CollectorService(Service):
     """
@@ -742,12 +754,14 @@ class _ServerService(MultiService):
         super().setServiceParent(parent)
 
 
-def _site(resource: IResource) -> Site:
+def _site(resource: IResource, tolerant: bool = False) -> Site:
     # Bodies are parsed by nestproto (wire, the entry form, uploads); Twisted's
     # own form parsing would run the Content-Type of every POST through the
     # email package (a tenth of the server's time under a reconnect storm)
     # and copy form and multipart bodies into request.args.
-    site = _QuietSite(resource, parsePOSTFormSubmission=False)
+    site = (_TolerantSite if tolerant else _QuietSite)(
+        resource, parsePOSTFormSubmission=False
+    )
     site.displayTracebacks = False
     # The listener says where it listens; "Starting factory" says nothing more.
     site.noisy = False
@@ -930,7 +944,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         ("control", options["control"], controlResource, lambda port: None),
     ]:
         endpoint = serverFromString(reactor, _withBacklog(description))
+        site = _site(resource, tolerant=name == "device")
         _Listener(
-            name, description, endpoint, _site(resource), stop, onListening
+            name, description, endpoint, site, stop, onListening
         ).setServiceParent(root)
     return root

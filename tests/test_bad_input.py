@@ -465,7 +465,7 @@ class OtherRequestTests(BadInputTestCase):
             ("GET", "/nest/nothing"),
             ("POST", "/nest/nothing"),
             ("GET", "/nest"),
-            ("POST", "/v1/put"),
+            ("POST", "/v9/put"),
         ]:
             self.assertJSONError(method, path, 404)
 

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from ..accounts import Accounts
 from ..admission import Admission
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
@@ -47,6 +48,7 @@ from ..pairing import (
 )
 from ..router import IGate, Route, Router
 from ..state import DeviceState
+from ..store import runInline
 from . import commands
 from .access import (
     CHANGING_METHODS,
@@ -150,6 +152,14 @@ class ControlAPI:
     events: EventStream
     dashboard: Dashboard = field(
         default=Factory(lambda self: Dashboard(self.state.clock), takes_self=True)
+    )
+    #: App accounts (PROTOCOL.md §20.6); the same ones the device port's
+    #: login checks.
+    accounts: Accounts = field(
+        default=Factory(
+            lambda self: Accounts(self.state.store, self.state.clock, runInline),
+            takes_self=True,
+        )
     )
     #: Which devices are shown: with pairing required, only claimed ones.
     admission: Admission = field(
@@ -484,5 +494,33 @@ class ControlAPI:
             lambda ignored: jsonResponse(
                 request,
                 {"success": True, "serial": serial, "objects_deleted": objects},
+            )
+        )
+
+    # App accounts (PROTOCOL.md §20.6)
+
+    @app.route("/api/users", methods=["POST"])
+    def createUser(self, request: IRequest) -> Deferred[bytes]:
+        """
+        Create an app account; its name is the C{userId} pairing claims
+        link devices to.
+        """
+        document = self._jsonBody(request)
+        created = self.accounts.create(
+            document.get("username"), document.get("password")
+        )
+        self.log.info("creating account {name}", name=document.get("username"))
+        return created.addCallback(
+            lambda userId: jsonResponse(request, {"success": True, "userId": userId})
+        )
+
+    @app.route("/api/users", methods=["DELETE"])
+    def removeUser(self, request: IRequest) -> Deferred[bytes]:
+        """Remove an app account and its tokens; its devices stay paired."""
+        document = self._jsonBody(request)
+        name = document.get("username")
+        return self.accounts.remove(name).addCallback(
+            lambda ignored: jsonResponse(
+                request, {"success": True, "message": f"Account {name} removed"}
             )
         )

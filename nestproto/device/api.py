@@ -10,8 +10,9 @@ dialect; a held subscribe answers with the dialect's hold policy.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import parse_qs
 
 from attrs import Factory, field, frozen
@@ -23,29 +24,36 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .._version import __version__
+from ..accounts import Accounts, Login
 from ..admission import FRONT_DOOR, TRANSPORT, Admission
-from ..buckets import Bucket
+from ..buckets import Bucket, empty
 from ..errors import (
+    AppTokenRequired,
     BadBody,
     ErrorShape,
     NestError,
     NotFound,
+    NotYours,
     PairingRequired,
     SerialRequired,
     Unavailable,
+    WrongCredentials,
 )
 from ..httpjson import jsonResponse, readBody, requestOrigin
-from ..hub import Deliver, SubscriberHub
-from ..pairing import Pairing
+from ..hub import Deliver, EndOnChange, SubscriberHub
+from ..membership import GLOBAL_SCOPE
+from ..model import PutEntry
+from ..pairing import ClaimThrottle, Pairing
 from ..proinfo import proInfo, proInfoCode
 from ..router import IGate, Route, Router
 from ..state import DeviceState, SubscribeOutcome
-from ..store import ThreadRunner
+from ..store import ThreadRunner, runInline
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 from ..weather import WeatherService, parseWeatherQuery
-from . import wire
+from . import keylist, wire
 from .auth import deviceSerial, normaliseSerial
-from .dialect import V7, Dialect
+from .dialect import KEY_LIST, V7, Dialect
+from .keylist import KeyListSessions, ListedKey
 from .wire import Rendered, SubscribeBody
 
 #: Entry form fields and how each must look (PROTOCOL.md §4).
@@ -136,6 +144,11 @@ def _transportTail(rest: str) -> str:
     return rest.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _speaksKeyList(rest: str) -> bool:
+    """Whether a transport path is the 4.x firmware's (PROTOCOL.md §20.1)."""
+    return rest.startswith("v3/") or rest == "v3"
+
+
 @implementer(IGate)
 @frozen(kw_only=True, eq=False)
 class DeviceAPI:
@@ -153,6 +166,19 @@ class DeviceAPI:
     #: Shared with the control port: codes shown here are claimed there.
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
+    #: What each key-list session was sent (PROTOCOL.md §20.3).
+    sessions: KeyListSessions = field(factory=KeyListSessions)
+    #: App accounts (PROTOCOL.md §20.6), created on the control port.
+    accounts: Accounts = field(
+        default=Factory(
+            lambda self: Accounts(self.state.store, self.state.clock, runInline),
+            takes_self=True,
+        )
+    )
+    #: Locks out an address after repeated failed logins.
+    loginThrottle: ClaimThrottle = field(
+        default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
+    )
     #: Who may talk to us as which serial; shared with the control port.
     admission: Admission = field(
         default=Factory(lambda self: Admission(self.state), takes_self=True)
@@ -207,9 +233,31 @@ class DeviceAPI:
             # new connection, which the next server process will answer.
             _closeAfter(request)
             raise Unavailable("Server is shutting down")
+        if _speaksKeyList(rest):
+            # The tail may carry §20.2's mutation (C{put ._sync}).
+            if keylist.canonicalKey(_transportTail(rest)) == "put":
+                return self.keyListPut(request, None)
+            return self.keyListSubscribe(request)
         if _transportTail(rest) == "put":
             return self.put(request, V7)
+        if keylist.isKeyListBody(readBody(request, KEY_LIST.maxBodyBytes)):
+            return self.keyListSubscribe(request)
         return self.subscribe(request, V7)
+
+    @app.route("/v2/subscribe", methods=["POST"])
+    def v2Subscribe(self, request: IRequest) -> Deferred[bytes]:
+        """The key-list subscribe of seed 001's path (PROTOCOL.md §20.3)."""
+        self._refuseWhenClosed(request)
+        return self.keyListSubscribe(request)
+
+    @app.route("/v1/put", methods=["POST"])
+    @app.route("/v2/put", methods=["POST"])
+    @app.route("/v1/put/<path:key>", methods=["POST"])
+    @app.route("/v2/put/<path:key>", methods=["POST"])
+    def v2Put(self, request: IRequest, key: str | None = None) -> Deferred[bytes]:
+        """The nested put of seed 001's paths (PROTOCOL.md §20.4)."""
+        self._refuseWhenClosed(request)
+        return self.keyListPut(request, key)
 
     @app.route("/nest/transport/<path:rest>", methods=["GET"])
     @app.route("/transport/<path:rest>", methods=["GET"])
@@ -219,7 +267,9 @@ class DeviceAPI:
         Keys, revisions and timestamps of a device's buckets, no values
         (PROTOCOL.md §8): C{device/SERIAL} or C{v7/device/device.SERIAL}.
         """
-        named = normaliseSerial(_transportTail(rest).removeprefix("device."))
+        named = normaliseSerial(
+            keylist.canonicalKey(_transportTail(rest)).removeprefix("device.")
+        )
         caller = deviceSerial(request)
         if caller is not None and named is not None and caller != named:
             raise NotFound("No such device")
@@ -229,7 +279,10 @@ class DeviceAPI:
         self.admission.admit(request, serial, FRONT_DOOR)
         self.state.presence.touch(serial)
         self._transportHeaders(request)
-        return _render(request, V7.renderListing(self.state.listing(serial)))
+        # The 4.x firmware's BigGet gets the buckets with their fields
+        # (PROTOCOL.md §20.5); the v7 listing never a value (§8).
+        dialect = KEY_LIST if _speaksKeyList(rest) else V7
+        return _render(request, dialect.renderListing(self.state.listing(serial)))
 
     # What every dialect's transport does, parsing and rendering as the
     # route's dialect says.
@@ -282,24 +335,197 @@ class DeviceAPI:
         return b""
 
     def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
+        serial, keeps = self._writer(request)
+        entries = dialect.parsePut(readBody(request, dialect.maxBodyBytes))
+        return self._putEntries(request, dialect, serial, entries, keeps)
+
+    def _writer(self, request: IRequest) -> tuple[str, bool]:
+        """
+        The serial a put comes from, and whether what it puts is kept: not
+        while pairing is required and the device is not claimed yet.
+        """
         serial = deviceSerial(request)
         if serial is None:
             raise SerialRequired()
-        keeps = self.admission.admit(request, serial, TRANSPORT)
-        entries = dialect.parsePut(readBody(request, dialect.maxBodyBytes))
+        return serial, self.admission.admit(request, serial, TRANSPORT)
+
+    def _putEntries(
+        self,
+        request: IRequest,
+        dialect: Dialect,
+        serial: str,
+        entries: list[PutEntry],
+        keeps: bool = True,
+    ) -> Deferred[bytes]:
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         if not keeps:
-            # Pairing is required and the device is not claimed yet: its put
-            # is answered as the anchor does and dropped (PROTOCOL.md §2.3,
-            # §19 scenario 59).
+            # Answered as the anchor does and dropped (PROTOCOL.md §2.3, §19
+            # scenario 59).
             self._transportHeaders(request)
             return succeed(_render(request, dialect.renderReceipts([])))
 
         def answer(receipts: list[Bucket]) -> bytes:
+            if dialect is KEY_LIST:
+                self.sessions.wrote(serial, receipts)
             self._transportHeaders(request)
             return _render(request, dialect.renderReceipts(receipts))
 
         return self.state.put(serial, entries, weaveId).addCallback(answer)
+
+    # The key-list dialect (PROTOCOL.md §20)
+
+    def keyListSubscribe(self, request: IRequest) -> Deferred[bytes]:
+        """
+        A key-list subscribe (PROTOCOL.md §20.3): the first listed bucket
+        newer than the client's copy, alone, as a bare value named by the
+        C{X-nl-skv-*} headers; nothing newer, the answer's headers at once
+        and its end, with no body, when a listed key changes.
+        """
+        serial = self._callerSerial(request, TRANSPORT)
+        listed = keylist.parseKeys(readBody(request, KEY_LIST.maxBodyBytes))
+        holdSeconds = keylist.parseSubscribeTimeout(
+            request.getHeader(b"x-nl-subscribe-timeout")
+        )
+        session = _headerText(request, b"x-nl-session-id") or ""
+        weaveId = _headerText(request, b"x-nl-weave-device-id")
+
+        def currentTimestamp(key: str) -> int:
+            return (self.state.bucket(serial, key) or empty(key)).timestamp
+
+        objects = self.sessions.clientObjects(serial, session, listed, currentTimestamp)
+        self.log.debug("key-list subscribe from {serial}", serial=serial)
+        return self.state.subscribe(serial, objects, weaveId).addCallback(
+            self._answerKeyList, request, serial, session, listed, holdSeconds
+        )
+
+    def _answerKeyList(
+        self,
+        outcome: SubscribeOutcome,
+        request: IRequest,
+        serial: str,
+        session: str,
+        listed: tuple[ListedKey, ...],
+        holdSeconds: float | None,
+    ) -> bytes | Deferred[bytes]:
+        self._transportHeaders(request)
+        watched = frozenset(entry.key for entry in listed)
+        # Only a listed key is an answer: the client names what it takes.
+        newer = [bucket for bucket in outcome.buckets if bucket.key in watched]
+        if newer:
+            bucket = newer[0]
+            self.sessions.sent(serial, session, listed, bucket)
+            if wire.touchesSetpoint([bucket]):
+                request.setHeader(
+                    b"x-nl-disable-defer-window",
+                    b"%d" % (self.settings.disableDeferWindowSeconds,),
+                )
+            answer = _render(request, keylist.renderBucket(bucket))
+            request.setHeader(b"content-length", b"%d" % (len(answer),))
+            return answer
+        held = self.hub.hold(
+            serial,
+            _answerWriter(request, KEY_LIST),
+            outcome.replayFilter,
+            EndOnChange(watched, holdSeconds),
+        )
+        if held is None:
+            self.log.warn("{serial} holds too many subscribes", serial=serial)
+            request.setHeader(b"content-length", b"0")
+            return b""
+        return held.addCallback(self._heldEnded, request)
+
+    def keyListPut(self, request: IRequest, key: str | None) -> Deferred[bytes]:
+        """
+        A nested put, or one bucket's bare fields when the path names it
+        (PROTOCOL.md §20.4), answered with metadata only.
+        """
+        if key is None:
+            return self.put(request, KEY_LIST)
+        serial, keeps = self._writer(request)
+        entries = keylist.parseBucketPut(key, readBody(request, KEY_LIST.maxBodyBytes))
+        return self._putEntries(request, KEY_LIST, serial, entries, keeps)
+
+    # The apps' login (PROTOCOL.md §20.6)
+
+    @app.route("/user/login", methods=["POST"])
+    def login(self, request: IRequest) -> Deferred[bytes]:
+        """
+        An app logs in with C{username} and C{password} (a form); a wrong
+        pair is a 401, repeated failures a 429 (never a 401: python-nest
+        answers a 401 by logging in again, recursively).
+        """
+        client = request.getClientAddress()
+        address = str(getattr(client, "host", client))
+        self.loginThrottle.check(address)
+        fields = _loginForm(readBody(request, _LOGIN_BODY_MAX_BYTES))
+        username, password = fields.get("username"), fields.get("password")
+        if not username or not password:
+            raise BadBody("Missing required fields: username, password")
+        origin = self.settings.origin or requestOrigin(request)
+
+        def answer(login: Login | None) -> bytes:
+            if login is None:
+                self.loginThrottle.failed(address)
+                self.log.info("failed login for {name}", name=username[:64])
+                raise WrongCredentials()
+            self.loginThrottle.succeeded(address)
+            for name in (b"sessionid", b"cztoken"):
+                cast(Request, request).addCookie(
+                    name, login.token.encode("ascii"), path=b"/", httpOnly=True
+                )
+            return jsonResponse(request, loginAnswer(login, origin))
+
+        return self.accounts.login(username, password).addCallback(answer)
+
+    # The apps' reads (PROTOCOL.md §20.5, §20.6)
+
+    @app.route("/v2/mobile/<path:key>", methods=["GET"])
+    @app.route("/v3/mobile/<path:key>", methods=["GET"])
+    def mobile(self, request: IRequest, key: str) -> bytes:
+        """
+        An app's whole-state read of its user: the user, its structures,
+        their devices and each device's buckets, nested; any other user is
+        a 403 and nothing is read.
+        """
+        userId = self._appUser(request)
+        named = keylist.canonicalKey(key)
+        if named != f"user.{userId}":
+            raise NotYours("This token reads only its own user")
+        return _render(request, keylist.renderMobile(self._mobileState(userId)))
+
+    def _appUser(self, request: IRequest) -> str:
+        """
+        The user of the app token in C{Authorization: Basic <token>}
+        (PROTOCOL.md §20.6): none is a 401; a token that names nobody is a
+        403, since python-nest answers a 401 by logging in again, until it
+        crashes.
+        """
+        header = request.getHeader(b"authorization")
+        if header is None:
+            raise AppTokenRequired()
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        userId = self.accounts.userFor(token.strip()) if token.strip() else None
+        if scheme.lower() != "basic" or userId is None:
+            raise NotYours("The token is not valid")
+        return userId
+
+    def _mobileState(self, userId: str) -> keylist.MobileState:
+        store = self.state.store
+        membership = self.state.membership
+        serials = [
+            s for s in membership.knownSerials() if membership.ownerOf(s) == userId
+        ]
+        structures: dict[str, list[str]] = {}
+        for serial in serials:
+            structures.setdefault(membership.structureKey(serial), []).append(serial)
+        return keylist.MobileState(
+            user=store.get(GLOBAL_SCOPE, f"user.{userId}") or empty(f"user.{userId}"),
+            structures=[
+                (store.get(GLOBAL_SCOPE, key) or empty(key), members)
+                for key, members in structures.items()
+            ],
+            devices=[(serial, store.buckets(serial)) for serial in serials],
+        )
 
     # The rest of the entry map (PROTOCOL.md §9)
 
@@ -356,6 +582,11 @@ class DeviceAPI:
 
     # Helpers
 
+    def _refuseWhenClosed(self, request: IRequest) -> None:
+        if self.hub.closed:
+            _closeAfter(request)
+            raise Unavailable("Server is shutting down")
+
     def _callerSerial(self, request: IRequest, kind: str = FRONT_DOOR) -> str:
         serial = deviceSerial(request)
         if serial is None:
@@ -383,6 +614,70 @@ class DeviceAPI:
             b"x-nl-defer-device-window",
             b"%d" % (self.settings.deferDeviceWindowSeconds,),
         )
+
+
+_LOGIN_BODY_MAX_BYTES = 4096
+
+
+def _loginForm(body: bytes) -> dict[str, str]:
+    """The fields of a login: a form, as the apps send, or a JSON object."""
+    if body.lstrip().startswith(b"{"):
+        return {
+            key: value
+            for key, value in wire.parseJSONObject(body).items()
+            if isinstance(value, str)
+        }
+    try:
+        parsed = parse_qs(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=16
+        )
+    except UnicodeDecodeError:
+        raise BadBody("Body is not UTF-8") from None
+    except ValueError:
+        raise BadBody("Body is not a valid form") from None
+    return {key: values[-1] for key, values in parsed.items()}
+
+
+def _cookieDate(seconds: float) -> str:
+    # As the Nest cloud wrote it: "Mon, 02-Jan-2027 15:04:05 GMT" (§20.6).
+    return time.strftime("%a, %d-%b-%Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
+def loginAnswer(login: Login, origin: str) -> dict[str, Any]:
+    """
+    The answer of a login (PROTOCOL.md §20.6): every field the apps of
+    that era index, C{urls.transport_url} the device port's origin.
+    """
+    return {
+        "access_token": login.token,
+        "user": f"user.{login.userId}",
+        "userid": login.userId,
+        "user_id": login.userId,
+        "email": f"{login.userId}@localhost",
+        "expires_in": _cookieDate(login.expiresSeconds),
+        "urls": {
+            "transport_url": origin,
+            "direct_transport_url": origin,
+            "rubyapi_url": origin + "/",
+            "weather_url": f"{origin}/nest/weather/v1?query=",
+            "log_upload_url": f"{origin}/nest/upload",
+            "support_url": origin + "/",
+        },
+        "limits": {
+            "thermostats_per_structure": 20,
+            "structures": 2,
+            "smoke_detectors_per_structure": 0,
+            "smoke_detectors": 0,
+            "thermostats": 20,
+        },
+        "weave": {
+            "service_config": "",
+            "pairing_token": "",
+            "access_token": "",
+        },
+        "is_staff": False,
+        "is_superuser": False,
+    }
 
 
 def _headerText(request: IRequest, name: bytes) -> str | None:

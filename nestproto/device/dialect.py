@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from attrs import frozen
 
 from ..buckets import Bucket
-from ..hub import BATCHED, IHoldPolicy
+from ..hub import BATCHED, EndOnChange, IHoldPolicy
 from ..model import PutEntry
-from . import wire
+from . import keylist, wire
 from .wire import Rendered, SubscribeBody
 
 
@@ -65,4 +65,24 @@ V7 = Dialect(
     parsePut=wire.parsePut,
     renderReceipts=wire.renderReceipts,
     renderListing=wire.renderReceipts,
+)
+
+
+def _endOnChange(body: SubscribeBody) -> IHoldPolicy:
+    return EndOnChange(frozenset(entry.key for entry in body.objects))
+
+
+#: Firmware 4.x on C{…/v3/…} and the apps of seed 001 (PROTOCOL.md §20):
+#: key-list subscribes answered one bucket at a time, held with headers at
+#: once and ended with no body when a listed key changes; nested puts.
+KEY_LIST = Dialect(
+    name="key-list",
+    maxBodyBytes=keylist.MAX_BODY_BYTES,
+    parseSubscribe=keylist.parseSubscribe,
+    renderAnswer=keylist.renderAnswer,
+    openingHeaders=(),
+    holdPolicy=_endOnChange,
+    parsePut=keylist.parsePut,
+    renderReceipts=keylist.renderReceipts,
+    renderListing=keylist.renderWholeState,
 )
