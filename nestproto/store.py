@@ -281,8 +281,13 @@ class SQLiteStore:
         factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False
     )
     lastSequence: int = 0
+    #: Called with the seconds each group commit took, from deciding its
+    #: batch to its being durable (metrics).
+    onCommitted: Callable[[float], object] | None = field(default=None, repr=False)
     _committing: bool = False
     _closed: bool = False
+    #: Calls of L{withConnection} not yet done (L{close} waits for them).
+    _jobs: int = 0
 
     @classmethod
     def open(
@@ -368,9 +373,30 @@ class SQLiteStore:
     def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
         return self.write([ScopeDelete(scope)])
 
+    def withConnection(self, f: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """
+        Run C{f} with the database connection on the store's own thread, in
+        turn with its commits, and fire with what it returns: for tables
+        beside the buckets (history) whose writes are not decided against
+        committed state. C{f} commits or rolls back what it begins.
+
+        @raise StoreClosed: when the store is closing.
+        """
+        if self._closed:
+            raise StoreClosed()
+        self._jobs += 1
+
+        def done(result: T | Failure) -> T | Failure:
+            self._jobs -= 1
+            self._closeIfDrained()
+            return result
+
+        return self._runInThread(f, self._connection).addBoth(done)
+
     def close(self) -> Deferred[None]:
         """
-        Fire once every accepted write is committed, then close the file.
+        Fire once every accepted write and L{withConnection} call is done,
+        then close the file.
         """
         self._closed = True
         drained: Deferred[None] = Deferred()
@@ -383,7 +409,7 @@ class SQLiteStore:
         return drained.addCallback(closeConnection)
 
     def _closeIfDrained(self) -> None:
-        if self._queue or self._committing:
+        if self._queue or self._committing or self._jobs:
             return
         drained, self._drained = self._drained, []
         for d in drained:
@@ -413,9 +439,10 @@ class SQLiteStore:
         if not any(one.sequence for one in decided):
             self._finish(decided)
             return
+        started = self._clock.seconds()
         d = self._runInThread(self._commitToDisk, decided, sequence)
         d.addCallbacks(
-            lambda ignored: self._finish(decided),
+            lambda ignored: self._finish(decided, started),
             lambda failure: self._fail(decided, failure),
         )
 
@@ -515,8 +542,10 @@ class SQLiteStore:
                 cursor.execute("ROLLBACK")
             raise
 
-    def _finish(self, decided: list[_Decided]) -> None:
+    def _finish(self, decided: list[_Decided], started: float | None = None) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
+        if started is not None and self.onCommitted is not None:
+            self.onCommitted(self._clock.seconds() - started)
         for one in decided:
             for (scope, key), bucket in one.bucketOps.items():
                 inScope = self._buckets.setdefault(scope, {})
