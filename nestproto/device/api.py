@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import ClassVar, cast
 from urllib.parse import parse_qs
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -28,6 +28,7 @@ from ..buckets import Bucket
 from ..errors import BadBody, NestError, NotFound, SerialRequired, Unavailable
 from ..httpjson import JSONKlein, errorDocument, jsonResponse, readBody
 from ..hub import Deliver, SubscriberHub
+from ..metrics import Metrics
 from ..pairing import Pairing
 from ..proinfo import proInfo, proInfoCode
 from ..state import DeviceState, SubscribeOutcome
@@ -161,6 +162,9 @@ class DeviceAPI:
     #: Shared with the control port: codes shown here are claimed there.
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
+    metrics: Metrics = field(
+        default=Factory(lambda self: Metrics(self.state.clock), takes_self=True)
+    )
 
     # Errors
 
@@ -240,6 +244,7 @@ class DeviceAPI:
 
     def subscribe(self, request: IRequest) -> Deferred[bytes]:
         serial = self._callerSerial(request)
+        self.metrics.subscribes.inc()
         body = wire.parseSubscribe(readBody(request, wire.MAX_BODY_BYTES))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         self.log.debug("subscribe from {serial}", serial=serial)
@@ -280,6 +285,7 @@ class DeviceAPI:
 
     def put(self, request: IRequest) -> Deferred[bytes]:
         serial = self._callerSerial(request)
+        self.metrics.puts.inc()
         entries = wire.parsePut(readBody(request, wire.MAX_BODY_BYTES))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
 
