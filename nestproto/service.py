@@ -51,6 +51,12 @@ from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
+from .history import (
+    DEFAULT_HOURLY_DAYS,
+    DEFAULT_RAW_DAYS,
+    HistoryService,
+    HistorySettings,
+)
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
 from .recording.format import CONTROL, DEVICE
@@ -83,6 +89,8 @@ MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
 #: (bench/bench_transport.py).
 COLLECTOR_THRESHOLDS = (10_000, 10, 10)
 WEATHER_SOURCES = {"open-meteo", "none"}
+#: Longest history retention accepted (ten years).
+MAX_HISTORY_DAYS = 3650
 LOG_LEVELS = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -148,6 +156,7 @@ class Options(usage.Options):
             None,
             "With --record: keep serials, MACs, passwords and entry codes.",
         ],
+        ["no-history", None, "Keep no history of temperatures and heating."],
     ]
     optParameters: list[list[Any]] = [
         [
@@ -227,6 +236,20 @@ class Options(usage.Options):
             _positiveNumber,
         ],
         [
+            "history-days",
+            None,
+            DEFAULT_RAW_DAYS,
+            "Days every sample and HVAC transition is kept.",
+            int,
+        ],
+        [
+            "history-hourly-days",
+            None,
+            DEFAULT_HOURLY_DAYS,
+            "Days hourly aggregates of the history are kept.",
+            int,
+        ],
+        [
             "log-level",
             None,
             "info",
@@ -281,6 +304,16 @@ class Options(usage.Options):
                 "before the server answers"
             )
         _checkDataDirectory(self["data"])
+        if not 1 <= self["history-days"] <= MAX_HISTORY_DAYS:
+            raise usage.UsageError(
+                f"--history-days must be between 1 and {MAX_HISTORY_DAYS}"
+            )
+        if not self["history-days"] <= self["history-hourly-days"] <= MAX_HISTORY_DAYS:
+            raise usage.UsageError(
+                "--history-hourly-days must be at least --history-days and at "
+                f"most {MAX_HISTORY_DAYS}: days past the raw history are counted "
+                "from hourly aggregates"
+            )
         if not MIN_ENTRY_KEY_TTL <= self["entry-key-ttl"] <= 7 * 24 * 3600:
             raise usage.UsageError(
                 f"--entry-key-ttl must be {MIN_ENTRY_KEY_TTL}-604800 seconds: a "
@@ -571,6 +604,13 @@ def _startupLines(
     else:
         redaction = "raw" if options["record-raw"] else "secrets redacted"
         recording = f"to {os.path.abspath(record)} ({redaction})"
+    if options["no-history"]:
+        history = "off"
+    else:
+        history = (
+            f"samples and HVAC transitions kept {options['history-days']} days, "
+            f"hourly aggregates {options['history-hourly-days']} days"
+        )
     return [
         (
             "nestproto {version} (Twisted {twistedVersion}) starting",
@@ -582,6 +622,7 @@ def _startupLines(
         ),
         ("control API access: {protection}", {"protection": protection}),
         ("recording exchanges: {recording}", {"recording": recording}),
+        ("history: {history}", {"history": history}),
     ]
 
 
@@ -715,6 +756,12 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             ),
             entryKeyTtlSeconds=options["entry-key-ttl"],
             weatherTtlSeconds=options["weather-ttl"],
+            history=None
+            if options["no-history"]
+            else HistorySettings(
+                rawDays=options["history-days"],
+                hourlyDays=options["history-hourly-days"],
+            ),
         ),
         weatherSource=weatherSource,
         logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
@@ -727,6 +774,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     _StoreService(store, [pool, ioPool], apps.hub, apps.events, lock).setServiceParent(
         root
     )
+    if apps.history is not None:
+        # Stopped before the store (services stop in reverse order), so its
+        # last rows are written before the store closes.
+        HistoryService(apps.history).setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:

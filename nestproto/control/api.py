@@ -25,9 +25,11 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
 from ..errors import BadBody, NestError, SerialRequired, Unavailable, UnknownDevice
+from ..history import History
 from ..httpjson import JSONKlein, jsonResponse, readBody
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
+from ..metrics import CONTENT_TYPE, Metrics
 from ..pairing import (
     INVALID_KEY_MESSAGE,
     ClaimThrottle,
@@ -38,6 +40,7 @@ from ..pairing import (
 )
 from ..state import DeviceState
 from . import commands
+from . import history as historyAPI
 from .events import EventStream
 from .status import DEFAULT_UNAVAILABLE_AFTER_SECONDS, deviceStatus
 
@@ -140,6 +143,11 @@ class ControlAPI:
         default=Factory(lambda self: ClaimThrottle(self.state.clock), takes_self=True)
     )
     events: EventStream
+    metrics: Metrics = field(
+        default=Factory(lambda self: Metrics(self.state.clock), takes_self=True)
+    )
+    #: C{None} when the server keeps no history.
+    history: History | None = None
 
     # Errors
 
@@ -268,6 +276,52 @@ class ControlAPI:
             raise Unavailable("Too many event stream clients")
         return attached.addCallback(lambda ignored: b"")
 
+    @app.route("/api/history", methods=["GET"])
+    @_guarded
+    def historyRows(self, request: IRequest) -> Deferred[bytes]:
+        history = self._history()
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
+        query = historyAPI.parseHistoryQuery(serial, request.args, self.state.nowMs())
+
+        def answer(document: dict[str, Any]) -> bytes:
+            if query.format == "json":
+                return jsonResponse(request, document)
+            request.setHeader(b"content-type", b"text/csv; charset=utf-8")
+            request.setHeader(
+                b"content-disposition",
+                b'attachment; filename="history-%s-%s.csv"'
+                % (serial.encode("ascii", "replace"), query.step.encode()),
+            )
+            return historyAPI.historyCSV(document)
+
+        return historyAPI.historyDocument(history, query).addCallback(answer)
+
+    @app.route("/api/usage", methods=["GET"])
+    @_guarded
+    def usage(self, request: IRequest) -> Deferred[bytes]:
+        history = self._history()
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
+        days = historyAPI.parseUsageDays(request.args, history.settings.hourlyDays)
+        nowMs = self.state.nowMs()
+        zone = historyAPI.deviceZone(self.state, serial, nowMs / 1000)
+        return historyAPI.usageDocument(history, serial, zone, nowMs, days).addCallback(
+            lambda document: jsonResponse(request, document)
+        )
+
+    def _history(self) -> History:
+        if self.history is None:
+            raise historyAPI.HistoryOff()
+        return self.history
+
+    @app.route("/metrics", methods=["GET"])
+    @_guarded
+    def metricsText(self, request: IRequest) -> Deferred[bytes]:
+        def answer(body: bytes) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+            return body
+
+        return self.metrics.render().addCallback(answer)
+
     # Changing
 
     @app.route("/command", methods=["POST"])
@@ -283,6 +337,7 @@ class ControlAPI:
         self.log.info(
             "{command} for {serial}", command=document["command"], serial=serial
         )
+        self.metrics.commands.labels(command=document["command"]).inc()
 
         def answer(ignored: object) -> bytes:
             return jsonResponse(
