@@ -349,12 +349,11 @@ CREATE TABLE IF NOT EXISTS history_samples (
 CREATE INDEX IF NOT EXISTS history_samples_time ON history_samples (time_ms);
 CREATE TABLE IF NOT EXISTS history_transitions (
     serial TEXT NOT NULL,
-    time_ms INTEGER NOT NULL,
     field TEXT NOT NULL,
-    state INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS history_transitions_serial
-    ON history_transitions (serial, time_ms);
+    time_ms INTEGER NOT NULL,
+    state INTEGER NOT NULL,
+    PRIMARY KEY (serial, field, time_ms)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_transitions_time
     ON history_transitions (time_ms);
 CREATE TABLE IF NOT EXISTS history_hours (
@@ -431,22 +430,31 @@ def _hourFromRow(row: Sequence[Any]) -> Hour:
     )
 
 
+#: Each device's field's last transition before a time: its state then.
+#: (SQLite takes a bare column from the row of the MAX; a field has one
+#: row per time, its primary key.)
+_LAST_BEFORE = (
+    "SELECT serial, field, state, MAX(time_ms) AS last FROM history_transitions"
+    " WHERE time_ms < :before {andSerial} GROUP BY serial, field"
+)
+
+
 def _transitionsOf(
     connection: sqlite3.Connection, serial: str, fromMs: int, toMs: int
 ) -> Transitions:
-    initial: dict[str, bool] = {}
-    for name, state in connection.execute(
-        "SELECT field, state FROM history_transitions"
-        " WHERE serial = ? AND time_ms < ? ORDER BY time_ms, rowid",
-        (serial, fromMs),
-    ):
-        initial[name] = bool(state)
+    initial = {
+        name: bool(state)
+        for _, name, state, _ in connection.execute(
+            _LAST_BEFORE.format(andSerial="AND serial = :serial"),
+            {"before": fromMs, "serial": serial},
+        )
+    }
     changes = [
         Transition(serial, timeMs, name, bool(state))
         for timeMs, name, state in connection.execute(
             "SELECT time_ms, field, state FROM history_transitions"
             " WHERE serial = ? AND time_ms >= ? AND time_ms < ?"
-            " ORDER BY time_ms, rowid",
+            " ORDER BY time_ms, field",
             (serial, fromMs, toMs),
         )
     ]
@@ -528,9 +536,11 @@ def _append(
                 for sample in samples
             ],
         )
+        # Two changes of a field in one ms (one group commit): the last
+        # one stands.
         connection.executemany(
-            "INSERT INTO history_transitions (serial, time_ms, field, state)"
-            " VALUES (?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO history_transitions"
+            " (serial, time_ms, field, state) VALUES (?, ?, ?, ?)",
             [(t.serial, t.timeMs, t.field, int(t.on)) for t in transitions],
         )
 
@@ -576,16 +586,14 @@ def _rollUp(connection: sqlite3.Connection, untilMs: int) -> int:
             found[2] = count
             found[3 : 3 + len(numbers)] = numbers
         initial: dict[str, dict[str, bool]] = {}
-        for serial, name, state in connection.execute(
-            "SELECT serial, field, state FROM history_transitions"
-            " WHERE time_ms < ? ORDER BY time_ms, rowid",
-            (startMs,),
+        for serial, name, state, _ in connection.execute(
+            _LAST_BEFORE.format(andSerial=""), {"before": startMs}
         ):
             initial.setdefault(serial, {})[name] = bool(state)
         changes: dict[str, list[Transition]] = {}
         for serial, timeMs, name, state in connection.execute(
             "SELECT serial, time_ms, field, state FROM history_transitions"
-            " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms, rowid",
+            " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms",
             (startMs, endMs),
         ):
             changes.setdefault(serial, []).append(
@@ -629,14 +637,14 @@ def _prune(
             )
             # A field's last transition before the cutoff says what it was
             # from then on: kept while it says on (off is the default).
+            lastOn = (
+                f"SELECT serial, field, last FROM ({_LAST_BEFORE.format(andSerial='')})"
+                " WHERE state = 1"
+            )
             connection.execute(
-                "DELETE FROM history_transitions WHERE time_ms < :cutoff"
-                " AND rowid NOT IN (SELECT id FROM (SELECT rowid AS id, state,"
-                " ROW_NUMBER() OVER (PARTITION BY serial, field"
-                " ORDER BY time_ms DESC, rowid DESC) AS n"
-                " FROM history_transitions WHERE time_ms < :cutoff)"
-                " WHERE n = 1 AND state = 1)",
-                {"cutoff": cutoff},
+                "DELETE FROM history_transitions WHERE time_ms < :before"
+                f" AND (serial, field, time_ms) NOT IN ({lastOn})",
+                {"before": cutoff},
             )
         connection.execute(
             "DELETE FROM history_hours WHERE hour_ms < ?", (hourlyBeforeMs,)
@@ -777,7 +785,8 @@ class History:
         return history
 
     def nowMs(self) -> int:
-        return int(self.clock.seconds() * 1000)
+        # Rounded: a clock set to a whole number of ms reads as that number.
+        return round(self.clock.seconds() * 1000)
 
     # The feed
 
