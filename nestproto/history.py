@@ -740,6 +740,26 @@ class HistorySettings:
     maintenanceSeconds: float = MAINTENANCE_SECONDS
 
 
+@frozen
+class _Report:
+    """A device's report: its time, and its buckets as committed by it."""
+
+    serial: str
+    timeMs: int
+    shared: Bucket | None
+    device: Bucket | None
+
+    def sample(self) -> Sample:
+        return Sample(
+            self.serial,
+            self.timeMs,
+            sampleValues(
+                {} if self.shared is None else self.shared.value,
+                {} if self.device is None else self.device.value,
+            ),
+        )
+
+
 @define
 class History:
     """
@@ -758,7 +778,7 @@ class History:
     _hvac: dict[str, dict[str, bool]] = field(factory=dict, init=False, repr=False)
     #: Each device's sample of the current minute, replaced by later reports
     #: in the same minute.
-    _current: dict[str, Sample] = field(factory=dict, init=False, repr=False)
+    _current: dict[str, _Report] = field(factory=dict, init=False, repr=False)
     _samples: list[Sample] = field(factory=list, init=False, repr=False)
     _transitions: list[Transition] = field(factory=list, init=False, repr=False)
     _loops: list[LoopingCall] = field(factory=list, init=False, repr=False)
@@ -825,20 +845,18 @@ class History:
         self._hvac[serial] = now
 
     def _sample(self, serial: str, nowMs: int) -> None:
-        shared = self.store.get(serial, f"shared.{serial}")
-        device = self.store.get(serial, f"device.{serial}")
-        sample = Sample(
+        # What to sample is read only once the minute's last report is
+        # known: most reports within a minute are replaced unread.
+        report = _Report(
             serial,
             nowMs,
-            sampleValues(
-                {} if shared is None else shared.value,
-                {} if device is None else device.value,
-            ),
+            self.store.get(serial, f"shared.{serial}"),
+            self.store.get(serial, f"device.{serial}"),
         )
         current = self._current.get(serial)
         if current is not None and current.timeMs // MINUTE_MS != nowMs // MINUTE_MS:
-            self._samples.append(current)
-        self._current[serial] = sample
+            self._samples.append(current.sample())
+        self._current[serial] = report
 
     def _forget(self, serial: str) -> None:
         """C{serial}'s scope was deleted: so is its history."""
@@ -860,9 +878,9 @@ class History:
             kept for the next flush.
         """
         minute = self.nowMs() // MINUTE_MS
-        for serial, sample in list(self._current.items()):
-            if everything or sample.timeMs // MINUTE_MS < minute:
-                self._samples.append(sample)
+        for serial, report in list(self._current.items()):
+            if everything or report.timeMs // MINUTE_MS < minute:
+                self._samples.append(report.sample())
                 del self._current[serial]
         samples, self._samples = self._samples, []
         transitions, self._transitions = self._transitions, []
@@ -947,7 +965,7 @@ class History:
 
         def withCurrent(stored: list[Sample]) -> list[Sample]:
             if current is not None and fromMs <= current.timeMs < toMs:
-                stored.append(current)
+                stored.append(current.sample())
             return stored
 
         return self.storage.samples(serial, fromMs, toMs).addCallback(withCurrent)
