@@ -241,7 +241,12 @@ def signalSpans(
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:
+        # JSON's integers have no bound; a float's do.
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _word(value: object) -> str | None:

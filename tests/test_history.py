@@ -215,6 +215,23 @@ class RecordingTests(SynchronousTestCase):
             },
         )
 
+    def test_unusableValues(self) -> None:
+        """
+        Numbers a float cannot hold, booleans, and words too long or not
+        words are recorded as unknown.
+        """
+        self.server.deviceClient.post(
+            DEVICE_URL + "/nest/transport/put",
+            data=b'{"objects": [{"object_key": "shared.%s", "value": {'
+            b'"current_temperature": 1%s, "target_temperature": true,'
+            b'"target_temperature_type": "%s", "target_temperature_low": "19"}}]}'
+            % (SERIAL.encode(), b"0" * 400, b"x" * 33),
+            headers=basicAuth(SERIAL),
+        )
+        self.server.deviceClient.flush()
+        (sample,) = self.successResultOf(self.history.samples(SERIAL, 0, END_MS))
+        self.assertEqual(set(sample.values.values()), {None})
+
     def test_transitionsExact(self) -> None:
         """
         Each HVAC field that turns on or off is a transition at the exact
