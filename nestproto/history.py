@@ -788,6 +788,8 @@ class History:
     _transitions: list[Transition] = field(factory=list, init=False, repr=False)
     _loops: list[LoopingCall] = field(factory=list, init=False, repr=False)
     _maintaining: bool = field(default=False, init=False)
+    #: Set by L{stop}: the store is about to close and takes no more rows.
+    _stopped: bool = field(default=False, init=False)
 
     @classmethod
     def following(
@@ -832,7 +834,7 @@ class History:
         for scope in deleted:
             if scope != GLOBAL_SCOPE and not self.store.buckets(scope):
                 self._forget(scope)
-        if origin is None or (reported is None and not deviceReported):
+        if self._stopped or origin is None or (reported is None and not deviceReported):
             return
         nowMs = self.nowMs()
         if reported is not None:
@@ -936,6 +938,7 @@ class History:
 
     def start(self) -> None:
         """Flush and maintain periodically, the first time one period from now."""
+        self._stopped = False
         for seconds, f in [
             (self.settings.flushSeconds, self.flush),
             (self.settings.maintenanceSeconds, self.maintain),
@@ -946,7 +949,11 @@ class History:
             self._loops.append(loop)
 
     def stop(self) -> Deferred[None]:
-        """Stop the timers and write everything buffered."""
+        """
+        Stop the timers and write everything buffered; reports from then on
+        (requests still finishing while the server stops) are not recorded.
+        """
+        self._stopped = True
         for loop in self._loops:
             if loop.running:
                 loop.stop()
