@@ -734,6 +734,7 @@ class Server:
         self.patchKlein = args.patch_klein_cycle
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
+        self.history = args.history
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = os.path.join(self.data, "twistd.log")
 
@@ -766,6 +767,8 @@ class Server:
         ]
         if self.holdTimeout is not None:
             command += ["--hold-timeout", str(self.holdTimeout)]
+        if not self.history:
+            command.append("--no-history")
         return command
 
     async def start(self) -> None:
@@ -1151,6 +1154,7 @@ async def pushScenario(
         idle.put_nowait(connection)
 
     tasks = []
+    cpuBefore = server.cpuSeconds()
     started = time.perf_counter()
     for n in range(total):
         delay = started + n / args.push_rate - time.perf_counter()
@@ -1164,6 +1168,7 @@ async def pushScenario(
     deadline = time.perf_counter() + 5
     while sentAt and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
+    cpuPerCommand = (server.cpuSeconds() - cpuBefore) / max(total, 1)
     for connection in connections:
         connection.close()
     p50 = percentile(latencies, 0.5)
@@ -1189,6 +1194,7 @@ async def pushScenario(
             "target_push_ms_p99": TARGETS["push_p99_ms"],
             "command_ms_p50": ms(percentile(commandLatencies, 0.5)),
             "command_ms_p99": ms(percentile(commandLatencies, 0.99)),
+            "server_cpu_ms_per_command": round(cpuPerCommand * 1000, 3),
             "met": p50 is not None
             and p99 is not None
             and p50 * 1000 <= TARGETS["push_p50_ms"]
@@ -1249,10 +1255,12 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
             revision = receipt["object_revision"]
         connection.close()
 
+    cpuBefore = server.cpuSeconds()
     started = time.perf_counter()
     await asyncio.gather(*(putter(d) for d in devices if len(d.objects) >= 2))
     elapsed = time.perf_counter() - started
     acks = len(latencies) - len(errors)
+    cpuPerAck = (server.cpuSeconds() - cpuBefore) / max(acks, 1)
     perSecond = acks / elapsed
     p99 = percentile(latencies, 0.99)
     emit(
@@ -1268,6 +1276,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
             "put_ms_p50": ms(percentile(latencies, 0.5)),
             "put_ms_p99": ms(p99),
             "put_ms_max": ms(max(latencies) if latencies else None),
+            "server_cpu_ms_per_ack": round(cpuPerAck * 1000, 3),
             "target_put_ms_p99": TARGETS["put_p99_ms"],
             "errors": len(errors),
             "first_errors": errors[:3],
@@ -1321,6 +1330,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="passed to twistd (default: the server's own)",
     )
     parser.add_argument(
+        "--no-history",
+        dest="history",
+        action="store_false",
+        help="run the server with --no-history, to compare with history kept",
+    )
+    parser.add_argument(
         "--data", default=None, help="server data directory (default: a new temp dir)"
     )
     parser.add_argument(
@@ -1363,6 +1378,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.patch_klein_cycle
             else "as installed",
             "cpus": os.cpu_count(),
+            "history": args.history,
             "python": sys.version.split()[0],
             "server_command": server.command(),
         }

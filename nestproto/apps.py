@@ -14,13 +14,16 @@ from .accounts import Accounts
 from .admission import Admission, AdmissionSettings
 from .control.api import ControlAPI, ControlSettings
 from .control.events import EventStream
+from .control.status import isAvailable
 from .device.api import DeviceAPI, TransportSettings
+from .history import History, HistorySettings, IHistoryStorage, sampleValues
 from .hub import HOLD_SECONDS, SubscriberHub
 from .membership import Membership
+from .metrics import Metrics, Reading, StateSources
 from .pairing import DEFAULT_TTL_SECONDS, Pairing
 from .presence import IPresence, Presence
 from .state import DeviceState
-from .store import IBucketStore, ThreadRunner
+from .store import IBucketStore, SQLiteStore, ThreadRunner
 from .uploads import LogStore
 from .weather import IWeatherSource, NoWeather, WeatherService
 
@@ -35,6 +38,8 @@ class AppSettings:
     admission: AdmissionSettings = Factory(AdmissionSettings)
     entryKeyTtlSeconds: int = DEFAULT_TTL_SECONDS
     weatherTtlSeconds: float = 600.0
+    #: C{None}: keep no history.
+    history: HistorySettings | None = Factory(HistorySettings)
 
 
 @frozen(eq=False)
@@ -49,6 +54,9 @@ class Apps:
     device: DeviceAPI
     control: ControlAPI
     accounts: Accounts
+    metrics: Metrics
+    #: C{None} when history is off or the store has no history storage.
+    history: History | None
 
 
 def buildApps(
@@ -76,10 +84,19 @@ def buildApps(
     # Every consumer learns of a change from the store's feed, in this order:
     # membership first, so the others route by who sees what after it.
     membership = Membership.following(store)
-    hub = SubscriberHub(clock, holdSeconds=settings.holdSeconds)
+    metrics = Metrics(clock)
+    hub = SubscriberHub(
+        clock, holdSeconds=settings.holdSeconds, onPushed=metrics.pushed
+    )
     store.listen(lambda commit: hub.pushCommit(commit, membership.devicesSeeing))
     events = EventStream(clock, store, membership.devicesSeeing)
     store.listen(events.publish)
+    storage = IHistoryStorage(store, None)
+    history = None
+    if settings.history is not None and storage is not None:
+        history = History.following(store, storage, clock, settings.history)
+    if isinstance(store, SQLiteStore):
+        store.onCommitted = metrics.commitSeconds.observe
     state = DeviceState(store, membership, presence or Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)
@@ -101,6 +118,7 @@ def buildApps(
         settings=settings.transport,
         accounts=accounts,
         admission=admission,
+        metrics=metrics,
     )
     control = ControlAPI(
         state=state,
@@ -110,5 +128,50 @@ def buildApps(
         settings=settings.control,
         accounts=accounts,
         admission=admission,
+        metrics=metrics,
+        history=history,
     )
-    return Apps(store, hub, state, pairing, events, device, control, accounts)
+    metrics.watch(
+        StateSources(
+            held=hub.total,
+            known=lambda: len(membership.knownSerials()),
+            online=lambda: sum(
+                isAvailable(
+                    state, hub, serial, settings.control.unavailableAfterSeconds
+                )
+                for serial in membership.knownSerials()
+            ),
+            readings=lambda: _readings(store, membership.knownSerials()),
+            databaseBytes=None if storage is None else storage.databaseBytes,
+        )
+    )
+    return Apps(
+        store,
+        hub,
+        state,
+        pairing,
+        events,
+        device,
+        control,
+        accounts,
+        metrics,
+        history,
+    )
+
+
+def _readings(store: IBucketStore, serials: list[str]) -> list[Reading]:
+    """Each device's current temperature, target and humidity, as sampled."""
+    readings = []
+    for serial in serials:
+        shared = store.get(serial, f"shared.{serial}")
+        device = store.get(serial, f"device.{serial}")
+        values = sampleValues(
+            {} if shared is None else shared.value,
+            {} if device is None else device.value,
+        )
+        numbers = [
+            value if isinstance(value, float) else None
+            for value in (values["temperature"], values["target"], values["humidity"])
+        ]
+        readings.append(Reading(serial, *numbers))
+    return readings

@@ -418,3 +418,19 @@ def refusal(error: BaseException, shape: ErrorShape) -> Refusal:
         document = {"error": message}
     document["code"] = code
     return Refusal(status, document, headers)
+
+
+class BadParameter(NestError):
+    """A query parameter is missing its meaning: out of range, or not a number."""
+
+    code = "bad_parameter"
+
+
+class HistoryOff(NestError):
+    """This server keeps no history."""
+
+    status = 404
+    code = "history_off"
+
+    def __init__(self) -> None:
+        super().__init__("This server keeps no history (started with --no-history)")

@@ -15,6 +15,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
@@ -50,12 +51,19 @@ NUMERIC_FIELDS = frozenset(
 
 
 def isNumber(value: object) -> TypeGuard[int | float]:
-    """Whether C{value} is a finite JSON number; a boolean is not one."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    """
+    Whether C{value} is a finite JSON number a float can hold; a boolean is
+    not one, nor an integer too large for a float (JSON integers have no
+    bound, and clients read these fields as floats).
+    """
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _FLOAT_MAX
+    return isinstance(value, float) and math.isfinite(value)
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def numberOrNone(value: object) -> int | float | None:

@@ -156,6 +156,8 @@ class SubscriberHub:
     clock: IReactorTime
     holdSeconds: float = HOLD_SECONDS
     maxPerDevice: int = MAX_SUBSCRIPTIONS_PER_DEVICE
+    #: Called with each batch delivered to at least one held subscribe.
+    onPushed: Callable[[Sequence[Bucket]], object] | None = None
     _subscriptions: dict[str, list[_Subscription]] = field(factory=dict, init=False)
     _undelivered: dict[str, dict[str, Bucket]] = field(factory=dict, init=False)
     #: Set by L{endAll}: the server is stopping.
@@ -218,6 +220,8 @@ class SubscriberHub:
         for subscription in live:
             if self._react(subscription, buckets):
                 delivered += 1
+        if delivered and self.onPushed is not None:
+            self.onPushed(buckets)
         return delivered
 
     def pushCommit(self, commit: Commit, devicesSeeing: DevicesSeeing) -> None:

@@ -54,6 +54,12 @@ from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
 from .device.api import TransportSettings
 from .device.requestline import TolerantHTTPChannel
+from .history import (
+    DEFAULT_HOURLY_DAYS,
+    DEFAULT_RAW_DAYS,
+    HistoryService,
+    HistorySettings,
+)
 from .hub import SubscriberHub
 from .pairing import MIN_REMAINING_SECONDS
 from .presence import IPresence
@@ -87,6 +93,8 @@ MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
 #: (bench/bench_transport.py).
 COLLECTOR_THRESHOLDS = (10_000, 10, 10)
 WEATHER_SOURCES = {"open-meteo", "none"}
+#: Longest history retention accepted (ten years).
+MAX_HISTORY_DAYS = 3650
 LOG_LEVELS = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -166,6 +174,7 @@ class Options(usage.Options):
             "pairing code and subscribe, its puts are dropped, and the control "
             "API does not list it (PROTOCOL.md section 2.3).",
         ],
+        ["no-history", None, "Keep no history of temperatures and heating."],
     ]
     optParameters: list[list[Any]] = [
         [
@@ -259,6 +268,20 @@ class Options(usage.Options):
             _nonNegativeInteger,
         ],
         [
+            "history-days",
+            None,
+            DEFAULT_RAW_DAYS,
+            "Days every sample and HVAC transition is kept.",
+            int,
+        ],
+        [
+            "history-hourly-days",
+            None,
+            DEFAULT_HOURLY_DAYS,
+            "Days hourly aggregates of the history are kept.",
+            int,
+        ],
+        [
             "log-level",
             None,
             "info",
@@ -345,6 +368,16 @@ class Options(usage.Options):
             )
         _checkDataDirectory(self["data"])
         _checkStore(self["store"])
+        if not 1 <= self["history-days"] <= MAX_HISTORY_DAYS:
+            raise usage.UsageError(
+                f"--history-days must be between 1 and {MAX_HISTORY_DAYS}"
+            )
+        if not self["history-days"] <= self["history-hourly-days"] <= MAX_HISTORY_DAYS:
+            raise usage.UsageError(
+                "--history-hourly-days must be at least --history-days and at "
+                f"most {MAX_HISTORY_DAYS}: days past the raw history are counted "
+                "from hourly aggregates"
+            )
         if not MIN_ENTRY_KEY_TTL <= self["entry-key-ttl"] <= 7 * 24 * 3600:
             raise usage.UsageError(
                 f"--entry-key-ttl must be {MIN_ENTRY_KEY_TTL}-604800 seconds: a "
@@ -698,6 +731,13 @@ def _startupLinesSQLite(
     else:
         redaction = "raw" if options["record-raw"] else "secrets redacted"
         recording = f"to {os.path.abspath(record)} ({redaction})"
+    if options["no-history"]:
+        history = "off"
+    else:
+        history = (
+            f"samples and HVAC transitions kept {options['history-days']} days, "
+            f"hourly aggregates {options['history-hourly-days']} days"
+        )
     return [
         (
             "nestproto {version} (Twisted {twistedVersion}) starting",
@@ -710,6 +750,7 @@ def _startupLinesSQLite(
         ("control API access: {protection}", {"protection": protection}),
         ("device admission: {admission}", {"admission": admission}),
         ("recording exchanges: {recording}", {"recording": recording}),
+        ("history: {history}", {"history": history}),
     ]
 
 
@@ -909,6 +950,12 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             ),
             entryKeyTtlSeconds=options["entry-key-ttl"],
             weatherTtlSeconds=options["weather-ttl"],
+            history=None
+            if options["no-history"]
+            else HistorySettings(
+                rawDays=options["history-days"],
+                hourlyDays=options["history-hourly-days"],
+            ),
         ),
         weatherSource=weatherSource,
         logs=LogStore(None if keepLogs is None else FilePath(keepLogs), reactor),
@@ -921,6 +968,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     _StoreService(store, pools, apps.hub, apps.events, lock).setServiceParent(root)
     for service in shared:
         service.setServiceParent(root)
+    if apps.history is not None:
+        # Stopped before the store (services stop in reverse order), so its
+        # last rows are written before the store closes.
+        HistoryService(apps.history).setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:

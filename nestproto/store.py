@@ -460,8 +460,13 @@ class SQLiteStore(CommittedState):
     _queue: list[_Pending] = field(factory=list, repr=False)
     #: Fired once nothing is queued or committing (L{close}).
     _drained: list[Deferred[None]] = field(factory=list, repr=False)
+    #: Called with the seconds each group commit took, from deciding its
+    #: batch to its being durable (metrics).
+    onCommitted: Callable[[float], object] | None = field(default=None, repr=False)
     _committing: bool = False
     _closed: bool = False
+    #: Calls of L{withConnection} not yet done (L{close} waits for them).
+    _jobs: int = 0
 
     @classmethod
     def open(
@@ -513,9 +518,30 @@ class SQLiteStore(CommittedState):
     def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
         return self.write([ScopeDelete(scope)])
 
+    def withConnection(self, f: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """
+        Run C{f} with the database connection on the store's own thread, in
+        turn with its commits, and fire with what it returns: for tables
+        beside the buckets (history) whose writes are not decided against
+        committed state. C{f} commits or rolls back what it begins.
+
+        @raise StoreClosed: when the store is closing.
+        """
+        if self._closed:
+            raise StoreClosed()
+        self._jobs += 1
+
+        def done(result: T | Failure) -> T | Failure:
+            self._jobs -= 1
+            self._closeIfDrained()
+            return result
+
+        return self._runInThread(f, self._connection).addBoth(done)
+
     def close(self) -> Deferred[None]:
         """
-        Fire once every accepted write is committed, then close the file.
+        Fire once every accepted write and L{withConnection} call is done,
+        then close the file.
         """
         self._closed = True
         drained: Deferred[None] = Deferred()
@@ -528,7 +554,7 @@ class SQLiteStore(CommittedState):
         return drained.addCallback(closeConnection)
 
     def _closeIfDrained(self) -> None:
-        if self._queue or self._committing:
+        if self._queue or self._committing or self._jobs:
             return
         drained, self._drained = self._drained, []
         for d in drained:
@@ -565,11 +591,12 @@ class SQLiteStore(CommittedState):
         if not any(one.sequence for _pending, one in accepted):
             self._finish(accepted)
             return
+        started = self._clock.seconds()
         d = self._runInThread(
             self._commitToDisk, [one for _pending, one in accepted], sequence
         )
         d.addCallbacks(
-            lambda ignored: self._finish(accepted),
+            lambda ignored: self._finish(accepted, started),
             lambda failure: self._fail(accepted, failure),
         )
 
@@ -617,8 +644,12 @@ class SQLiteStore(CommittedState):
                 cursor.execute("ROLLBACK")
             raise
 
-    def _finish(self, decided: list[tuple[_Pending, Decided]]) -> None:
+    def _finish(
+        self, decided: list[tuple[_Pending, Decided]], started: float | None = None
+    ) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
+        if started is not None and self.onCommitted is not None:
+            self.onCommitted(self._clock.seconds() - started)
         for pending, one in decided:
             if one.sequence:
                 self._show(

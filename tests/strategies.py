@@ -611,6 +611,10 @@ CONTROL_PATHS = (
     "/api/device",
     "/api/registered-devices/{serial}",
     "/api/ensure-user",
+    "/api/history?serial={serial}",
+    "/api/history?serial={serial}&step=hourly&from=0&format=csv",
+    "/api/usage?serial={serial}&days=3",
+    "/metrics",
 )
 
 _PATH_JUNK = st.sampled_from(
@@ -647,3 +651,36 @@ def paths(draw: DrawFn, templates: Sequence[str], serial: str) -> str:
     if kind == "suffix":
         return template.format(serial=serial) + draw(_PATH_JUNK)
     return draw(_PATH_JUNK)
+
+
+#: What a simulated thermostat reports in its shared bucket: at most one
+#: HVAC field of each usage category (nestproto.history.USAGE), so a
+#: category's time on is its field's.
+REPORTED_HVAC_FIELDS = (
+    "hvac_heater_state",
+    "hvac_ac_state",
+    "hvac_fan_state",
+    "hvac_aux_heater_state",
+)
+
+
+@composite
+def thermostatReports(draw: DrawFn) -> list[tuple[int, dict[str, Any]]]:
+    """
+    A thermostat's reports over up to a few days: each the ms since the
+    one before (often within the minute, sometimes hours) and the shared
+    fields it puts (HVAC states, current temperature).
+    """
+    reports = []
+    for _ in range(draw(st.integers(1, 30))):
+        delayMs = draw(st.one_of(st.integers(0, 90_000), st.integers(0, 5 * 3_600_000)))
+        fields: dict[str, Any] = {
+            name: draw(st.booleans())
+            for name in draw(st.sets(st.sampled_from(REPORTED_HVAC_FIELDS), max_size=3))
+        }
+        if draw(st.booleans()):
+            fields["current_temperature"] = draw(
+                st.integers(1500, 2800).map(lambda hundredths: hundredths / 100)
+            )
+        reports.append((delayMs, fields))
+    return reports

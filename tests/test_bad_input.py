@@ -272,12 +272,13 @@ class TransportBodyTests(BadInputTestCase):
         """
         A put or a subscribe (inline update, or a later copy the server
         would adopt) giving a field clients read as a number text, a
-        boolean, a list or an object is refused with 400 as a whole,
+        boolean, a list, an object or an integer too large for a float is
+        refused with 400 as a whole,
         whichever of shared or device it names.
         """
         for name in sorted(NUMERIC_FIELDS):
             for key in (SHARED, DEVICE):
-                for value in ["20.5", True, False, [20], {"c": 20}, ""]:
+                for value in ["20.5", True, False, [20], {"c": 20}, "", 10**400]:
                     bad = json.dumps(
                         {"object_key": key, "value": {name: value, "other": 1}}
                     ).encode()

@@ -27,6 +27,7 @@ from ..errors import (
     CSRFRequired,
     ErrorShape,
     ForeignOrigin,
+    HistoryOff,
     InvalidEntryKey,
     InvalidSerial,
     NotFound,
@@ -37,9 +38,11 @@ from ..errors import (
     UnknownDevice,
     WrongToken,
 )
+from ..history import History
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import SubscriberHub
 from ..membership import OWNER_RECORD
+from ..metrics import CONTENT_TYPE, Metrics
 from ..pairing import (
     ClaimThrottle,
     Pairing,
@@ -50,6 +53,7 @@ from ..router import IGate, Route, Router
 from ..state import DeviceState
 from ..store import runInline
 from . import commands
+from . import history as historyAPI
 from .access import (
     CHANGING_METHODS,
     CORS_ALLOW_HEADERS,
@@ -165,6 +169,11 @@ class ControlAPI:
     admission: Admission = field(
         default=Factory(lambda self: Admission(self.state), takes_self=True)
     )
+    metrics: Metrics = field(
+        default=Factory(lambda self: Metrics(self.state.clock), takes_self=True)
+    )
+    #: C{None} when the server keeps no history.
+    history: History | None = None
 
     # The gate (nestproto.router): every request, every route.
 
@@ -384,6 +393,51 @@ class ControlAPI:
             {"entry_url": self.dashboard.entryURL(request), "unclaimed": unclaimed},
         )
 
+    # History and metrics (issue 15)
+
+    @app.route("/api/history", methods=["GET"])
+    def historyRows(self, request: IRequest) -> Deferred[bytes]:
+        history = self._history()
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
+        query = historyAPI.parseHistoryQuery(serial, request.args, self.state.nowMs())
+
+        def answer(document: dict[str, Any]) -> bytes:
+            if query.format == "json":
+                return jsonResponse(request, document)
+            request.setHeader(b"content-type", b"text/csv; charset=utf-8")
+            request.setHeader(
+                b"content-disposition",
+                b'attachment; filename="history-%s-%s.csv"'
+                % (serial.encode("ascii", "replace"), query.step.encode()),
+            )
+            return historyAPI.historyCSV(document)
+
+        return historyAPI.historyDocument(history, query).addCallback(answer)
+
+    @app.route("/api/usage", methods=["GET"])
+    def usage(self, request: IRequest) -> Deferred[bytes]:
+        history = self._history()
+        serial = self._knownSerial(_pathSerial(_queryText(request, b"serial") or ""))
+        days = historyAPI.parseUsageDays(request.args, history.settings.hourlyDays)
+        nowMs = self.state.nowMs()
+        zone = historyAPI.deviceZone(self.state, serial, nowMs / 1000)
+        return historyAPI.usageDocument(history, serial, zone, nowMs, days).addCallback(
+            lambda document: jsonResponse(request, document)
+        )
+
+    def _history(self) -> History:
+        if self.history is None:
+            raise HistoryOff()
+        return self.history
+
+    @app.route("/metrics", methods=["GET"])
+    def metricsText(self, request: IRequest) -> Deferred[bytes]:
+        def answer(body: bytes) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+            return body
+
+        return self.metrics.render().addCallback(answer)
+
     # Changing
 
     @app.route("/command", methods=["POST"])
@@ -399,6 +453,7 @@ class ControlAPI:
         self.log.info(
             "{command} for {serial}", command=document["command"], serial=serial
         )
+        self.metrics.commands.labels(command=document["command"]).inc()
 
         def answer(ignored: object) -> bytes:
             return jsonResponse(

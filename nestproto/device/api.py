@@ -42,6 +42,7 @@ from ..errors import (
 from ..httpjson import jsonResponse, readBody, requestOrigin
 from ..hub import Deliver, EndOnChange, SubscriberHub
 from ..membership import GLOBAL_SCOPE
+from ..metrics import Metrics
 from ..model import PutEntry
 from ..pairing import ClaimThrottle, Pairing
 from ..proinfo import proInfo, proInfoCode
@@ -166,6 +167,9 @@ class DeviceAPI:
     #: Shared with the control port: codes shown here are claimed there.
     pairing: Pairing
     settings: TransportSettings = field(factory=TransportSettings)
+    metrics: Metrics = field(
+        default=Factory(lambda self: Metrics(self.state.clock), takes_self=True)
+    )
     #: What each key-list session was sent (PROTOCOL.md §20.3).
     sessions: KeyListSessions = field(factory=KeyListSessions)
     #: App accounts (PROTOCOL.md §20.6), created on the control port.
@@ -289,6 +293,7 @@ class DeviceAPI:
 
     def subscribe(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial = self._callerSerial(request, TRANSPORT)
+        self.metrics.subscribes.inc()
         body = dialect.parseSubscribe(readBody(request, dialect.maxBodyBytes))
         weaveId = _headerText(request, b"x-nl-weave-device-id")
         self.log.debug("subscribe from {serial}", serial=serial)
@@ -336,6 +341,7 @@ class DeviceAPI:
 
     def put(self, request: IRequest, dialect: Dialect) -> Deferred[bytes]:
         serial, keeps = self._writer(request)
+        self.metrics.puts.inc()
         entries = dialect.parsePut(readBody(request, dialect.maxBodyBytes))
         return self._putEntries(request, dialect, serial, entries, keeps)
 
