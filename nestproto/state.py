@@ -262,6 +262,8 @@ class DeviceState:
         """
         self.presence.touch(serial)
         writes: list[Write] = []
+        #: Entries whose if_object_revision was refused, with our revision.
+        refused: list[tuple[PutEntry, int]] = []
         limit = self._bucketLimit(serial)
         for entry in entries:
             scope = self.membership.scopeFor(serial, entry.key)
@@ -272,10 +274,20 @@ class DeviceState:
                     key=entry.key,
                 )
                 continue
-            decide = self._putEntry(serial, entry, weaveDeviceId)
+            decide = self._putEntry(entry, weaveDeviceId, refused)
             writes.append(BucketUpdate(scope, entry.key, limit(scope, decide)))
 
         def receipts(results: list[Bucket | None]) -> list[Bucket]:
+            # Logged here, on the reactor thread, not where it was decided
+            # (an engine may decide in its database thread).
+            for entry, ours in refused:
+                self.log.debug(
+                    "{serial} put {key} at revision {theirs}, ours is {ours}",
+                    serial=serial,
+                    key=entry.key,
+                    theirs=entry.ifRevision,
+                    ours=ours,
+                )
             return [
                 bucket or rules.empty(write.key)
                 for write, bucket in zip(writes, results, strict=True)
@@ -285,7 +297,10 @@ class DeviceState:
         return self.store.write(writes, origin=serial).addCallback(receipts)
 
     def _putEntry(
-        self, serial: str, entry: PutEntry, weaveDeviceId: str | None
+        self,
+        entry: PutEntry,
+        weaveDeviceId: str | None,
+        refused: list[tuple[PutEntry, int]],
     ) -> Decide:
         def decide(stored: Bucket | None, nowMs: int) -> Bucket | None:
             before = stored or rules.empty(entry.key)
@@ -294,13 +309,7 @@ class DeviceState:
                 before, fields, entry.ifRevision, nowMs
             )
             if conflict:
-                self.log.info(
-                    "{serial} put {key} at revision {theirs}, ours is {ours}",
-                    serial=serial,
-                    key=entry.key,
-                    theirs=entry.ifRevision,
-                    ours=before.revision,
-                )
+                refused.append((entry, before.revision))
             return stored if after is before else after
 
         return decide

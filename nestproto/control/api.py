@@ -450,7 +450,7 @@ class ControlAPI:
             self.state, serial, document["command"], document.get("value")
         )
         self._knownSerial(serial)
-        self.log.info(
+        self.log.debug(
             "{command} for {serial}", command=document["command"], serial=serial
         )
         self.metrics.commands.labels(command=document["command"]).inc()
