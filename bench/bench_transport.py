@@ -921,15 +921,22 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    def gcPauses(self, since: float) -> dict[str, Any] | None:
+    def gcPauses(
+        self, since: float, until: float | None = None
+    ) -> dict[str, Any] | None:
         """
-        The server's collections of at least C{GC_REPORT_MS} since
-        C{since} (monotonic), or C{None} with C{--no-gc-watch}.
+        The server's collections of at least C{GC_REPORT_MS} that began
+        between C{since} and C{until} (monotonic), or C{None} with
+        C{--no-gc-watch}.
         """
         if self.gcLog is None:
             return None
         pauses = [
-            p["ms"] for p in self._rows() if "generation" in p and p["at"] >= since
+            p["ms"]
+            for p in self._rows()
+            if "generation" in p
+            and p["at"] >= since
+            and (until is None or p["at"] <= until)
         ]
         return {
             "count": len(pauses),
@@ -1001,6 +1008,26 @@ class Server:
             "total_ms": round(sum(found), 1),
             "over_100ms": sum(1 for ms in found if ms > 100),
         }
+
+    def timeline(
+        self, since: float, until: float, count: int = 8
+    ) -> list[dict[str, Any]]:
+        """
+        The C{count} longest stalls and collections between C{since} and
+        C{until}, in time order, each with its start in seconds from
+        C{since}.
+        """
+        found = []
+        for row in self._rows():
+            at = row.get("stall", row.get("at") if "generation" in row else None)
+            if at is None or not since <= at <= until:
+                continue
+            entry = {"t": round(at - since, 3), "ms": row["ms"]}
+            if "generation" in row:
+                entry["gc_generation"] = row["generation"]
+            found.append(entry)
+        longest = sorted(found, key=lambda e: -e["ms"])[:count]
+        return sorted(longest, key=lambda e: e["t"])
 
     def threadCpuSeconds(self) -> tuple[float, float, float, float]:
         """
@@ -1305,11 +1332,12 @@ async def disconnectScenario(
     )
     collect = next(r for r in rows if "collect" in r)
     garbage = next((r for r in rows if "garbage" in r), None)
-    maxStall = max(stalls["max_ms"], server.gcPauses(dropped)["max_ms"])  # type: ignore[index]
+    pauses = server.gcPauses(dropped, until) or {"max_ms": 0}
+    maxStall = max(stalls["max_ms"], pauses["max_ms"])
     emit(
         {
             "scenario": "disconnect",
-            "server_gc_pauses": server.gcPauses(dropped),
+            "server_gc_pauses": pauses,
             "held": len(held),
             "server_subscriptions_before": serverHeld,
             "server_subscriptions_after": left,
@@ -1320,6 +1348,7 @@ async def disconnectScenario(
             "reactor_stalls": stalls,
             "max_reactor_stall_ms": maxStall,
             "target_max_reactor_stall_ms": TARGETS["disconnect_max_stall_ms"],
+            "longest": server.timeline(dropped, until),
             "gc_tracked_objects_before": censusBefore and censusBefore["tracked"],
             "gc_tracked_objects_after": censusAfter and censusAfter["tracked"],
             "garbage_left_per_connection": round(

@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.test_httpjson -*-
+"""
+Tests for L{nestproto.httpjson}'s resource: requests are freed by reference
+counting once they are over, with the cyclic collector off (issue 10).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException
+
+from nestproto.errors import BadBody, NestError
+from nestproto.httpjson import JSONKlein, errorDocument, jsonResponse
+
+
+class _App:
+    """A JSONKlein app with an answered, a held and a refused route."""
+
+    app = JSONKlein()
+
+    def __init__(self) -> None:
+        self.held: list[Deferred[bytes]] = []
+        self.cancelled = 0
+
+    @app.handle_errors(NestError, HTTPException)
+    def refused(self, request: IRequest, failure: Failure) -> bytes:
+        status, document = errorDocument(failure)
+        return jsonResponse(request, document, status)
+
+    @app.route("/answer", methods=["GET"])
+    def answer(self, request: IRequest) -> bytes:
+        return jsonResponse(request, {"answered": True})
+
+    @app.route("/held", methods=["POST"])
+    def hold(self, request: IRequest) -> Deferred[bytes]:
+        request.write(b"")
+        d: Deferred[bytes] = Deferred(self._cancelled)
+        self.held.append(d)
+        return d
+
+    def _cancelled(self, d: Deferred[bytes]) -> None:
+        self.cancelled += 1
+
+    @app.route("/refused", methods=["GET"])
+    def refuse(self, request: IRequest) -> bytes:
+        raise BadBody("Refused on purpose")
+
+
+class RequestFreedTests(SynchronousTestCase):
+    """
+    A request through the real resource is freed once it is over, without
+    the cyclic collector: Klein's own render left each one in a reference
+    cycle (its error-handling closure refers to itself and to the request).
+    """
+
+    def setUp(self) -> None:
+        # The collector must not free what a cycle holds while we watch.
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        self.app = _App()
+        self.site = Site(self.app.app.resource(), reactor=Clock())
+        self.requests: list[weakref.ref[Request]] = []
+        makeRequest = self.site.requestFactory
+
+        def recorded(*args: Any, **kwargs: Any) -> Request:
+            request = makeRequest(*args, **kwargs)
+            self.requests.append(weakref.ref(request))
+            return request
+
+        self.site.requestFactory = recorded  # type: ignore[assignment]
+
+    def connect(self) -> tuple[IProtocol, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def send(self, channel: IProtocol, method: bytes, path: bytes) -> None:
+        channel.dataReceived(
+            b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            % (method, path)
+        )
+
+    def assertFreed(self) -> None:
+        self.assertEqual(len(self.requests), 1)
+        self.assertIsNone(self.requests[0](), "the request outlived its answer")
+
+    def test_answeredRequestFreed(self) -> None:
+        """
+        A request answered at once is freed as soon as it is answered, its
+        connection still open.
+        """
+        channel, transport = self.connect()
+        self.send(channel, b"GET", b"/answer")
+        self.assertIn(b"200 OK", transport.value())
+        self.assertIn(b'{"answered":true}', transport.value())
+        self.assertFreed()
+
+    def test_refusedRequestFreed(self) -> None:
+        """
+        A request whose handler raises is answered by the app's error
+        handler and freed.
+        """
+        channel, transport = self.connect()
+        self.send(channel, b"GET", b"/refused")
+        self.assertIn(b"400 Bad Request", transport.value())
+        self.assertIn(b"Refused on purpose", transport.value())
+        self.assertFreed()
+
+    def test_unroutedRequestFreed(self) -> None:
+        """
+        A request no route takes gets the app's JSON 404 and is freed.
+        """
+        channel, transport = self.connect()
+        self.send(channel, b"GET", b"/nowhere")
+        self.assertIn(b"404 Not Found", transport.value())
+        self.assertFreed()
+
+    def test_heldRequestFreedWhenClientLeaves(self) -> None:
+        """
+        A held request whose client disconnects has its handler's Deferred
+        cancelled, and is freed with its connection.
+        """
+        channel, transport = self.connect()
+        self.send(channel, b"POST", b"/held")
+        self.assertNoResult(self.app.held[0])
+        self.assertIsNotNone(self.requests[0]())
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.app.cancelled, 1)
+        # As a reactor's transport does once the connection is lost; the
+        # channel itself keeps its last requests.
+        transport.unregisterProducer()
+        del channel, transport
+        self.app.held.clear()
+        self.assertFreed()
+
+    def test_heldRequestFreedWhenAnswered(self) -> None:
+        """
+        A held request answered later is freed once that answer is written.
+        """
+        channel, transport = self.connect()
+        self.send(channel, b"POST", b"/held")
+        [held] = self.app.held
+        held.callback(b'{"late":true}')
+        del held
+        self.app.held.clear()
+        self.assertIn(b'{"late":true}', transport.value())
+        self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
+        self.assertFreed()
