@@ -1317,6 +1317,8 @@ async def disconnectScenario(
     await server.tell(f"heartbeat {args.heartbeat_ms}")
     await asyncio.sleep(1)
     quiet = server.stalls(time.monotonic() - 1)
+    if args.profile_disconnect:
+        await server.tell(f"profile-start {args.profiler}")
     dropped = time.monotonic()
     for device in held:
         drop(device, reset=True)
@@ -1325,6 +1327,10 @@ async def disconnectScenario(
     await asyncio.sleep(args.disconnect_settle_seconds)
     until = time.monotonic()
     await server.tell("heartbeat off")
+    if args.profile_disconnect:
+        await server.tell(
+            f"profile-stop {os.path.abspath(args.profile_disconnect)}", seconds=300
+        )
     stalls = server.stalls(dropped, until)
     censusAfter = await server.census()
     rows = await server.tell(
@@ -1356,9 +1362,12 @@ async def disconnectScenario(
             ),
             "full_collection_of_it_ms": collect["ms"],
             "garbage_kinds": garbage and garbage["kinds"],
+            "profiled": bool(args.profile_disconnect),
             "met": maxStall <= TARGETS["disconnect_max_stall_ms"],
         }
     )
+    if args.profile_disconnect:
+        _showProfile(args.profile_disconnect, args.profiler)
 
 
 async def _controlRequest(
@@ -1542,10 +1551,7 @@ async def pushScenario(
     for device in devices:
         device.onPush = None
     if args.profile_push:
-        if args.profiler == "pyinstrument":
-            sys.stderr.write(Path(args.profile_push).read_text())
-        else:
-            _printProfile(args.profile_push)
+        _showProfile(args.profile_push, args.profiler)
 
 
 async def putScenario(server: Server, args: argparse.Namespace) -> None:
@@ -1669,6 +1675,13 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "server holds nothing",
     )
     parser.add_argument(
+        "--profile-disconnect",
+        default=None,
+        metavar="FILE",
+        help="profile the server's reactor thread over the disconnect "
+        "scenario's window (see --profiler); stalls are then inflated",
+    )
+    parser.add_argument(
         "--disconnect-garbage",
         action="store_true",
         help="disconnect scenario: also list the garbage by type (slow)",
@@ -1790,6 +1803,13 @@ async def run(args: argparse.Namespace) -> int:
     if args.server_profile:
         _printProfile(args.server_profile)
     return 0
+
+
+def _showProfile(path: str, profiler: str) -> None:
+    if profiler == "pyinstrument":
+        sys.stderr.write(Path(path).read_text())
+    else:
+        _printProfile(path)
 
 
 def _printProfile(path: str) -> None:
