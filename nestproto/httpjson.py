@@ -6,7 +6,7 @@ JSON in and out of HTTP, shared by the device and control APIs.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from klein import Klein
@@ -87,6 +87,8 @@ class JSONKlein(Klein):
         return _JSONKleinResource(self)
 
 
+#: How many route matches a resource keeps.
+_ROUTES_KEPT = 512
 #: Klein's error handlers: the exceptions each one takes, and the handler.
 _ErrorHandlers = Sequence[tuple[Sequence[type[Exception]], Any]]
 
@@ -115,12 +117,14 @@ def _urlParts(request: IRequest) -> tuple[str, str, str]:
     )
 
 
-def _noteFinished(result: object, finished: list[bool]) -> None:
+def _over(result: object, finished: list[bool], pending: list[Deferred[Any]]) -> None:
+    """
+    The request is over: answered, or its client left, in which case the
+    handler's unfinished work (a held subscribe) is cancelled.
+    """
     finished.append(True)
-
-
-def _cancel(reason: Failure, answer: Deferred[Any]) -> None:
-    answer.cancel()
+    if isinstance(result, Failure) and pending:
+        pending.pop().cancel()
 
 
 def _body(result: object) -> bytes | None:
@@ -150,6 +154,14 @@ class _JSONKleinResource(KleinResource):
 
     log = Logger()
 
+    def __init__(self, app: Klein) -> None:
+        super().__init__(app)
+        #: werkzeug's match of each (method, script, path) seen lately: the
+        #: routes are fixed once the app's module is imported, and matching
+        #: was a tenth of the instructions of a request (bench/README.rst).
+        #: Refusals (404, 405) are not kept.
+        self._routes: dict[tuple[bytes, str, str], tuple[str, Mapping[str, Any]]] = {}
+
     def render(self, request: IRequest) -> Any:
         try:
             host, script, path = _urlParts(request)
@@ -167,17 +179,16 @@ class _JSONKleinResource(KleinResource):
                 },
                 400,
             )
-        # Set once the request is over (answered, or the client left):
-        # nothing is written after that.
+        # Set once the request is over: nothing is written after that.
         finished: list[bool] = []
-        webRequest = cast(Request, request)
-        webRequest.notifyFinish().addBoth(_noteFinished, finished)
+        # The answer while it is pending. The request and the answer refer
+        # to each other through it only until the request finishes or its
+        # connection is lost, which fires notifyFinish and drops it.
+        pending: list[Deferred[Any]] = []
+        cast(Request, request).notifyFinish().addBoth(_over, finished, pending)
         answer = maybeDeferred(self._route, request, host, script, path)
-        # A client that leaves cancels the handler's work (a held subscribe).
-        # The request and the answer refer to each other through this
-        # errback only until the request finishes or its connection is
-        # lost, which fires it.
-        webRequest.notifyFinish().addErrback(_cancel, answer)
+        if not finished:
+            pending.append(answer)
         answer.addCallback(_body)
         answer.addErrback(self._failed, request, finished, self._app._error_handlers)
         answer.addCallback(self._write, request, finished)
@@ -190,20 +201,28 @@ class _JSONKleinResource(KleinResource):
 
         @raise HTTPException: when none matches (404, 405).
         """
-        mapper = self._app.url_map.bind(
-            host,
-            script,
-            path_info=path,
-            default_method=request.method.decode("utf-8"),
-            url_scheme="https" if request.isSecure() else "http",
-        )
-        rule, arguments = mapper.match(return_rule=True)
+        key = (request.method, script, path)
+        found = self._routes.get(key)
+        if found is None:
+            mapper = self._app.url_map.bind(
+                host,
+                script,
+                path_info=path,
+                default_method=request.method.decode("utf-8"),
+                url_scheme="https" if request.isSecure() else "http",
+            )
+            rule, arguments = mapper.match(return_rule=True)
+            if len(self._routes) >= _ROUTES_KEPT:
+                # Paths naming a serial are many; the hot ones come back.
+                self._routes.clear()
+            found = self._routes[key] = (str(rule.endpoint), arguments)
+        endpoint, arguments = found
         # Klein's convention: the route's segments move from postpath to
         # prepath.
-        segments = getattr(self._app.endpoints[rule.endpoint], "segment_count", 0)
+        segments = getattr(self._app.endpoints[endpoint], "segment_count", 0)
         request.prepath.extend(request.postpath[:segments])
         request.postpath = request.postpath[segments:]
-        return self._app.execute_endpoint(rule.endpoint, request, **arguments)
+        return self._app.execute_endpoint(endpoint, request, **arguments)
 
     def _failed(
         self,
@@ -219,7 +238,7 @@ class _JSONKleinResource(KleinResource):
         werkzeug's answer (an C{HTTPException}) or Twisted's 500.
         """
         if finished:
-            if not failure.check(CancelledError):
+            if not isinstance(failure.value, CancelledError):
                 self.log.failure("error after the request was over", failure)
             return None
         for index, (exceptions, handler) in enumerate(handlers):

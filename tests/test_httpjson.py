@@ -54,6 +54,10 @@ class _App:
     def _cancelled(self, d: Deferred[bytes]) -> None:
         self.cancelled += 1
 
+    @app.route("/named/<name>", methods=["GET"])
+    def named(self, request: IRequest, name: str) -> bytes:
+        return jsonResponse(request, {"name": name})
+
     @app.route("/refused", methods=["GET"])
     def refuse(self, request: IRequest) -> bytes:
         raise BadBody("Refused on purpose")
@@ -162,3 +166,49 @@ class RequestFreedTests(SynchronousTestCase):
         self.assertIn(b'{"late":true}', transport.value())
         self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
         self.assertFreed()
+
+
+class RoutingTests(SynchronousTestCase):
+    """
+    The resource routes as Klein does, remembering werkzeug's matches.
+    """
+
+    def setUp(self) -> None:
+        self.site = Site(_App().app.resource(), reactor=Clock())
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def get(self, path: bytes, method: bytes = b"GET") -> bytes:
+        self.transport.clear()
+        self.channel.dataReceived(
+            b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            % (method, path)
+        )
+        answer: bytes = self.transport.value()
+        return answer
+
+    def test_argumentsOfEachPath(self) -> None:
+        """
+        Each path gets its own route arguments, the first time and again.
+        """
+        for _ in range(2):
+            self.assertIn(b'{"name":"one"}', self.get(b"/named/one"))
+            self.assertIn(b'{"name":"two"}', self.get(b"/named/two"))
+
+    def test_methodIsPartOfTheMatch(self) -> None:
+        """
+        A path matched for one method is still refused for another.
+        """
+        self.assertIn(b"200 OK", self.get(b"/answer"))
+        self.assertIn(b"405 Method Not Allowed", self.get(b"/answer", b"POST"))
+        self.assertIn(b"200 OK", self.get(b"/answer"))
+
+    def test_refusalsAreNotKept(self) -> None:
+        """
+        An unknown path is refused each time it is asked for.
+        """
+        for _ in range(2):
+            self.assertIn(b"404 Not Found", self.get(b"/nowhere"))
