@@ -638,6 +638,36 @@ _SERVER_CODE = "from twisted.scripts.twistd import run; run()"
 _BENCH_IMPORT = "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
 
 
+class _CappedPoller:
+    """
+    Bench-only experiment (C{--max-poll-events}): an epoll object that hands
+    the reactor at most C{cap} ready descriptors per poll, so that timers
+    and other work run between batches of a mass disconnect.
+    """
+
+    def __init__(self, poller: Any, cap: int) -> None:
+        self._poller = poller
+        self._cap = cap
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
+        if maxevents < 0 or maxevents > self._cap:
+            maxevents = self._cap
+        return self._poller.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def installCappedReactor(cap: int) -> None:
+    """Install the epoll reactor with at most C{cap} events per poll."""
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+
+    reactor._poller = _CappedPoller(reactor._poller, cap)  # type: ignore[attr-defined]
+
+
 def installGCWatch(path: str) -> None:
     """
     Bench-only: append every garbage collection of the server that pauses
@@ -793,45 +823,6 @@ def installGCWatch(path: str) -> None:
     signal.signal(signal.SIGUSR1, commands)
 
 
-#: Klein's render ends every request in a reference cycle: its error
-#: handler closure refers to itself, and through its cell to the request,
-#: the transport and the headers, so only a collection of the generation
-#: they reached frees them. The experiment drops the self-reference once
-#: the request is answered.
-_KLEIN_CYCLE_ANCHOR = """\
-        d.addErrback(log.err, _why="Unhandled Error writing response")
-"""
-_KLEIN_CYCLE_FIX = """
-        def _forgetHandler(result):
-            nonlocal processing_failed
-            processing_failed = None
-            return result
-
-        d.addBoth(_forgetHandler)
-"""
-
-
-def patchedKlein(data: str) -> str:
-    """
-    Bench-only experiment (C{--patch-klein-cycle}): a copy of the installed
-    Klein under C{data} whose render breaks its per-request reference cycle;
-    the directory to put first on the server's C{PYTHONPATH}.
-    """
-    import klein
-
-    target = os.path.join(data, "klein-patched")
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(os.path.dirname(klein.__file__), os.path.join(target, "klein"))
-    source = Path(target, "klein", "_resource.py")
-    text = source.read_text()
-    if text.count(_KLEIN_CYCLE_ANCHOR) != 1:
-        raise RuntimeError("this Klein's render is not the one the patch knows")
-    source.write_text(
-        text.replace(_KLEIN_CYCLE_ANCHOR, _KLEIN_CYCLE_ANCHOR + _KLEIN_CYCLE_FIX)
-    )
-    return target
-
-
 class Server:
     """A C{twistd -n nestproto} child process on loopback ports."""
 
@@ -841,9 +832,9 @@ class Server:
         self.ownsData = args.data is None
         self.data = args.data or tempfile.mkdtemp(prefix="nestproto-bench-")
         self.profile = args.server_profile
-        self.patchKlein = args.patch_klein_cycle
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
+        self.maxPollEvents = args.max_poll_events
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = os.path.join(self.data, "twistd.log")
 
@@ -852,6 +843,11 @@ class Server:
         if self.gcLog:
             code = (
                 _BENCH_IMPORT.format(benchDir=str(Path(__file__).parent))
+                + (
+                    f"bench_transport.installCappedReactor({self.maxPollEvents}); "
+                    if self.maxPollEvents
+                    else ""
+                )
                 + f"bench_transport.installGCWatch({self.gcLog!r}); "
                 + code
             )
@@ -878,8 +874,6 @@ class Server:
     async def start(self) -> None:
         env = dict(os.environ)
         paths = [str(ROOT)]
-        if self.patchKlein:
-            paths.append(patchedKlein(self.data))
         env["PYTHONPATH"] = os.pathsep.join(
             paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
@@ -1736,10 +1730,13 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "garbage-collection pauses and tracked-object counts",
     )
     parser.add_argument(
-        "--patch-klein-cycle",
-        action="store_true",
-        help="experiment: serve with a copy of Klein whose render does not "
-        "leave each request in a reference cycle",
+        "--max-poll-events",
+        type=int,
+        default=None,
+        metavar="N",
+        help="experiment: serve on an epoll reactor that handles at most N "
+        "ready connections per poll (Twisted's handles every ready one), so "
+        "a mass disconnect is handled in batches with timers between",
     )
     parser.add_argument(
         "--server-profile",
@@ -1761,9 +1758,7 @@ async def run(args: argparse.Namespace) -> int:
         {
             "scenario": "setup",
             "nofile": raiseFileLimit(),
-            "klein": "patched: no per-request reference cycle (experiment)"
-            if args.patch_klein_cycle
-            else "as installed",
+            "max_poll_events": args.max_poll_events,
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "server_command": server.command(),
