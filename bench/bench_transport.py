@@ -794,6 +794,13 @@ def installGCWatch(path: str) -> None:
                     "ms": round((time.monotonic() - begun) * 1000, 1),
                 }
             )
+        elif word == "types":
+            # Tracked objects by type (slow: diagnosis).
+            live: dict[str, int] = {}
+            for tracked in gc.get_objects():
+                name = type(tracked).__qualname__
+                live[name] = live.get(name, 0) + 1
+            write({"types": time.monotonic(), "kinds": live})
         elif word == "garbage":
             # What a full collection would free, by type (slow: diagnosis).
             gc.set_debug(gc.DEBUG_SAVEALL)
@@ -1095,7 +1102,7 @@ def _rowTimes(row: dict[str, Any]) -> list[float]:
     """The monotonic times a row of the server's watch log names."""
     return [
         row[name]
-        for name in ("at", "census", "stall", "collect", "garbage", "gcstats")
+        for name in ("at", "census", "stall", "collect", "garbage", "gcstats", "types")
         if isinstance(row.get(name), float)
     ]
 
@@ -1198,6 +1205,7 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
 
     await asyncio.sleep(1)
     censusBefore = await server.census()
+    typesBefore = (await server.tell("types"))[0] if args.held_types else None
     rssBefore = server.rssMiB()
     errors, holdSeconds = await holdAll(booted, args.connect_concurrency)
     held = [d for d in booted if d.holding]
@@ -1211,6 +1219,18 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
         else round((censusAfter["tracked"] - censusBefore["tracked"]) / len(held), 1)
     )
     perThousand = (rssAfter - rssBefore) / max(1, len(held)) * 1000
+    perHeldTypes = None
+    if typesBefore is not None:
+        typesAfter = (await server.tell("types"))[0]
+        grown = {
+            name: (count - typesBefore["kinds"].get(name, 0)) / max(1, len(held))
+            for name, count in typesAfter["kinds"].items()
+        }
+        perHeldTypes = {
+            name: round(grown[name], 2)
+            for name in sorted(grown, key=lambda n: -grown[n])
+            if grown[name] >= 0.5
+        }
     unexpected = sum(d.unexpected for d in held)
     emit(
         {
@@ -1236,6 +1256,7 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
             "mib_per_1000_held": round(perThousand, 2),
             "gc_tracked_objects_per_held": trackedPerHeld,
             "gc_tracked_objects_after": censusAfter and censusAfter["tracked"],
+            "gc_tracked_per_held_by_type": perHeldTypes,
             "target_mib_per_1000_held": TARGETS["mib_per_1000_held"],
             "prep_boot_devices": count,
             "prep_boot_errors": len(bootErrors),
@@ -1641,6 +1662,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="comma-separated subset of %(default)s",
     )
     parser.add_argument("--held", type=int, default=20000, help="held subscribes")
+    parser.add_argument(
+        "--held-types",
+        action="store_true",
+        help="held scenario: also count the tracked objects per held "
+        "subscribe by type (slow)",
+    )
     parser.add_argument(
         "--no-storm",
         dest="storm",
