@@ -189,10 +189,15 @@ class _JSONKleinResource(KleinResource):
         answer = maybeDeferred(self._route, request, host, script, path)
         if not finished:
             pending.append(answer)
-        answer.addCallback(_body)
-        answer.addErrback(self._failed, request, finished, self._app._error_handlers)
-        answer.addCallback(self._write, request, finished)
-        answer.addErrback(self._writeFailed, request)
+        handlers = self._app._error_handlers
+        # One step for either outcome: every callback a held answer carries
+        # is kept (with its arguments) for as long as it is held.
+        answer.addCallbacks(
+            self._answer,
+            self._failed,
+            callbackArgs=(request, finished, handlers),
+            errbackArgs=(request, finished, handlers),
+        )
         return NOT_DONE_YET
 
     def _route(self, request: IRequest, host: str, script: str, path: str) -> Any:
@@ -224,13 +229,38 @@ class _JSONKleinResource(KleinResource):
         request.postpath = request.postpath[segments:]
         return self._app.execute_endpoint(endpoint, request, **arguments)
 
+    def _answer(
+        self,
+        result: object,
+        request: IRequest,
+        finished: list[bool],
+        handlers: _ErrorHandlers,
+    ) -> Deferred[None] | None:
+        """
+        Write a handler's answer and finish the request, unless it is over;
+        an answer that is not a body is a failure for C{handlers}.
+        """
+        try:
+            body = _body(result)
+        except TypeError:
+            return self._failed(Failure(), request, finished, handlers)
+        if finished:
+            return None
+        try:
+            if body is not None:
+                request.write(body)
+            request.finish()
+        except Exception:
+            self.log.failure("error writing the answer to {path}", path=request.path)
+        return None
+
     def _failed(
         self,
         failure: Failure,
         request: IRequest,
         finished: list[bool],
         handlers: _ErrorHandlers,
-    ) -> Deferred[bytes | None] | bytes | None:
+    ) -> Deferred[None] | None:
         """
         Give C{failure} to the first of C{handlers} that takes it; a failure
         of that handler goes on to the ones after it. As in Klein, a request
@@ -243,33 +273,24 @@ class _JSONKleinResource(KleinResource):
             return None
         for index, (exceptions, handler) in enumerate(handlers):
             if failure.check(*exceptions):
-                handled: Deferred[bytes | None] = maybeDeferred(
+                rest = handlers[index + 1 :]
+                handled: Deferred[Any] = maybeDeferred(
                     self._app.execute_error_handler, handler, request, failure
-                ).addCallback(_body)
-                handled.addErrback(
-                    self._failed, request, finished, handlers[index + 1 :]
                 )
-                return handled
+                return handled.addCallbacks(
+                    self._answer,
+                    self._failed,
+                    callbackArgs=(request, finished, rest),
+                    errbackArgs=(request, finished, rest),
+                )
         error = failure.value
         if isinstance(error, HTTPException):
             request.setResponseCode(error.code or 500)
             response = error.get_response({})
             for name, value in response.headers:
                 request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
-            return b"".join(response.iter_encoded())
+            return self._answer(
+                b"".join(response.iter_encoded()), request, finished, ()
+            )
         cast(Request, request).processingFailed(failure)
         return None
-
-    def _write(
-        self, body: bytes | None, request: IRequest, finished: list[bool]
-    ) -> None:
-        if finished:
-            return
-        if body is not None:
-            request.write(body)
-        request.finish()
-
-    def _writeFailed(self, failure: Failure, request: IRequest) -> None:
-        self.log.failure(
-            "error writing the answer to {path}", failure, path=request.path
-        )
