@@ -145,7 +145,7 @@ class _JSONKleinResource(KleinResource):
     every request, with its transport, headers and buffers (42 objects),
     ends in a reference cycle that only the cyclic collector frees, usually
     after it reached the oldest generation. With 20,000 held subscribes
-    that is 840,000 objects of garbage once they disconnect, and a 1.2 s
+    that is 840,000 objects of garbage once they disconnect, and a 1.3 s
     full collection (bench/README.rst). This render takes the same steps
     with module functions and methods, which refer to nothing per request,
     so reference counting frees each request once it is answered or its
