@@ -68,12 +68,15 @@ TARGETS = {
     "held": 20000,
     "mib_per_1000_held": 20.0,
     "push_p50_ms": 5.0,
-    "push_p99_ms": 25.0,
+    # Issue 10 tightened issue 3's 25 ms, and added the CPU per command.
+    "push_p99_ms": 4.0,
+    "cpu_ms_per_command": 1.0,
     "put_acks_per_s": 1000.0,
     "put_p99_ms": 100.0,
     "put_errors": 0,
     "boot_cpu_ms_per_device": 10.0,
     "storm_failed": 0,
+    "disconnect_max_stall_ms": 100.0,
 }
 
 
@@ -635,91 +638,196 @@ _SERVER_CODE = "from twisted.scripts.twistd import run; run()"
 _BENCH_IMPORT = "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
 
 
+class _CappedPoller:
+    """
+    Bench-only experiment (C{--max-poll-events}): an epoll object that hands
+    the reactor at most C{cap} ready descriptors per poll, so that timers
+    and other work run between batches of a mass disconnect.
+    """
+
+    def __init__(self, poller: Any, cap: int) -> None:
+        self._poller = poller
+        self._cap = cap
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
+        if maxevents < 0 or maxevents > self._cap:
+            maxevents = self._cap
+        return self._poller.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def installCappedReactor(cap: int) -> None:
+    """Install the epoll reactor with at most C{cap} events per poll."""
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+
+    reactor._poller = _CappedPoller(reactor._poller, cap)  # type: ignore[attr-defined]
+
+
 def installGCWatch(path: str) -> None:
     """
     Bench-only: append every garbage collection of the server that pauses
     it for C{GC_REPORT_MS} or more to C{path} (JSON lines, monotonic clock,
     which is one clock for both processes).
+
+    C{SIGUSR2} appends a census of the collector's tracked objects.
+    C{SIGUSR1} runs the commands in C{path + ".cmd"} (see L{serverCommand}):
+    a heartbeat that logs every reactor stall, a cProfile window over the
+    reactor thread, a timed full collection.
     """
     import gc
 
     log = open(path, "a", buffering=1)
     started = [0.0]
 
+    def write(row: dict[str, Any]) -> None:
+        log.write(json.dumps(row) + "\n")
+
+    #: Every collection's time (ms) and count, by generation.
+    totalMs = [0.0, 0.0, 0.0]
+    counts = [0, 0, 0]
+
     def watch(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             started[0] = time.monotonic()
             return
         pausedMs = (time.monotonic() - started[0]) * 1000
+        totalMs[info["generation"]] += pausedMs
+        counts[info["generation"]] += 1
         if pausedMs >= GC_REPORT_MS:
-            log.write(
-                json.dumps(
-                    {
-                        "at": started[0],
-                        "generation": info["generation"],
-                        "ms": round(pausedMs, 1),
-                        "collected": info["collected"],
-                    }
-                )
-                + "\n"
+            write(
+                {
+                    "at": started[0],
+                    "generation": info["generation"],
+                    "ms": round(pausedMs, 1),
+                    "collected": info["collected"],
+                }
             )
 
     gc.callbacks.append(watch)
 
     def census(signum: int, frame: Any) -> None:
-        log.write(
-            json.dumps(
-                {
-                    "census": time.monotonic(),
-                    "tracked": len(gc.get_objects()),
-                    "gen2": len(gc.get_objects(2)),
-                    "counts": gc.get_count(),
-                    "thresholds": gc.get_threshold(),
-                }
-            )
-            + "\n"
+        write(
+            {
+                "census": time.monotonic(),
+                "tracked": len(gc.get_objects()),
+                "gen2": len(gc.get_objects(2)),
+                "counts": gc.get_count(),
+                "thresholds": gc.get_threshold(),
+            }
         )
 
     signal.signal(signal.SIGUSR2, census)
 
+    from twisted.internet import reactor
 
-#: Klein's render ends every request in a reference cycle: its error
-#: handler closure refers to itself, and through its cell to the request,
-#: the transport and the headers, so only a collection of the generation
-#: they reached frees them. The experiment drops the self-reference once
-#: the request is answered.
-_KLEIN_CYCLE_ANCHOR = """\
-        d.addErrback(log.err, _why="Unhandled Error writing response")
-"""
-_KLEIN_CYCLE_FIX = """
-        def _forgetHandler(result):
-            nonlocal processing_failed
-            processing_failed = None
-            return result
+    heartbeat: dict[str, Any] = {"call": None}
+    profiler: dict[str, Any] = {"profile": None}
 
-        d.addBoth(_forgetHandler)
-"""
+    def beat(intervalS: float, due: float) -> None:
+        now = time.monotonic()
+        lateMs = (now - due) * 1000
+        if lateMs >= GC_REPORT_MS:
+            write({"stall": due, "ms": round(lateMs, 1)})
+        heartbeat["call"] = reactor.callLater(
+            intervalS, beat, intervalS, now + intervalS
+        )
 
+    def run(line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "heartbeat":
+            call = heartbeat["call"]
+            if call is not None and call.active():
+                call.cancel()
+            heartbeat["call"] = None
+            if rest != "off":
+                intervalS = float(rest) / 1000
+                due = time.monotonic() + intervalS
+                heartbeat["call"] = reactor.callLater(intervalS, beat, intervalS, due)
+        elif word == "profile-start":
+            if rest == "pyinstrument":
+                from pyinstrument import Profiler
 
-def patchedKlein(data: str) -> str:
-    """
-    Bench-only experiment (C{--patch-klein-cycle}): a copy of the installed
-    Klein under C{data} whose render breaks its per-request reference cycle;
-    the directory to put first on the server's C{PYTHONPATH}.
-    """
-    import klein
+                profiler["profile"] = Profiler(interval=0.0002)
+                profiler["profile"].start()
+            else:
+                import cProfile
 
-    target = os.path.join(data, "klein-patched")
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(os.path.dirname(klein.__file__), os.path.join(target, "klein"))
-    source = Path(target, "klein", "_resource.py")
-    text = source.read_text()
-    if text.count(_KLEIN_CYCLE_ANCHOR) != 1:
-        raise RuntimeError("this Klein's render is not the one the patch knows")
-    source.write_text(
-        text.replace(_KLEIN_CYCLE_ANCHOR, _KLEIN_CYCLE_ANCHOR + _KLEIN_CYCLE_FIX)
-    )
-    return target
+                # cprofile-cpu: the reactor thread's CPU time, not wall time:
+                # a send() that wakes the client, which then runs on this
+                # core, is not charged to the send.
+                profiler["profile"] = (
+                    cProfile.Profile(time.thread_time)
+                    if rest == "cprofile-cpu"
+                    else cProfile.Profile()
+                )
+                profiler["profile"].enable()
+        elif word == "profile-stop":
+            profile = profiler.pop("profile", None)
+            if hasattr(profile, "dump_stats"):
+                profile.disable()
+                profile.dump_stats(rest)
+            elif profile is not None:
+                profile.stop()
+                with open(rest, "w") as f:
+                    f.write(profile.output_text(unicode=True, color=False))
+                profile.last_session.save(rest + ".pyisession")
+        elif word == "gcstats":
+            write(
+                {
+                    "gcstats": time.monotonic(),
+                    "ms": [round(ms, 2) for ms in totalMs],
+                    "count": list(counts),
+                }
+            )
+        elif word == "collect":
+            begun = time.monotonic()
+            collected = gc.collect()
+            write(
+                {
+                    "collect": begun,
+                    "collected": collected,
+                    "ms": round((time.monotonic() - begun) * 1000, 1),
+                }
+            )
+        elif word == "types":
+            # Tracked objects by type (slow: diagnosis).
+            live: dict[str, int] = {}
+            for tracked in gc.get_objects():
+                name = type(tracked).__qualname__
+                live[name] = live.get(name, 0) + 1
+            write({"types": time.monotonic(), "kinds": live})
+        elif word == "garbage":
+            # What a full collection would free, by type (slow: diagnosis).
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            gc.set_debug(0)
+            kinds: dict[str, int] = {}
+            for garbage in gc.garbage:
+                name = type(garbage).__qualname__
+                kinds[name] = kinds.get(name, 0) + 1
+            write(
+                {
+                    "garbage": time.monotonic(),
+                    "count": len(gc.garbage),
+                    "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15]),
+                }
+            )
+            gc.garbage.clear()
+        write({"done": line, "at": time.monotonic()})
+
+    def commands(signum: int, frame: Any) -> None:
+        # Outside the signal handler: the reactor runs them in its thread.
+        with open(path + ".cmd") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        for line in lines:
+            reactor.callFromThread(run, line)  # type: ignore[attr-defined]
+
+    signal.signal(signal.SIGUSR1, commands)
 
 
 class Server:
@@ -731,10 +839,10 @@ class Server:
         self.ownsData = args.data is None
         self.data = args.data or tempfile.mkdtemp(prefix="nestproto-bench-")
         self.profile = args.server_profile
-        self.patchKlein = args.patch_klein_cycle
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
         self.history = args.history
+        self.maxPollEvents = args.max_poll_events
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = os.path.join(self.data, "twistd.log")
 
@@ -743,6 +851,11 @@ class Server:
         if self.gcLog:
             code = (
                 _BENCH_IMPORT.format(benchDir=str(Path(__file__).parent))
+                + (
+                    f"bench_transport.installCappedReactor({self.maxPollEvents}); "
+                    if self.maxPollEvents
+                    else ""
+                )
                 + f"bench_transport.installGCWatch({self.gcLog!r}); "
                 + code
             )
@@ -774,8 +887,6 @@ class Server:
     async def start(self) -> None:
         env = dict(os.environ)
         paths = [str(ROOT)]
-        if self.patchKlein:
-            paths.append(patchedKlein(self.data))
         env["PYTHONPATH"] = os.pathsep.join(
             paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         )
@@ -817,18 +928,23 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    def gcPauses(self, since: float) -> dict[str, Any] | None:
+    def gcPauses(
+        self, since: float, until: float | None = None
+    ) -> dict[str, Any] | None:
         """
-        The server's collections of at least C{GC_REPORT_MS} since
-        C{since} (monotonic), or C{None} with C{--no-gc-watch}.
+        The server's collections of at least C{GC_REPORT_MS} that began
+        between C{since} and C{until} (monotonic), or C{None} with
+        C{--no-gc-watch}.
         """
         if self.gcLog is None:
             return None
-        pauses = []
-        if os.path.exists(self.gcLog):
-            with open(self.gcLog) as f:
-                pauses = [json.loads(line) for line in f if line.strip()]
-        pauses = [p["ms"] for p in pauses if p.get("at", 0) >= since]
+        pauses = [
+            p["ms"]
+            for p in self._rows()
+            if "generation" in p
+            and p["at"] >= since
+            and (until is None or p["at"] <= until)
+        ]
         return {
             "count": len(pauses),
             "max_ms": max(pauses, default=0),
@@ -852,6 +968,93 @@ class Server:
                     if row.get("census", 0) >= asked:
                         return row
         return None
+
+    def _rows(self) -> list[dict[str, Any]]:
+        assert self.gcLog is not None
+        if not os.path.exists(self.gcLog):
+            return []
+        with open(self.gcLog) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    async def tell(self, *lines: str, seconds: float = 60) -> list[dict[str, Any]]:
+        """
+        Run bench commands in the server (see L{installGCWatch}); the rows
+        they logged, once all are done. Needs the watch (not
+        C{--no-gc-watch}).
+        """
+        if self.gcLog is None:
+            raise RuntimeError("server commands need the gc watch")
+        asked = time.monotonic()
+        with open(self.gcLog + ".cmd", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = asked + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            rows = [r for r in self._rows() if max(_rowTimes(r), default=0) >= asked]
+            done = [r["done"] for r in rows if "done" in r]
+            if done == list(lines):
+                return [r for r in rows if "done" not in r]
+        raise RuntimeError(f"server did not run {lines} within {seconds} s")
+
+    def stalls(self, since: float, until: float | None = None) -> dict[str, Any]:
+        """
+        Reactor stalls the heartbeat logged between C{since} and C{until}
+        (monotonic): how late a timer ran, C{GC_REPORT_MS} or more.
+        """
+        found = [
+            r["ms"]
+            for r in self._rows()
+            if "stall" in r
+            and r["stall"] >= since
+            and (until is None or r["stall"] <= until)
+        ]
+        return {
+            "count": len(found),
+            "max_ms": max(found, default=0),
+            "total_ms": round(sum(found), 1),
+            "over_100ms": sum(1 for ms in found if ms > 100),
+        }
+
+    def timeline(
+        self, since: float, until: float, count: int = 8
+    ) -> list[dict[str, Any]]:
+        """
+        The C{count} longest stalls and collections between C{since} and
+        C{until}, in time order, each with its start in seconds from
+        C{since}.
+        """
+        found = []
+        for row in self._rows():
+            at = row.get("stall", row.get("at") if "generation" in row else None)
+            if at is None or not since <= at <= until:
+                continue
+            entry = {"t": round(at - since, 3), "ms": row["ms"]}
+            if "generation" in row:
+                entry["gc_generation"] = row["generation"]
+            found.append(entry)
+        longest = sorted(found, key=lambda e: -e["ms"])[:count]
+        return sorted(longest, key=lambda e: e["t"])
+
+    def threadCpuSeconds(self) -> tuple[float, float, float, float]:
+        """
+        The server's CPU as (all threads, reactor thread, system time of all
+        threads, system time of the reactor thread): the reactor runs on the
+        main thread; the others are the store's SQLite thread and the I/O
+        pool.
+        """
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def read(path: str) -> tuple[float, float]:
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+            user, system = int(fields[11]) / tick, int(fields[12]) / tick
+            return user + system, system
+
+        (total, system), (reactor, reactorSystem) = (
+            read(f"/proc/{self.pid}/stat"),
+            read(f"/proc/{self.pid}/task/{self.pid}/stat"),
+        )
+        return total, reactor, system, reactorSystem
 
     def openFiles(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -899,6 +1102,15 @@ class Server:
     def cleanUp(self, keep: bool) -> None:
         if self.ownsData and not keep:
             shutil.rmtree(self.data, ignore_errors=True)
+
+
+def _rowTimes(row: dict[str, Any]) -> list[float]:
+    """The monotonic times a row of the server's watch log names."""
+    return [
+        row[name]
+        for name in ("at", "census", "stall", "collect", "garbage", "gcstats", "types")
+        if isinstance(row.get(name), float)
+    ]
 
 
 # Figures
@@ -999,6 +1211,7 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
 
     await asyncio.sleep(1)
     censusBefore = await server.census()
+    typesBefore = (await server.tell("types"))[0] if args.held_types else None
     rssBefore = server.rssMiB()
     errors, holdSeconds = await holdAll(booted, args.connect_concurrency)
     held = [d for d in booted if d.holding]
@@ -1012,6 +1225,18 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
         else round((censusAfter["tracked"] - censusBefore["tracked"]) / len(held), 1)
     )
     perThousand = (rssAfter - rssBefore) / max(1, len(held)) * 1000
+    perHeldTypes = None
+    if typesBefore is not None:
+        typesAfter = (await server.tell("types"))[0]
+        grown = {
+            name: (count - typesBefore["kinds"].get(name, 0)) / max(1, len(held))
+            for name, count in typesAfter["kinds"].items()
+        }
+        perHeldTypes = {
+            name: round(grown[name], 2)
+            for name in sorted(grown, key=lambda n: -grown[n])
+            if grown[name] >= 0.5
+        }
     unexpected = sum(d.unexpected for d in held)
     emit(
         {
@@ -1037,6 +1262,7 @@ async def heldScenario(server: Server, args: argparse.Namespace) -> list[Device]
             "mib_per_1000_held": round(perThousand, 2),
             "gc_tracked_objects_per_held": trackedPerHeld,
             "gc_tracked_objects_after": censusAfter and censusAfter["tracked"],
+            "gc_tracked_per_held_by_type": perHeldTypes,
             "target_mib_per_1000_held": TARGETS["mib_per_1000_held"],
             "prep_boot_devices": count,
             "prep_boot_errors": len(bootErrors),
@@ -1086,6 +1312,85 @@ async def stormScenario(
     )
 
 
+async def disconnectScenario(
+    server: Server, held: list[Device], args: argparse.Namespace
+) -> None:
+    """
+    Every held subscribe disconnects at once (RST); the server's longest
+    reactor stall meanwhile (a heartbeat timer every C{--heartbeat-ms}),
+    its collections, and the garbage the closed connections left for the
+    cyclic collector.
+    """
+    if not held:
+        capacity = heldCapacity(server)
+        devices = [
+            Device(serial, index, server.devicePort)
+            for index, serial in enumerate(
+                serials("02EE01AC", min(args.held, capacity))
+            )
+        ]
+        await bootAll(devices, args.boot_concurrency)
+        booted = [d for d in devices if len(d.objects) >= 2]
+        await holdAll(booted, args.connect_concurrency)
+        held = [d for d in booted if d.holding]
+    serverHeld = await server.waitForSubscriptions(len(held), 15)
+    censusBefore = await server.census()
+    await server.tell(f"heartbeat {args.heartbeat_ms}")
+    await asyncio.sleep(1)
+    quiet = server.stalls(time.monotonic() - 1)
+    if args.profile_disconnect:
+        await server.tell(f"profile-start {args.profiler}")
+    dropped = time.monotonic()
+    for device in held:
+        drop(device, reset=True)
+    left = await server.waitForSubscriptions(0, 60)
+    allGone = time.monotonic() - dropped
+    await asyncio.sleep(args.disconnect_settle_seconds)
+    until = time.monotonic()
+    await server.tell("heartbeat off")
+    if args.profile_disconnect:
+        await server.tell(
+            f"profile-stop {os.path.abspath(args.profile_disconnect)}", seconds=300
+        )
+    stalls = server.stalls(dropped, until)
+    censusAfter = await server.census()
+    rows = await server.tell(
+        *(["garbage"] if args.disconnect_garbage else []), "collect"
+    )
+    collect = next(r for r in rows if "collect" in r)
+    garbage = next((r for r in rows if "garbage" in r), None)
+    pauses = server.gcPauses(dropped, until) or {"max_ms": 0}
+    maxStall = max(stalls["max_ms"], pauses["max_ms"])
+    emit(
+        {
+            "scenario": "disconnect",
+            "server_gc_pauses": pauses,
+            "held": len(held),
+            "server_subscriptions_before": serverHeld,
+            "server_subscriptions_after": left,
+            "seconds_until_server_held_none": round(allGone, 2),
+            "window_s": round(until - dropped, 2),
+            "heartbeat_ms": args.heartbeat_ms,
+            "reactor_stalls_before_drop": quiet,
+            "reactor_stalls": stalls,
+            "max_reactor_stall_ms": maxStall,
+            "target_max_reactor_stall_ms": TARGETS["disconnect_max_stall_ms"],
+            "longest": server.timeline(dropped, until),
+            "gc_tracked_objects_before": censusBefore and censusBefore["tracked"],
+            "gc_tracked_objects_after": censusAfter and censusAfter["tracked"],
+            "garbage_left_per_connection": round(
+                collect["collected"] / max(1, len(held)), 1
+            ),
+            "full_collection_of_it_ms": collect["ms"],
+            "garbage_kinds": garbage and garbage["kinds"],
+            "profiled": bool(args.profile_disconnect),
+            "met": maxStall <= TARGETS["disconnect_max_stall_ms"],
+        }
+    )
+    if args.profile_disconnect:
+        _showProfile(args.profile_disconnect, args.profiler)
+
+
 async def _controlRequest(
     connection: HTTPConnection, port: int, path: bytes, document: Any
 ) -> Response:
@@ -1118,12 +1423,25 @@ async def pushScenario(
     commandLatencies: list[float] = []
     commandErrors: list[str] = []
 
+    #: The answer that carried each device's push: it ends after the batch
+    #: window, and the device then holds a new subscribe.
+    pushedOn: dict[Device, Response | None] = {}
+
     def pushed(device: Device, objects: list[dict[str, Any]], arrived: float) -> None:
         sent = sentAt.pop(device.serial, None)
         if sent is not None and any(
             o["object_key"] == "shared." + device.serial for o in objects
         ):
             latencies.append(arrived - sent)
+            pushedOn[device] = device.response
+
+    def reheld() -> bool:
+        return all(
+            device.response is not None
+            and device.response is not answer
+            and device.response.headersReceived.done()
+            for device, answer in pushedOn.items()
+        )
 
     for device in devices:
         device.onPush = pushed
@@ -1153,8 +1471,23 @@ async def pushScenario(
             connection = await connect(server.controlPort)
         idle.put_nowait(connection)
 
+    # The idle server's own CPU (timers, the bench heartbeat when on) over
+    # a quiet while, subtracted from the commands' window below.
+    idleSeconds = 2.0
+    idleBefore = server.threadCpuSeconds()
+    await asyncio.sleep(idleSeconds)
+    idleAfter = server.threadCpuSeconds()
+    idleRates = [
+        (b - a) / idleSeconds for a, b in zip(idleBefore, idleAfter, strict=True)
+    ]
+    if args.profile_push:
+        await server.tell(f"profile-start {args.profiler}")
+    gcBefore = (await server.tell("gcstats"))[0]
+    cpuBefore = server.threadCpuSeconds()
+    windowStarted = time.perf_counter()
+
     tasks = []
-    cpuBefore = server.cpuSeconds()
+    serverCpuBefore = server.cpuSeconds()
     started = time.perf_counter()
     for n in range(total):
         delay = started + n / args.push_rate - time.perf_counter()
@@ -1168,9 +1501,23 @@ async def pushScenario(
     deadline = time.perf_counter() + 5
     while sentAt and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
-    cpuPerCommand = (server.cpuSeconds() - cpuBefore) / max(total, 1)
+    cpuPerCommand = (server.cpuSeconds() - serverCpuBefore) / max(total, 1)
     for connection in connections:
         connection.close()
+    # Each command's cost ends when its device holds again: the push's
+    # answer ends after the batch window and the device subscribes anew.
+    deadline = time.perf_counter() + args.push_settle_seconds
+    while not reheld() and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    cpuAfter = server.threadCpuSeconds()
+    window = time.perf_counter() - windowStarted
+    gcAfter = (await server.tell("gcstats"))[0]
+    if args.profile_push:
+        await server.tell(f"profile-stop {os.path.abspath(args.profile_push)}")
+    cpuAll, cpuReactor, cpuSystem, cpuReactorSystem = (
+        (after - before - rate * window) * 1000 / max(1, total)
+        for before, after, rate in zip(cpuBefore, cpuAfter, idleRates, strict=True)
+    )
     p50 = percentile(latencies, 0.5)
     p99 = percentile(latencies, 0.99)
     emit(
@@ -1195,16 +1542,40 @@ async def pushScenario(
             "command_ms_p50": ms(percentile(commandLatencies, 0.5)),
             "command_ms_p99": ms(percentile(commandLatencies, 0.99)),
             "server_cpu_ms_per_command": round(cpuPerCommand * 1000, 3),
+            "cpu_ms_per_command": round(cpuAll, 2),
+            "target_cpu_ms_per_command": TARGETS["cpu_ms_per_command"],
+            "cpu_ms_per_command_reactor_thread": round(cpuReactor, 2),
+            "cpu_ms_per_command_system": round(cpuSystem, 2),
+            "cpu_ms_per_command_reactor_thread_system": round(cpuReactorSystem, 2),
+            "cpu_window_s": round(window, 2),
+            "cpu_idle_ms_per_s": round(idleRates[0] * 1000, 2),
+            "gc_ms_per_command": round(
+                (sum(gcAfter["ms"]) - sum(gcBefore["ms"])) / max(1, total), 3
+            ),
+            "gc_collections_by_generation": [
+                a - b for a, b in zip(gcAfter["count"], gcBefore["count"], strict=True)
+            ],
+            "gc_ms_by_generation": [
+                round(a - b, 1)
+                for a, b in zip(gcAfter["ms"], gcBefore["ms"], strict=True)
+            ],
+            "reheld_after_push": sum(
+                1 for d, a in pushedOn.items() if d.response is not a
+            ),
+            "profiled": bool(args.profile_push),
             "met": p50 is not None
             and p99 is not None
             and p50 * 1000 <= TARGETS["push_p50_ms"]
             and p99 * 1000 <= TARGETS["push_p99_ms"]
+            and cpuAll <= TARGETS["cpu_ms_per_command"]
             and not sentAt
             and not commandErrors,
         }
     )
     for device in devices:
         device.onPush = None
+    if args.profile_push:
+        _showProfile(args.profile_push, args.profiler)
 
 
 async def putScenario(server: Server, args: argparse.Namespace) -> None:
@@ -1292,7 +1663,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
     )
 
 
-SCENARIOS = ("boot", "held", "push", "put")
+SCENARIOS = ("boot", "held", "disconnect", "push", "put")
 
 
 def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -1303,6 +1674,12 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="comma-separated subset of %(default)s",
     )
     parser.add_argument("--held", type=int, default=20000, help="held subscribes")
+    parser.add_argument(
+        "--held-types",
+        action="store_true",
+        help="held scenario: also count the tracked objects per held "
+        "subscribe by type (slow)",
+    )
     parser.add_argument(
         "--no-storm",
         dest="storm",
@@ -1317,10 +1694,59 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         default=1000,
         help="connections opening at once while building up the held set",
     )
+    parser.add_argument(
+        "--heartbeat-ms",
+        type=float,
+        default=10.0,
+        help="disconnect scenario: the server's heartbeat timer period",
+    )
+    parser.add_argument(
+        "--disconnect-settle-seconds",
+        type=float,
+        default=3.0,
+        help="disconnect scenario: how long to keep watching after the "
+        "server holds nothing",
+    )
+    parser.add_argument(
+        "--profile-disconnect",
+        default=None,
+        metavar="FILE",
+        help="profile the server's reactor thread over the disconnect "
+        "scenario's window (see --profiler); stalls are then inflated",
+    )
+    parser.add_argument(
+        "--disconnect-garbage",
+        action="store_true",
+        help="disconnect scenario: also list the garbage by type (slow)",
+    )
     parser.add_argument("--push-devices", type=int, default=1000)
     parser.add_argument("--push-rate", type=float, default=20.0)
     parser.add_argument("--push-seconds", type=float, default=10.0)
     parser.add_argument("--control-connections", type=int, default=4)
+    parser.add_argument(
+        "--profiler",
+        choices=["cprofile-cpu", "cprofile", "pyinstrument"],
+        default="cprofile-cpu",
+        help="with --profile-push: cProfile timing the reactor thread's CPU "
+        "(default) or wall clock, pstats saved; or pyinstrument (sampling, "
+        "wall clock; its text tree saved, the session beside it as "
+        "FILE.pyisession)",
+    )
+    parser.add_argument(
+        "--push-settle-seconds",
+        type=float,
+        default=15.0,
+        help="after the last push, how long to wait for every pushed device "
+        "to hold again (its answer ends after the batch window)",
+    )
+    parser.add_argument(
+        "--profile-push",
+        default=None,
+        metavar="FILE",
+        help="cProfile the server's reactor thread over the push scenario's "
+        "commands, save pstats to FILE and print the top functions (CPU "
+        "figures are then inflated by the profiler)",
+    )
     parser.add_argument("--put-devices", type=int, default=50)
     parser.add_argument("--put-seconds", type=float, default=20.0)
     parser.add_argument(
@@ -1349,10 +1775,13 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "garbage-collection pauses and tracked-object counts",
     )
     parser.add_argument(
-        "--patch-klein-cycle",
-        action="store_true",
-        help="experiment: serve with a copy of Klein whose render does not "
-        "leave each request in a reference cycle",
+        "--max-poll-events",
+        type=int,
+        default=None,
+        metavar="N",
+        help="experiment: serve on an epoll reactor that handles at most N "
+        "ready connections per poll (Twisted's handles every ready one), so "
+        "a mass disconnect is handled in batches with timers between",
     )
     parser.add_argument(
         "--server-profile",
@@ -1374,9 +1803,7 @@ async def run(args: argparse.Namespace) -> int:
         {
             "scenario": "setup",
             "nofile": raiseFileLimit(),
-            "klein": "patched: no per-request reference cycle (experiment)"
-            if args.patch_klein_cycle
-            else "as installed",
+            "max_poll_events": args.max_poll_events,
             "cpus": os.cpu_count(),
             "history": args.history,
             "python": sys.version.split()[0],
@@ -1390,6 +1817,9 @@ async def run(args: argparse.Namespace) -> int:
             await bootScenario(server, args.boot, args.boot_concurrency)
         if "held" in args.scenarios:
             held = await heldScenario(server, args)
+        if "disconnect" in args.scenarios:
+            await disconnectScenario(server, held, args)
+            held = []
         if "push" in args.scenarios:
             await pushScenario(server, held, args)
         for device in held:
@@ -1414,6 +1844,13 @@ async def run(args: argparse.Namespace) -> int:
     if args.server_profile:
         _printProfile(args.server_profile)
     return 0
+
+
+def _showProfile(path: str, profiler: str) -> None:
+    if profiler == "pyinstrument":
+        sys.stderr.write(Path(path).read_text())
+    else:
+        _printProfile(path)
 
 
 def _printProfile(path: str) -> None:

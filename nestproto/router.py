@@ -24,6 +24,7 @@ from zope.interface import Interface, implementer
 
 from .errors import BadURL, ErrorShape, NestError, refusal
 from .httpjson import jsonResponse
+from .resource import CycleFreeKleinResource
 
 #: What a redacted path secret is logged as.
 REDACTED_SECRET = b"redacted"
@@ -211,7 +212,13 @@ def _renderError(request: IRequest, failure: Failure) -> bytes:
     raise NotImplementedError()
 
 
-class _RouterResource(KleinResource):
+class _RouterResource(CycleFreeKleinResource):
+    """
+    A router's resource: checks that the URL is UTF-8, takes the path
+    secret off, runs the gate's C{enter}, then routes without Klein's
+    per-request reference cycle (L{CycleFreeKleinResource}).
+    """
+
     def __init__(self, router: Router) -> None:
         super().__init__(router)
         self._router = router
