@@ -1064,25 +1064,29 @@ class Server:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    async def health(self) -> dict[str, Any]:
+    async def heldSubscribes(self) -> int:
+        """The server's held subscribes, from its /metrics (/health says
+        nothing about what it serves)."""
         connection = await connect(self.controlPort)
         try:
             response = connection.request(
-                b"GET", b"/health", hostHeader(self.controlPort)
+                b"GET", b"/metrics", hostHeader(self.controlPort)
             )
             await response.done
             if not response.ok:
-                raise RuntimeError(f"/health: {response.status} {response.error}")
-            result: dict[str, Any] = response.json()
-            return result
+                raise RuntimeError(f"/metrics: {response.status} {response.error}")
+            for line in b"".join(response.chunks).decode().splitlines():
+                if line.startswith("nestproto_held_subscribes "):
+                    return int(float(line.split()[1]))
+            raise RuntimeError("/metrics has no nestproto_held_subscribes")
         finally:
             connection.close()
 
     async def waitForSubscriptions(self, count: int, seconds: float) -> int:
-        """Poll /health until C{count} subscribes are held; the last count."""
+        """Poll /metrics until C{count} subscribes are held; the last count."""
         deadline = time.monotonic() + seconds
         while True:
-            held = int((await self.health())["subscriptions"])
+            held = await self.heldSubscribes()
             if held == count or time.monotonic() > deadline:
                 return held
             await asyncio.sleep(0.25)
