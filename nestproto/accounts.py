@@ -176,16 +176,25 @@ class Accounts:
         ]
         return self.store.write(writes).addCallback(lambda ignored: None)
 
-    def login(self, username: str, password: str) -> Deferred[Login | None]:
-        """A new token when C{password} is the account's; else C{None}."""
+    def anyExist(self) -> bool:
+        """Whether there is at least one account."""
+        return bool(self.store.records(ACCOUNT_RECORD))
+
+    def verify(self, username: str, password: str) -> Deferred[bool]:
+        """Whether C{password} is the password of the account C{username}."""
         account = self.store.record(ACCOUNT_RECORD, username)
         if account is None or len(password) > MAX_PASSWORD_LENGTH:
             # Hash anyway, so a missing account takes as long as a wrong
             # password.
             return self.runInThread(
                 hashPassword, password[:MAX_PASSWORD_LENGTH], b"\0" * 16, self.scryptN
-            ).addCallback(lambda ignored: None)
+            ).addCallback(lambda ignored: False)
         stored = str(account.get("hash", ""))
+        d: Deferred[bool] = self.runInThread(verifyPassword, password, stored)
+        return d
+
+    def login(self, username: str, password: str) -> Deferred[Login | None]:
+        """A new token when C{password} is the account's; else C{None}."""
 
         def issue(right: bool) -> Deferred[Login | None]:
             if not right:
@@ -197,8 +206,7 @@ class Accounts:
                 [RecordWrite(TOKEN_RECORD, tokenDigest(token), doc)]
             ).addCallback(lambda ignored: Login(token, username, expires))
 
-        d: Deferred[bool] = self.runInThread(verifyPassword, password, stored)
-        return d.addCallback(issue)
+        return self.verify(username, password).addCallback(issue)
 
     def userFor(self, token: str) -> str | None:
         """The user id of a live token, or C{None}."""

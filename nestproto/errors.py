@@ -234,6 +234,16 @@ class WrongToken(NestError):
         super().__init__("Wrong token")
 
 
+class WrongPassword(NestError):
+    """A dashboard login with a wrong account name or password."""
+
+    status = 403
+    code = "wrong_password"
+
+    def __init__(self) -> None:
+        super().__init__("Wrong account name or password")
+
+
 # Pairing (PROTOCOL.md §13).
 
 

@@ -23,12 +23,22 @@ from typing import Any, cast
 
 import treq
 from treq.client import HTTPClient
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.web.client import Agent
 
+from nestproto.history import (
+    DAY_MS,
+    HOUR_MS,
+    MINUTE_MS,
+    History,
+    HistoryService,
+    Sample,
+    Transition,
+)
 from nestproto.service import CONTROL_TOKEN_FILE
 from nestproto.simulator import SimulatedThermostat
 
@@ -37,6 +47,7 @@ from .helpers import SERIAL
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "dashboard-token-0123456789"
+PASSWORD = "correct horse battery"
 SHARED = f"shared.{SERIAL}"
 
 try:
@@ -65,6 +76,7 @@ class Browsed:
     def __init__(self) -> None:
         self.requests: list[str] = []
         self.consoleErrors: list[str] = []
+        self.answers: list[tuple[str, int]] = []
 
 
 class DashboardBrowserTests(LiveServiceTestCase):
@@ -106,6 +118,46 @@ class DashboardBrowserTests(LiveServiceTestCase):
             await sleep(0.02)
         self.fail(f"timed out waiting until {what}")
 
+    def history(self) -> History:
+        """The history of the service this test started last."""
+        root = self.services[-1]
+        assert isinstance(root, MultiService)
+        (found,) = [s for s in root if isinstance(s, HistoryService)]
+        return found.history
+
+    async def pastWeek(self) -> None:
+        """
+        A week of history before now, as if recorded: a sample every ten
+        minutes warming from 18 to 21 degrees each day, and the heater on
+        for the first hour of each of the last seven days' mornings.
+        """
+        history = self.history()
+        nowMs = history.nowMs()
+        startMs = nowMs - 7 * DAY_MS
+        samples = [
+            Sample(
+                SERIAL,
+                timeMs,
+                {
+                    "temperature": 18.0 + 3 * ((timeMs % DAY_MS) / DAY_MS),
+                    "humidity": 40.0,
+                    "target": 20.0,
+                    "mode": "heat",
+                    "eco": "off",
+                },
+            )
+            for timeMs in range(startMs, nowMs - 10 * MINUTE_MS, 10 * MINUTE_MS)
+        ]
+        transitions = []
+        for day in range(7):
+            onMs = startMs + day * DAY_MS + 6 * HOUR_MS
+            transitions += [
+                Transition(SERIAL, onMs, "hvac_heater_state", True),
+                Transition(SERIAL, onMs + HOUR_MS, "hvac_heater_state", False),
+            ]
+        await history.storage.append(samples, transitions)
+        await history.maintain()
+
     def browse(
         self,
         url: str,
@@ -130,6 +182,10 @@ class DashboardBrowserTests(LiveServiceTestCase):
                     page = browser.new_page(viewport={"width": 1280, "height": 900})
                     page.set_default_timeout(5000)
                     page.on("request", lambda r: browsed.requests.append(r.url))
+                    page.on(
+                        "response",
+                        lambda r: browsed.answers.append((r.url, r.status)),
+                    )
                     page.on(
                         "console",
                         lambda m: (
@@ -260,11 +316,12 @@ class DashboardBrowserTests(LiveServiceTestCase):
     def test_pairing(self) -> Deferred[None]:
         """
         The pairing section lists a booted, unclaimed thermostat by serial
-        only; its code, typed into the page with an account, claims it.
+        only; its code, typed into the page with an account, claims it. A
+        server without history shows no chart.
         """
 
         async def go() -> None:
-            device, control = await self.start()
+            device, control = await self.start("--no-history")
             thermostat = self.thermostat(device)
             await self.until("the code is shown", lambda: SERIAL in self.shown)
             code = self.shown[SERIAL]
@@ -282,7 +339,17 @@ class DashboardBrowserTests(LiveServiceTestCase):
                 page.get_by_role("article", name=SERIAL).get_by_text(
                     "account homeowner"
                 ).wait_for()
-                assert browsed.consoleErrors == [], browsed.consoleErrors
+                # Without history (--no-history) there is simply no chart.
+                for _ in range(100):
+                    asked = [a for a in browsed.answers if "/api/history?" in a[0]]
+                    if asked:
+                        break
+                    # Playwright delivers events while it is called.
+                    page.wait_for_timeout(20)
+                assert [status for _, status in asked] == [404], asked
+                assert page.get_by_role("region", name="History").count() == 0
+                errors = [e for e in browsed.consoleErrors if "404" not in e]
+                assert errors == [], errors
 
             await self.browse(control + "/", scenario)
             await self.until("claimed", lambda: thermostat.owner == "homeowner")
@@ -424,6 +491,114 @@ class DashboardBrowserTests(LiveServiceTestCase):
 
         return Deferred.fromCoroutine(go())
 
+    def test_historyChart(self) -> Deferred[None]:
+        """
+        A thermostat with recorded history has a chart of the last 24
+        hours, with heating bands; its 7 days button (from the keyboard)
+        switches to the week; daily usage bars show the heater's hour a
+        day. The chart and its buttons are named for assistive technology.
+        """
+
+        async def go() -> None:
+            device, control = await self.start()
+            thermostat = self.thermostat(device)
+            await self.until("known", lambda: thermostat.subscribes >= 2)
+            await self.pastWeek()
+
+            def scenario(page: Page, browsed: Browsed) -> None:
+                card = page.get_by_role("article", name=SERIAL)
+                history = card.get_by_role("region", name="History")
+                day = history.get_by_role(
+                    "img", name=re.compile("Temperature and target, last 24 hours")
+                )
+                day.wait_for()
+                described = day.get_attribute("aria-labelledby") or ""
+                assert "desc" in described, described
+                summary = day.locator("desc").text_content() or ""
+                assert "Heating ran 1 h 0 min" in summary, summary
+                assert "°C" in summary, summary
+                assert day.locator("rect.band.heating").count() == 1
+                period = history.get_by_role("group", name="History period")
+                assert (
+                    period.get_by_role("button", name="24 hours").get_attribute(
+                        "aria-pressed"
+                    )
+                    == "true"
+                )
+                period.get_by_role("button", name="7 days").focus()
+                page.keyboard.press("Enter")
+                week = history.get_by_role(
+                    "img", name=re.compile("Temperature and target, last 7 days")
+                )
+                week.wait_for()
+                assert week.locator("rect.band.heating").count() >= 6
+                usage = history.get_by_role(
+                    "img", name=re.compile("Daily usage, last 7 days")
+                )
+                usage.wait_for()
+                bars = usage.locator("rect.bar.heating")
+                assert bars.count() >= 6, bars.count()
+                assert "heating 1 h 0 min" in (
+                    usage.locator("desc").text_content() or ""
+                )
+                self.screenshots(page, "history")
+                assert browsed.consoleErrors == [], browsed.consoleErrors
+
+            await self.browse(control + "/", scenario)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_accountLogin(self) -> Deferred[None]:
+        """
+        With a token and an account, the page also logs in by account name
+        and password: a wrong password is refused in words; the right one
+        gives the same session cookie, whose changing requests still need
+        its CSRF token.
+        """
+
+        async def go() -> None:
+            os.makedirs(self.data)
+            with open(os.path.join(self.data, CONTROL_TOKEN_FILE), "w") as f:
+                f.write(TOKEN + "\n")
+            _device, control = await self.start()
+            code, created = await self.json(
+                "POST",
+                control + "/api/users",
+                json={"username": "homeowner", "password": PASSWORD},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            self.assertEqual(code, 200, created)
+
+            def scenario(page: Page, browsed: Browsed) -> None:
+                login = page.get_by_role("region", name="Log in")
+                form = login.get_by_role("form", name="Log in with an account")
+                form.wait_for()
+                form.get_by_label("Account name").fill("homeowner")
+                form.get_by_label("Password").fill("not the password")
+                form.get_by_role("button", name="Log in with account").click()
+                form.get_by_text("That account name or password is wrong.").wait_for()
+                form.get_by_label("Password").fill(PASSWORD)
+                form.get_by_role("button", name="Log in with account").click()
+                page.get_by_text("Logged in as homeowner").wait_for()
+                page.get_by_text("No thermostat has connected yet").wait_for()
+                (cookie,) = page.context.cookies()
+                assert cookie["httpOnly"] is True, cookie
+                assert cookie["sameSite"] == "Strict", cookie
+                status = page.evaluate(
+                    """() => fetch("api/register", {method: "POST",
+                        headers: {"Content-Type": "application/json"},
+                        body: JSON.stringify({code: "123-ABCD", userId: "x"})})
+                      .then(response => response.status)"""
+                )
+                assert status == 403, status
+                self.screenshots(page, "account")
+                errors = [e for e in browsed.consoleErrors if "403" not in e]
+                assert errors == [], errors
+
+            await self.browse(control + "/", scenario)
+
+        return Deferred.fromCoroutine(go())
+
     def test_underTokenPrefix(self) -> Deferred[None]:
         """Opened under C{/k/<token>/} the page needs no login and works."""
 
@@ -478,6 +653,7 @@ class DashboardHTTPTests(LiveServiceTestCase):
                 ("app.js", "text/javascript; charset=utf-8"),
                 ("schedule.js", "text/javascript; charset=utf-8"),
                 ("units.js", "text/javascript; charset=utf-8"),
+                ("chart.js", "text/javascript; charset=utf-8"),
                 ("style.css", "text/css; charset=utf-8"),
                 ("icon.svg", "image/svg+xml"),
             ]:
@@ -527,5 +703,71 @@ class DashboardHTTPTests(LiveServiceTestCase):
                 body = await treq.content(response)
                 self.assertEqual(response.code, 200)
                 self.assertIn(f'<base href="{base}">'.encode(), body)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_accountLoginThrottled(self) -> Deferred[None]:
+        """
+        With a token, C{/api/session} says accounts may log in once one
+        exists; an account login gives a session naming its account; wrong
+        passwords count against the address like wrong tokens, and once
+        locked out even the right password waits.
+        """
+
+        async def go() -> None:
+            os.makedirs(self.data)
+            with open(os.path.join(self.data, CONTROL_TOKEN_FILE), "w") as f:
+                f.write(TOKEN + "\n")
+            _device, control = await self.start()
+            code, session = await self.json("GET", control + "/api/session")
+            self.assertEqual((code, session["accounts"]), (200, False))
+            code, _ = await self.json(
+                "POST",
+                control + "/api/users",
+                json={"username": "homeowner", "password": PASSWORD},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            self.assertEqual(code, 200)
+            code, session = await self.json("GET", control + "/api/session")
+            self.assertEqual(
+                (session["accounts"], session["authenticated"], session["user"]),
+                (True, False, None),
+            )
+            response = await self.request(
+                "POST",
+                control + "/api/login",
+                json={"username": "homeowner", "password": PASSWORD},
+            )
+            await treq.content(response)
+            self.assertEqual(response.code, 200)
+            (cookie,) = response.headers.getRawHeaders("set-cookie")
+            self.assertIn("HttpOnly", cookie)
+            self.assertIn("samesite=strict", cookie.lower())
+            code, session = await self.json(
+                "GET",
+                control + "/api/session",
+                headers={"Cookie": cookie.split(";", 1)[0]},
+            )
+            self.assertEqual(
+                (session["authenticated"], session["user"]), (True, "homeowner")
+            )
+            for attempt in [
+                {"username": "homeowner", "password": "wrong password"},
+                {"username": "nobody", "password": PASSWORD},
+                {"username": "homeowner", "password": 12345678},
+                {"token": "wrong"},
+                {"username": "homeowner", "password": "wrong again"},
+            ]:
+                code, refused = await self.json(
+                    "POST", control + "/api/login", json=attempt
+                )
+                self.assertEqual(code, 403, attempt)
+                self.assertIn(refused["code"], ("wrong_password", "wrong_token"))
+            code, refused = await self.json(
+                "POST",
+                control + "/api/login",
+                json={"username": "homeowner", "password": PASSWORD},
+            )
+            self.assertEqual(code, 429, refused)
 
         return Deferred.fromCoroutine(go())

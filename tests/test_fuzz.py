@@ -231,6 +231,12 @@ class Fuzzer:
         if contentType.startswith(("text/event-stream", "text/csv", "text/plain")):
             # Event streams, history as CSV, metrics.
             self.case.assertEqual(status, 200, request)
+        elif contentType.startswith(
+            ("text/html", "text/javascript", "text/css", "image/svg+xml")
+        ):
+            # The dashboard's page and its assets (a GET at / or /assets/).
+            self.case.assertIn(status, (200, 304), request)
+            self.case.assertIn(method, ("GET", "HEAD"), request)
         elif status == 204 or (status == 200 and answer == b""):
             self.case.assertEqual(answer, b"", request)
         elif status == 400 and answer == b"" and _multipart(headers):
@@ -415,7 +421,8 @@ def fuzzControl(case: SynchronousTestCase, data: st.DataObject) -> None:
         "Authorization", ""
     ).lower() == f"bearer {TOKEN}" or path.startswith(f"/k/{TOKEN}/")
     if protected and not authorized:
-        endpoint = _route(method, path.removeprefix("/k/wrong"))
+        # An empty path is a request for "/", the dashboard's public page.
+        endpoint = _route(method, path.removeprefix("/k/wrong") if path else "/")
         if endpoint is None or method == "OPTIONS":
             case.assertNotEqual(status, 200, (method, path, headers))
         elif not ControlAPI.app.isPublic(endpoint):

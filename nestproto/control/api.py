@@ -36,6 +36,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
     UnknownDevice,
+    WrongPassword,
     WrongToken,
 )
 from ..history import History
@@ -334,7 +335,10 @@ class ControlAPI:
     @app.route("/api/session", methods=["GET"])
     @app.public
     def session(self, request: IRequest) -> bytes:
-        """Whether the page must log in, and its session's CSRF token."""
+        """
+        Whether the page must log in, whether it may with an account, and
+        its session's CSRF token.
+        """
         token = self.settings.token
         found = self.dashboard.sessions.find(request)
         underPrefix = len(request.prepath) >= 2 and request.prepath[0] == b"k"
@@ -345,28 +349,49 @@ class ControlAPI:
             request,
             {
                 "login_required": token is not None,
+                "accounts": token is not None and self.accounts.anyExist(),
                 "authenticated": authenticated,
                 "csrf": None if found is None else found.csrf,
+                "user": None if found is None else found.user,
             },
         )
 
     @app.route("/api/login", methods=["POST"])
     @app.public
-    def login(self, request: IRequest) -> bytes:
-        """Trade the control token for a session cookie."""
+    async def login(self, request: IRequest) -> bytes:
+        """
+        Trade the control token, or an account's name and password, for a
+        session cookie. Both kinds of failure count against the client's
+        address alike.
+        """
         token = self.settings.token
         if token is None:
             return jsonResponse(request, {"success": True, "csrf": None})
         client = request.getClientAddress()
         address = str(getattr(client, "host", client))
         self.throttle.check(address)
-        given = self._jsonBody(request).get("token")
-        if not isinstance(given, str) or not sameSecret(given.encode(), token):
-            self.throttle.failed(address)
-            raise WrongToken()
+        document = self._jsonBody(request)
+        username = document.get("username")
+        user: str | None = None
+        if username is not None:
+            password = document.get("password")
+            if (
+                not isinstance(username, str)
+                or not isinstance(password, str)
+                or not await self.accounts.verify(username, password)
+            ):
+                self.throttle.failed(address)
+                raise WrongPassword()
+            user = username
+        else:
+            given = document.get("token")
+            if not isinstance(given, str) or not sameSecret(given.encode(), token):
+                self.throttle.failed(address)
+                raise WrongToken()
         self.throttle.succeeded(address)
-        sessionId, session = self.dashboard.sessions.open()
+        sessionId, session = self.dashboard.sessions.open(user)
         setSessionCookie(request, sessionId)
+        self.log.info("dashboard login as {user}", user=user or "token holder")
         return jsonResponse(request, {"success": True, "csrf": session.csrf})
 
     @app.route("/api/logout", methods=["POST"])

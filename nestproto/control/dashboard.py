@@ -5,10 +5,11 @@ its assets, and the browser sessions it logs in with.
 
 The page is plain HTML, CSS and ES modules shipped in
 C{nestproto/control/web/}; it calls the same control API as every other
-client. When a control token is set the page asks for it once and gets a
-session cookie (C{HttpOnly}, C{SameSite=Strict}, C{Secure} under TLS). A
-request authenticated by that cookie that changes something must also
-carry the session's CSRF token in C{X-CSRF-Token}: a cross-site page can
+client. When a control token is set the page asks for it (or an account's
+name and password, when accounts exist) once and gets a session cookie
+(C{HttpOnly}, C{SameSite=Strict}, C{Secure} under TLS). A request
+authenticated by that cookie that changes something must also carry the
+session's CSRF token in C{X-CSRF-Token}: a cross-site page can
 neither read it nor (being cross-site) send the cookie, and the gate's
 C{Origin} and JSON rules refuse it before that.
 """
@@ -58,6 +59,8 @@ CONTENT_SECURITY_POLICY = (
 class Session:
     csrf: str
     expires: float
+    #: The account the browser logged in as; C{None}: with the token.
+    user: str | None = None
 
 
 def _digest(sessionId: bytes) -> bytes:
@@ -76,8 +79,12 @@ class Sessions:
     maxSessions: int = MAX_SESSIONS
     _sessions: dict[bytes, Session] = field(factory=dict, init=False)
 
-    def open(self) -> tuple[str, Session]:
-        """A new session: its id (the cookie) and its CSRF token."""
+    def open(self, user: str | None = None) -> tuple[str, Session]:
+        """
+        A new session: its id (the cookie) and its CSRF token.
+
+        @param user: the account it logged in as; C{None}: with the token.
+        """
         now = self.clock.seconds()
         for key, session in list(self._sessions.items()):
             if session.expires <= now:
@@ -86,7 +93,7 @@ class Sessions:
             oldest = min(self._sessions, key=lambda k: self._sessions[k].expires)
             del self._sessions[oldest]
         sessionId = secrets.token_urlsafe(32)
-        session = Session(secrets.token_urlsafe(32), now + self.lifetimeSeconds)
+        session = Session(secrets.token_urlsafe(32), now + self.lifetimeSeconds, user)
         self._sessions[_digest(sessionId.encode("ascii"))] = session
         return sessionId, session
 

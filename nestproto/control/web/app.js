@@ -4,6 +4,7 @@
 
 import { celsiusFrom, formatTemperature, scaleStep, toScale } from "./units.js";
 import { setupSchedule } from "./schedule.js";
+import { makeHistory } from "./chart.js";
 
 let csrf = null;
 const cards = new Map();
@@ -64,13 +65,18 @@ function showLogin() {
   document.getElementById("app").hidden = true;
   document.getElementById("login").hidden = false;
   setConnection("Logged out", "off");
-  document.getElementById("login-token").focus();
+  const accounts = document.getElementById("account-form");
+  document.getElementById(accounts.hidden ? "login-token" : "login-user").focus();
 }
 
 async function start() {
   const session = await api("api/session");
   csrf = session.csrf;
   document.getElementById("logout").hidden = !(session.login_required && csrf);
+  document.getElementById("account-form").hidden = !session.accounts;
+  const user = document.getElementById("user");
+  user.hidden = !session.user;
+  user.textContent = session.user ? `Logged in as ${session.user}` : "";
   if (!session.authenticated) {
     showLogin();
     return;
@@ -93,6 +99,25 @@ document.getElementById("login-form").addEventListener("submit", async (event) =
     await start();
   } catch (e) {
     error.textContent = e.status === 403 ? "That token is wrong." : e.message;
+  }
+});
+
+document.getElementById("account-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const user = document.getElementById("login-user");
+  const password = document.getElementById("login-password");
+  const error = document.getElementById("account-error");
+  error.textContent = "";
+  try {
+    const answer = await api("api/login", {
+      method: "POST",
+      body: { username: user.value, password: password.value },
+    });
+    csrf = answer.csrf;
+    password.value = "";
+    await start();
+  } catch (e) {
+    error.textContent = e.status === 403 ? "That account name or password is wrong." : e.message;
   }
 });
 
@@ -157,6 +182,8 @@ async function refreshDevices() {
       card = makeCard(status.serial);
       cards.set(status.serial, card);
       container.append(card.root);
+      updateCard(card, status);
+      card.history.load();
     }
     updateCard(card, status);
   }
@@ -189,6 +216,7 @@ function makeCard(serial) {
   card.doing = element("p", { class: "doing" });
   card.target = element("p", { class: "target", "aria-live": "polite" });
   card.error = element("p", { class: "error", role: "alert" });
+  card.history = makeHistory(serial, api);
 
   const step = (which, direction) => () => changeSetpoint(card, which, direction);
   const adjust = (which, label) =>
@@ -250,6 +278,7 @@ function makeCard(serial) {
     element("div", { class: "row" }, card.eco),
     card.fan,
     card.error,
+    card.history.root,
   );
   return card;
 }
@@ -332,6 +361,7 @@ function updateCard(card, status) {
   }
   card.eco.setAttribute("aria-pressed", String(eco));
   card.fan.hidden = !capabilities.has_fan;
+  card.history.update(status);
   card.fanState.textContent = status.fan_timer_active
     ? `running until ${new Date(status.fan_timer_timeout * 1000).toLocaleTimeString()}`
     : "auto";
