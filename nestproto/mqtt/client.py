@@ -146,7 +146,8 @@ class MQTTClientProtocol(Protocol):
     @ivar ready: fires with the protocol once the broker accepts CONNECT;
         fails with L{BrokerRefused}, or with the reason the connection
         ended before.
-    @ivar lost: fires with the reason once the connection has ended.
+    @ivar lost: fires with C{None} once the connection has ended (the
+        reason is then L{lostReason}).
     @ivar paused: the transport's buffer is full; publish no more until
         the listener is told L{MessageListener.writable}.
     """
@@ -171,7 +172,8 @@ class MQTTClientProtocol(Protocol):
         self.will = will
         self.keepAliveSeconds = keepAliveSeconds
         self.ready: Deferred[MQTTClientProtocol] = Deferred()
-        self.lost: Deferred[Failure] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.lostReason: Failure | None = None
         self.paused = False
         self.accepted = False
         self._reader = packets.PacketReader()
@@ -220,7 +222,8 @@ class MQTTClientProtocol(Protocol):
             d.errback(reason)
         if not self.ready.called:
             self.ready.errback(reason)
-        self.lost.callback(reason)
+        self.lostReason = reason
+        self.lost.callback(None)
 
     # IPushProducer: the transport's backpressure
 
@@ -254,7 +257,7 @@ class MQTTClientProtocol(Protocol):
         self.transport.write(packets.subscribe(packetId, filters))
         return d
 
-    def disconnect(self) -> Deferred[Failure]:
+    def disconnect(self) -> Deferred[None]:
         """Say DISCONNECT (so the broker drops the will) and close."""
         if self.transport is not None and not self.lost.called:
             self.transport.write(packets.DISCONNECT_PACKET)
@@ -340,7 +343,7 @@ class _OneConnection(Factory):
     def __init__(self, protocol: MQTTClientProtocol) -> None:
         self.protocol_ = protocol
 
-    def buildProtocol(self, addr: IAddress) -> MQTTClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> MQTTClientProtocol:
         return self.protocol_
 
 
@@ -409,14 +412,15 @@ class BrokerConnection(Service):
         if protocol is None:
             return succeed(None)
         self.stopping(protocol)
-        return protocol.disconnect().addCallback(lambda reason: None)
+        return protocol.disconnect()
 
     def _connect(self) -> None:
         self._retry = None
         protocol = self.makeProtocol()
         self._pending = protocol
-        attempt = self.endpoint.connect(_OneConnection(protocol))
-        attempt.addCallback(lambda connected: protocol.ready)
+        attempt: Deferred[MQTTClientProtocol] = self.endpoint.connect(
+            _OneConnection(protocol)
+        ).addCallback(lambda connected: protocol.ready)
         self._attempting = attempt
         attempt.addCallbacks(self._connected, self._failed)
 
@@ -433,11 +437,12 @@ class BrokerConnection(Service):
         protocol.lost.addCallback(self._lost, protocol)
         self.connected(protocol)
 
-    def _lost(self, reason: Failure, protocol: MQTTClientProtocol) -> None:
+    def _lost(self, ignored: None, protocol: MQTTClientProtocol) -> None:
         if self.protocol is not protocol:
             return  # stopped on purpose
         self.protocol = None
         self.disconnected()
+        reason = protocol.lostReason or Failure(ConnectionDone())
         self._note(f"connection lost: {_reason(reason)}")
         self._scheduleRetry()
 
