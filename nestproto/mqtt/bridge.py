@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
@@ -39,7 +40,6 @@ from ..membership import GLOBAL_SCOPE
 from ..model import Commit
 from ..state import DeviceState
 from . import homeassistant as ha
-from .client import MQTTClientProtocol
 from .homeassistant import Thermostat, Topics, topicSafe
 from .packets import Publish
 
@@ -66,6 +66,18 @@ _RANGE_PARTNER = {
     "target_temperature_high": ("high", "low", "target_temperature_low"),
 }
 _HA_MODES = {"off": "off", "heat": "heat", "cool": "cool", "heat_cool": "range"}
+
+
+class Publisher(TypingProtocol):
+    """What the bridge uses of a connection (an L{Publisher})."""
+
+    @property
+    def paused(self) -> bool:
+        """The connection's buffer is full: publish nothing more for now."""
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None: ...
+
+    def subscribe(self, filters: Sequence[tuple[str, int]]) -> Deferred[list[int]]: ...
 
 
 @define
@@ -105,7 +117,7 @@ class MQTTBridge:
     flushDelaySeconds: float = 0.05
     refreshSeconds: float = REFRESH_SECONDS
     version: str = __version__
-    client: MQTTClientProtocol | None = field(default=None, init=False)
+    client: Publisher | None = field(default=None, init=False)
     _published: dict[str, _Published] = field(factory=dict, init=False, repr=False)
     _dirty: dict[str, None] = field(factory=dict, init=False, repr=False)
     _rediscover: set[str] = field(factory=set, init=False, repr=False)
@@ -120,7 +132,7 @@ class MQTTBridge:
 
     # The connection
 
-    def connected(self, client: MQTTClientProtocol) -> None:
+    def connected(self, client: Publisher) -> None:
         """A new connection: subscribe, then publish everything again."""
         self.client = client
         self._published.clear()
@@ -148,7 +160,7 @@ class MQTTBridge:
             self._refresh.stop()
         self._refresh = None
 
-    def stopping(self, client: MQTTClientProtocol) -> None:
+    def stopping(self, client: Publisher) -> None:
         """A clean stop: say offline ourselves, as the will is not sent then."""
         client.publish(self.topics.status, b"offline", retain=True)
         self.disconnected()
@@ -220,7 +232,7 @@ class MQTTBridge:
         bucket = self.state.store.get(scope, key)
         return None if bucket is None else bucket.value
 
-    def _publishDevice(self, client: MQTTClientProtocol, serial: str) -> None:
+    def _publishDevice(self, client: Publisher, serial: str) -> None:
         if not topicSafe(serial):
             return
         membership = self.state.membership
@@ -287,7 +299,7 @@ class MQTTBridge:
                 publish(topic, config, True)
             published.discovery = configs
 
-    def _clear(self, client: MQTTClientProtocol, serial: str) -> None:
+    def _clear(self, client: Publisher, serial: str) -> None:
         """
         A removed device: empty retained payloads on its discovery topics
         (Home Assistant then removes its entities) and on every topic this
