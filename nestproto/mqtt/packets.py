@@ -33,7 +33,8 @@ CONNACK_REASONS = {
     2: "the broker refused the client identifier",
     3: "the broker is unavailable",
     4: "bad user name or password",
-    5: "not authorized",
+    # Mosquitto answers a wrong password with this one.
+    5: "not authorized (a wrong user name or password, or a user that may not connect)",
 }
 
 
