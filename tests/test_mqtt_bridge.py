@@ -48,6 +48,22 @@ DEVICE_VALUE: dict[str, Any] = {
     "model_version": "Display-2.8",
 }
 P = f"p/{SERIAL}"
+#: What the NoLongerEvil server publishes and nestproto does not.
+PEER_ONLY = [
+    f"ha/{component}/nest_{SERIAL}/{name}/config"
+    for component, name in [
+        ("sensor", "rssi"),
+        ("sensor", "filter_runtime"),
+        ("sensor", "compressor_lockout"),
+        ("sensor", "local_ip"),
+        ("sensor", "fan_timer_remaining"),
+        ("binary_sensor", "leaf"),
+        ("binary_sensor", "sunlight_correction"),
+        ("binary_sensor", "learning_mode"),
+        ("binary_sensor", "heat_pump_ready"),
+        ("number", "fan_duration"),
+    ]
+]
 CLIMATE = f"ha/climate/nest_{SERIAL}/thermostat/config"
 DISCOVERY = [
     CLIMATE,
@@ -180,6 +196,17 @@ class DiscoveryTests(BridgeTestCase):
         for topic in DISCOVERY:
             self.assertIn(topic, self.broker.retained)
         self.assertTrue(all(retain for topic, payload, retain in self.broker.published))
+
+    def test_peerEntitiesCleared(self) -> None:
+        """
+        With discovery, the configs of the NoLongerEvil server's entities
+        that nestproto does not have are cleared (a migration leaves none
+        behind showing stale values).
+        """
+        cleared = [
+            topic for topic, payload, retain in self.broker.published if not payload
+        ]
+        self.assertEqual(cleared, PEER_ONLY)
 
     def test_everyConfig(self) -> None:
         """
@@ -328,7 +355,7 @@ class DiscoveryTests(BridgeTestCase):
         self.message("ha/status", b"offline")
         self.assertEqual(self.broker.take(), [])
         self.message("ha/status", b"online")
-        self.assertEqual(self.broker.take(), DISCOVERY)
+        self.assertEqual(self.broker.take(), PEER_ONLY + DISCOVERY)
 
     def test_removedDeviceCleared(self) -> None:
         """

@@ -294,7 +294,10 @@ class MQTTBridge:
             for topic, payload in ha.discovery(thermostat, topics, self.version)
         )
         if serial in self._rediscover or configs != published.discovery:
-            self._rediscover.discard(serial)
+            if serial in self._rediscover:
+                self._rediscover.discard(serial)
+                for topic in topics.peerOnlyTopics(serial):
+                    publish(topic, b"", True)
             for topic, config in configs:
                 publish(topic, config, True)
             published.discovery = configs

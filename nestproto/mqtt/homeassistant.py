@@ -68,6 +68,22 @@ SENSORS = (
     "time_to_target",
 )
 BINARY_SENSORS = ("occupancy", "fan", "heating", "cooling", "filter_replacement")
+#: Discovery objects the NoLongerEvil server publishes and this bridge does
+#: not: cleared when discovery is sent, so that after a migration Home
+#: Assistant drops them instead of showing their last values forever (the
+#: discovery topics are the same whatever the prefix).
+PEER_ONLY = (
+    ("sensor", "rssi"),
+    ("sensor", "filter_runtime"),
+    ("sensor", "compressor_lockout"),
+    ("sensor", "local_ip"),
+    ("sensor", "fan_timer_remaining"),
+    ("binary_sensor", "leaf"),
+    ("binary_sensor", "sunlight_correction"),
+    ("binary_sensor", "learning_mode"),
+    ("binary_sensor", "heat_pump_ready"),
+    ("number", "fan_duration"),
+)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -122,6 +138,11 @@ class Topics:
             self.discovery("climate", serial, "thermostat"),
             *(self.discovery("sensor", serial, name) for name in SENSORS),
             *(self.discovery("binary_sensor", serial, name) for name in BINARY_SENSORS),
+        ]
+
+    def peerOnlyTopics(self, serial: str) -> list[str]:
+        return [
+            self.discovery(component, serial, name) for component, name in PEER_ONLY
         ]
 
     def parseCommand(self, topic: str) -> tuple[str, str, str] | None:
