@@ -24,6 +24,7 @@ from zope.interface import implementer
 from nestproto.mqtt import packets
 from nestproto.mqtt.client import (
     CONNACK_TIMEOUT_SECONDS,
+    STOP_SECONDS,
     BrokerConnection,
     BrokerRefused,
     BrokerSettings,
@@ -304,3 +305,24 @@ class ConnectionTests(SynchronousTestCase):
         self.protocols[-1].dataReceived(ACCEPTED)
         self.assertEqual(self.connected, self.protocols)
         self.connection.stopService()
+
+    def test_stopGivesUp(self) -> None:
+        """
+        A clean stop says offline and DISCONNECT; a broker that takes
+        nothing more is dropped after 5 s, so the stop ends.
+        """
+        said: list[MQTTClientProtocol] = []
+        self.connection.stopping = said.append
+        self.connection.startService()
+        protocol = self.protocols[-1]
+        protocol.dataReceived(ACCEPTED)
+        stopped = self.connection.stopService()
+        self.assertEqual(said, [protocol])
+        self.assertNoResult(stopped)
+        transport = self.endpoint.transports[-1]
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(STOP_SECONDS)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -49,6 +49,8 @@ CONNACK_TIMEOUT_SECONDS = 10.0
 #: (a half-open TCP connection is found within two intervals).
 KEEPALIVE_SECONDS = 30
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+#: How long a clean stop waits for the broker to take the last messages.
+STOP_SECONDS = 5.0
 
 
 class BrokerRefused(Exception):
@@ -270,8 +272,12 @@ class MQTTClientProtocol(Protocol):
         self._nextPacketId = self._nextPacketId % 0xFFFF + 1
         return self._nextPacketId
 
+    def abort(self) -> None:
+        """End the connection at once, dropping what is not yet sent."""
+        self._abort()
+
     def _abort(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.lost.called:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _noConnack(self) -> None:
@@ -412,7 +418,16 @@ class BrokerConnection(Service):
         if protocol is None:
             return succeed(None)
         self.stopping(protocol)
-        return protocol.disconnect()
+        stopped = protocol.disconnect()
+        # A broker that reads nothing would keep the buffer, and so the
+        # stop, waiting for ever.
+        timer = self.clock.callLater(STOP_SECONDS, protocol.abort)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return stopped.addCallback(done)
 
     def _connect(self) -> None:
         self._retry = None
