@@ -166,7 +166,7 @@ class BridgeTestCase(ServerTestCase):
         """Let every pending publication happen."""
         for _turn in range(100):
             self.server.clock.advance(self.bridge.flushDelaySeconds)
-            if not self.bridge._dirty:
+            if not self.bridge._dirty and not self.bridge._later:
                 return
 
     def message(self, topic: str, payload: bytes, retain: bool = False) -> None:

@@ -56,6 +56,9 @@ MAX_QUEUED_COMMANDS = 16
 #: Devices published per reactor turn: a (re)connect with thousands of
 #: devices must not hold the reactor.
 DEVICES_PER_TURN = 25
+#: A device published less than this long ago waits until then: under a
+#: stream of puts its topics go out about once a second, not once a put.
+MIN_INTERVAL_SECONDS = 1.0
 #: How often availability and timers (time to target, fan timer) are
 #: looked at again.
 REFRESH_SECONDS = 15.0
@@ -87,7 +90,9 @@ class _Published:
     raw: dict[str, dict[str, Any]] = field(factory=dict)
     ha: dict[str, str] = field(factory=dict)
     availability: str | None = None
-    discovery: tuple[tuple[str, bytes], ...] | None = None
+    #: The discovery topics published, and what their configs were made of.
+    discovery: list[str] = field(factory=list)
+    discoveryInputs: tuple[object, ...] | None = None
 
 
 @frozen
@@ -115,6 +120,7 @@ class MQTTBridge:
     unavailableAfterSeconds: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS
     #: How long changes gather before they are published.
     flushDelaySeconds: float = 0.05
+    minIntervalSeconds: float = MIN_INTERVAL_SECONDS
     refreshSeconds: float = REFRESH_SECONDS
     version: str = __version__
     client: Publisher | None = field(default=None, init=False)
@@ -123,6 +129,11 @@ class MQTTBridge:
     _rediscover: set[str] = field(factory=set, init=False, repr=False)
     _ticking: set[str] = field(factory=set, init=False, repr=False)
     _flushCall: IDelayedCall | None = field(default=None, init=False, repr=False)
+    #: When each device was last published, and those changed since that
+    #: wait for L{_laterCall}.
+    _lastPublished: dict[str, float] = field(factory=dict, init=False, repr=False)
+    _later: set[str] = field(factory=set, init=False, repr=False)
+    _laterCall: IDelayedCall | None = field(default=None, init=False, repr=False)
     _refresh: LoopingCall | None = field(default=None, init=False, repr=False)
     _queues: dict[str, deque[_Command]] = field(factory=dict, init=False, repr=False)
 
@@ -153,9 +164,12 @@ class MQTTBridge:
         self._dirty.clear()
         self._rediscover.clear()
         self._ticking.clear()
-        if self._flushCall is not None and self._flushCall.active():
-            self._flushCall.cancel()
-        self._flushCall = None
+        self._later.clear()
+        self._lastPublished.clear()
+        for call in (self._flushCall, self._laterCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._flushCall = self._laterCall = None
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
         self._refresh = None
@@ -183,10 +197,24 @@ class MQTTBridge:
         """A feed listener: note the devices whose topics may change."""
         if self.client is None:
             return
-        self._dirty.update(
-            dict.fromkeys(serialsChangedBy(commit, self.state.membership.devicesSeeing))
-        )
-        self._scheduleFlush(self.flushDelaySeconds)
+        recently = self.clock.seconds() - self.minIntervalSeconds
+        for serial in serialsChangedBy(commit, self.state.membership.devicesSeeing):
+            if self._lastPublished.get(serial, recently) > recently:
+                self._later.add(serial)
+            else:
+                self._dirty[serial] = None
+        if self._dirty:
+            self._scheduleFlush(self.flushDelaySeconds)
+        if self._later and self._laterCall is None:
+            self._laterCall = self.clock.callLater(
+                self.minIntervalSeconds, self._publishLater
+            )
+
+    def _publishLater(self) -> None:
+        self._laterCall = None
+        self._dirty.update(dict.fromkeys(self._later))
+        self._later.clear()
+        self._scheduleFlush(0)
 
     def _markAll(self, rediscover: bool) -> None:
         serials = self.state.membership.knownSerials()
@@ -209,6 +237,8 @@ class MQTTBridge:
                 return
             serial = next(iter(self._dirty))
             del self._dirty[serial]
+            self._later.discard(serial)
+            self._lastPublished[serial] = self.clock.seconds()
             self._publishDevice(client, serial)
             done += 1
 
@@ -289,18 +319,17 @@ class MQTTBridge:
         if availability != published.availability:
             publish(topics.availability(serial), availability.encode("ascii"), True)
             published.availability = availability
-        configs = tuple(
-            (topic, json.dumps(payload, sort_keys=True).encode("utf-8"))
-            for topic, payload in ha.discovery(thermostat, topics, self.version)
-        )
-        if serial in self._rediscover or configs != published.discovery:
+        inputs = ha.discoveryInputs(thermostat)
+        if serial in self._rediscover or inputs != published.discoveryInputs:
             if serial in self._rediscover:
                 self._rediscover.discard(serial)
                 for topic in topics.peerOnlyTopics(serial):
                     publish(topic, b"", True)
+            configs = ha.discovery(thermostat, topics, self.version)
             for topic, config in configs:
-                publish(topic, config, True)
-            published.discovery = configs
+                publish(topic, json.dumps(config, sort_keys=True).encode(), True)
+            published.discovery = [topic for topic, config in configs]
+            published.discoveryInputs = inputs
 
     def _clear(self, client: Publisher, serial: str) -> None:
         """
@@ -310,11 +339,12 @@ class MQTTBridge:
         """
         self._rediscover.discard(serial)
         self._ticking.discard(serial)
+        self._lastPublished.pop(serial, None)
         published = self._published.pop(serial, None)
         if published is None:
             return
         topics = self.topics
-        gone = [topic for topic, config in published.discovery or ()]
+        gone = list(published.discovery)
         for bucketType, value in published.raw.items():
             gone.append(topics.bucket(serial, bucketType))
             gone.extend(

@@ -216,7 +216,8 @@ def isNumber(value: object) -> TypeGuard[int | float]:
 
 
 def _number(value: float) -> str:
-    return json.dumps(value)
+    # What json.dumps writes for a finite number, without its machinery.
+    return repr(value)
 
 
 def _flag(value: bool) -> str:
@@ -230,6 +231,10 @@ def fieldPayload(value: Any) -> bytes:
     """
     if isinstance(value, str):
         return value.encode("utf-8")
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, int | float) and math.isfinite(value):
+        return repr(value).encode("ascii")
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
@@ -348,6 +353,21 @@ def _model(t: Thermostat) -> str:
     if isinstance(version, str) and version:
         return f"Nest Learning Thermostat ({version})"
     return "Nest Learning Thermostat"
+
+
+def discoveryInputs(t: Thermostat) -> tuple[object, ...]:
+    """
+    Everything of C{t} that L{discovery} reads: the configs change only
+    when this does, and comparing it is far cheaper than building them.
+    """
+    return (
+        t.name(),
+        _model(t),
+        t.capability("can_heat", True),
+        t.capability("can_cool", True),
+        t.capability("has_fan", False),
+        t.bounds,
+    )
 
 
 def discovery(
