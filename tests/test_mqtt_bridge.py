@@ -191,7 +191,12 @@ class DiscoveryTests(BridgeTestCase):
         """
         self.assertEqual(self.broker.text("p/status"), "online")
         self.assertEqual(
-            self.broker.subscriptions, [("p/+/+/+/set", 1), ("ha/status", 0)]
+            self.broker.subscriptions,
+            [
+                ("p/+/+/+/set", 1),
+                ("ha/status", 0),
+                ("ha/climate/+/thermostat/config", 0),
+            ],
         )
         for topic in DISCOVERY:
             self.assertIn(topic, self.broker.retained)
@@ -369,6 +374,31 @@ class DiscoveryTests(BridgeTestCase):
             topic for topic, payload, retain in self.broker.published if not payload
         }
         self.assertTrue(set(DISCOVERY) <= cleared)
+
+    def test_staleConfigsCleared(self) -> None:
+        """
+        A retained climate config of ours for a device no longer known (it
+        was removed while there was no connection) is cleared with its
+        device's other configs; one of another server's, a live one, or one
+        of a known device is left alone.
+        """
+        gone = "02AA01AC0000000099"
+        ours = json.dumps({"unique_id": f"p_{gone}"}).encode()
+        topic = f"ha/climate/nest_{gone}/thermostat/config"
+        self.broker.take()
+        self.message(topic, json.dumps({"unique_id": f"other_{gone}"}).encode(), True)
+        self.message(topic, ours)
+        self.message(CLIMATE, json.dumps({"unique_id": f"p_{SERIAL}"}).encode(), True)
+        self.assertEqual(self.broker.take(), [])
+        self.message(topic, ours, retain=True)
+        cleared = [t for t, payload, retain in self.broker.published if not payload]
+        self.assertEqual(
+            set(cleared),
+            {
+                *(t.replace(SERIAL, gone) for t in DISCOVERY + PEER_ONLY),
+                f"p/{gone}/availability",
+            },
+        )
 
     def test_reconnectRepublishes(self) -> None:
         """After a new connection everything is published again."""

@@ -148,8 +148,14 @@ class MQTTBridge:
         self.client = client
         self._published.clear()
         client.publish(self.topics.status, b"online", retain=True)
+        # The climate configs come back retained: those of devices removed
+        # while there was no connection are found and cleared that way.
         client.subscribe(
-            [(self.topics.commands, 1), (self.topics.homeAssistantStatus, 0)]
+            [
+                (self.topics.commands, 1),
+                (self.topics.homeAssistantStatus, 0),
+                (self.topics.climates, 0),
+            ]
         ).addCallbacks(self._subscribed, lambda failure: None)
         self._markAll(rediscover=True)
         refresh = LoopingCall(self._refreshAll)
@@ -371,6 +377,11 @@ class MQTTBridge:
                 )
                 self._markAll(rediscover=True)
             return
+        stale = self.topics.climateSerial(topic)
+        if stale is not None:
+            if message.retain and message.payload:
+                self._staleConfig(stale, message.payload)
+            return
         parsed = self.topics.parseCommand(topic)
         if parsed is None:
             return
@@ -395,6 +406,32 @@ class MQTTBridge:
             self._refused(topic, str(e))
             return
         self._enqueue(_Command(topic, serial, receivedAt, *command))
+
+    def _staleConfig(self, serial: str, payload: bytes) -> None:
+        """
+        A retained climate config: if it is ours (its unique id) and its
+        device is gone, clear the device's configs and availability.
+        """
+        if self.client is None or self.state.membership.isKnown(serial):
+            return
+        try:
+            config = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(config, dict) or config.get("unique_id") != (
+            f"{self.topics.uniquePrefix}_{serial}"
+        ):
+            return
+        for topic in (
+            *self.topics.discoveryTopics(serial),
+            *self.topics.peerOnlyTopics(serial),
+            self.topics.availability(serial),
+        ):
+            self.client.publish(topic, b"", True)
+        self.log.info(
+            "MQTT: cleared the discovery of {serial}, which is no longer known",
+            serial=serial,
+        )
 
     def _refused(self, topic: str, why: str) -> None:
         self.log.warn("MQTT command on {topic} refused: {why}", topic=topic, why=why)

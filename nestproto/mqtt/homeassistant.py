@@ -117,6 +117,20 @@ class Topics:
     def homeAssistantStatus(self) -> str:
         return f"{self.discoveryPrefix}/status"
 
+    @property
+    def climates(self) -> str:
+        """The filter of every thermostat's climate config."""
+        return f"{self.discoveryPrefix}/climate/+/thermostat/config"
+
+    def climateSerial(self, topic: str) -> str | None:
+        """The serial a climate config topic is for, or C{None}."""
+        start = f"{self.discoveryPrefix}/climate/nest_"
+        end = "/thermostat/config"
+        if not topic.startswith(start) or not topic.endswith(end):
+            return None
+        serial = topic[len(start) : -len(end)]
+        return serial if topicSafe(serial) else None
+
     def availability(self, serial: str) -> str:
         return f"{self.prefix}/{serial}/availability"
 
