@@ -10,6 +10,8 @@ elsewhere, saying why.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import shutil
@@ -58,6 +60,70 @@ def freePort() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def writeCertificates(directory: str) -> tuple[str, str, str]:
+    """
+    A CA, and a certificate it signed for 127.0.0.1 with its key, as PEM
+    files in C{directory}: their paths.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caCert = (
+        x509.CertificateBuilder()
+        .subject_name(name("nestproto test CA"))
+        .issuer_name(name("nestproto test CA"))
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(caKey, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(caCert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(caKey, hashes.SHA256())
+    )
+    paths = [os.path.join(directory, n) for n in ("ca.pem", "cert.pem", "key.pem")]
+    for path, data in zip(
+        paths,
+        [
+            caCert.public_bytes(serialization.Encoding.PEM),
+            cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            ),
+        ],
+        strict=True,
+    ):
+        with open(path, "wb") as f:
+            f.write(data)
+    return paths[0], paths[1], paths[2]
 
 
 class Observer:
@@ -124,7 +190,10 @@ class MQTTEndToEndTests(LiveServiceTestCase):
         return port
 
     async def privateBroker(
-        self, port: int | None = None, password: tuple[str, str] | None = None
+        self,
+        port: int | None = None,
+        password: tuple[str, str] | None = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> tuple[int, subprocess.Popen[bytes]]:
         """A Mosquitto of the test's own, stopped at cleanup."""
         mosquitto = shutil.which("mosquitto") or shutil.which(
@@ -147,6 +216,8 @@ class MQTTEndToEndTests(LiveServiceTestCase):
                 capture_output=True,
             )
             lines += ["allow_anonymous false", f"password_file {passwords}"]
+        if tls is not None:
+            lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
         config = os.path.join(directory, "mosquitto.conf")
         with open(config, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -387,6 +458,37 @@ class MQTTEndToEndTests(LiveServiceTestCase):
         # Subscribed again: a command works on the new connection.
         client.publish(f"{self.P}/ha/target_temperature/set", b"23")
         await observer.payload(f"{self.P}/ha/target_temperature", "23.0")
+
+    def test_tls(self) -> Deferred[None]:
+        """
+        With C{mqtts://} and C{?ca=FILE} the bridge speaks TLS to a broker
+        whose certificate that CA signed (and checks its address).
+        """
+        return self.asDeferred(self.tls())
+
+    async def tls(self) -> None:
+        ca, cert, key = writeCertificates(self.mktemp())
+        port, broker = await self.privateBroker(tls=(ca, cert, key))
+        with capturedLogs() as events:
+            deviceOrigin, controlOrigin = await self.start(
+                "--mqtt",
+                f"mqtts://127.0.0.1:{port}?ca={ca}",
+                "--mqtt-prefix",
+                self.prefix,
+            )
+            for _attempt in range(100):
+                if any(
+                    e.get("log_format", "").startswith("MQTT connected") for e in events
+                ):
+                    break
+                await sleep(0.05)
+        [connected] = [
+            e for e in events if e.get("log_namespace", "").startswith("nestproto.mqtt")
+        ]
+        self.assertEqual(
+            (connected["log_format"].split(" ")[1], connected["broker"]),
+            ("connected", f"mqtts://127.0.0.1:{port}"),
+        )
 
     def test_passwords(self) -> Deferred[None]:
         """
