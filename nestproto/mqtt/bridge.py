@@ -194,7 +194,13 @@ class MQTTBridge:
             self.log.warn(
                 "MQTT broker refused a subscription ({filters}): commands "
                 "or Home Assistant restarts will not be seen",
-                filters=f"{self.topics.commands}, {self.topics.homeAssistantStatus}",
+                filters=", ".join(
+                    (
+                        self.topics.commands,
+                        self.topics.homeAssistantStatus,
+                        self.topics.climates,
+                    )
+                ),
             )
 
     # Publishing
@@ -245,7 +251,11 @@ class MQTTBridge:
             del self._dirty[serial]
             self._later.discard(serial)
             self._lastPublished[serial] = self.clock.seconds()
-            self._publishDevice(client, serial)
+            try:
+                self._publishDevice(client, serial)
+            except Exception:
+                # Our bug; the other devices are still published.
+                self.log.failure("MQTT: publishing {serial} failed", serial=serial)
             done += 1
 
     def _refreshAll(self) -> None:
