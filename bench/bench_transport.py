@@ -668,6 +668,57 @@ def installCappedReactor(cap: int) -> None:
     reactor._poller = _CappedPoller(reactor._poller, cap)  # type: ignore[attr-defined]
 
 
+def _timeMQTTBridge() -> list[float]:
+    """
+    Bench-only: add up the reactor thread's CPU time spent in the MQTT
+    bridge (feed listener, publishing, commands, the client's reads), so a
+    run can say what share of the server's CPU MQTT took, a figure other
+    processes on the machine do not blur as they blur latency. The kernel's
+    work of sending to the broker is not in it.
+    """
+    total = [0.0]
+    depth = [0]
+    try:
+        from nestproto.mqtt.bridge import MQTTBridge
+        from nestproto.mqtt.client import MQTTClientProtocol
+    except ImportError:
+        return total
+
+    def timed(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            started = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    total[0] += time.thread_time() - started
+
+        setattr(cls, name, wrapper)
+
+    for name in (
+        "connected",
+        "commitArrived",
+        "messageReceived",
+        "_flush",
+        "_publishLater",
+        "_refreshAll",
+        "_runNext",
+    ):
+        timed(MQTTBridge, name)
+    timed(MQTTClientProtocol, "dataReceived")
+    return total
+
+
+def _mqttMs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> float:
+    if before is None or after is None:
+        return 0.0
+    return float(after.get("mqtt_cpu_s", 0) - before.get("mqtt_cpu_s", 0)) * 1000
+
+
 def installGCWatch(path: str) -> None:
     """
     Bench-only: append every garbage collection of the server that pauses
@@ -709,6 +760,7 @@ def installGCWatch(path: str) -> None:
             )
 
     gc.callbacks.append(watch)
+    mqttSeconds = _timeMQTTBridge()
 
     def census(signum: int, frame: Any) -> None:
         write(
@@ -718,6 +770,7 @@ def installGCWatch(path: str) -> None:
                 "gen2": len(gc.get_objects(2)),
                 "counts": gc.get_count(),
                 "thresholds": gc.get_threshold(),
+                "mqtt_cpu_s": mqttSeconds[0],
             }
         )
 
@@ -843,6 +896,8 @@ class Server:
         self.holdTimeout = args.hold_timeout
         self.history = args.history
         self.maxPollEvents = args.max_poll_events
+        self.mqtt = args.mqtt
+        self.mqttPrefix = f"bench-{os.urandom(4).hex()}"
         self.process: subprocess.Popen[bytes] | None = None
         self.logPath = os.path.join(self.data, "twistd.log")
 
@@ -882,6 +937,15 @@ class Server:
             command += ["--hold-timeout", str(self.holdTimeout)]
         if not self.history:
             command.append("--no-history")
+        if self.mqtt is not None:
+            command += [
+                "--mqtt",
+                self.mqtt,
+                "--mqtt-prefix",
+                self.mqttPrefix,
+                "--mqtt-discovery-prefix",
+                f"{self.mqttPrefix}-ha",
+            ]
         return command
 
     async def start(self) -> None:
@@ -1491,6 +1555,7 @@ async def pushScenario(
     windowStarted = time.perf_counter()
 
     tasks = []
+    censusBefore = await server.census()
     serverCpuBefore = server.cpuSeconds()
     started = time.perf_counter()
     for n in range(total):
@@ -1505,7 +1570,9 @@ async def pushScenario(
     deadline = time.perf_counter() + 5
     while sentAt and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
-    cpuPerCommand = (server.cpuSeconds() - serverCpuBefore) / max(total, 1)
+    cpuMs = (server.cpuSeconds() - serverCpuBefore) * 1000
+    cpuPerCommand = cpuMs / 1000 / max(total, 1)
+    mqttMs = _mqttMs(censusBefore, await server.census())
     for connection in connections:
         connection.close()
     # Each command's cost ends when its device holds again: the push's
@@ -1567,6 +1634,7 @@ async def pushScenario(
                 1 for d, a in pushedOn.items() if d.response is not a
             ),
             "profiled": bool(args.profile_push),
+            "mqtt_cpu_share": round(mqttMs / cpuMs, 4) if cpuMs else None,
             "met": p50 is not None
             and p99 is not None
             and p50 * 1000 <= TARGETS["push_p50_ms"]
@@ -1634,6 +1702,8 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     await asyncio.gather(*(putter(d) for d in devices if len(d.objects) >= 2))
     elapsed = time.perf_counter() - started
+    cpuMs = (server.cpuSeconds() - cpuBefore) * 1000
+    mqttMs = _mqttMs(census, await server.census())
     acks = len(latencies) - len(errors)
     cpuPerAck = (server.cpuSeconds() - cpuBefore) / max(acks, 1)
     perSecond = acks / elapsed
@@ -1652,6 +1722,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
             "put_ms_p99": ms(p99),
             "put_ms_max": ms(max(latencies) if latencies else None),
             "server_cpu_ms_per_ack": round(cpuPerAck * 1000, 3),
+            "mqtt_cpu_share": round(mqttMs / cpuMs, 4) if cpuMs else None,
             "target_put_ms_p99": TARGETS["put_p99_ms"],
             "errors": len(errors),
             "first_errors": errors[:3],
@@ -1764,6 +1835,13 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         dest="history",
         action="store_false",
         help="run the server with --no-history, to compare with history kept",
+    )
+    parser.add_argument(
+        "--mqtt",
+        default=None,
+        metavar="URL",
+        help="run the server with its MQTT bridge on (--mqtt URL), topics under "
+        "a fresh bench-XXXXXXXX prefix that stay retained: use a scratch broker",
     )
     parser.add_argument(
         "--data", default=None, help="server data directory (default: a new temp dir)"

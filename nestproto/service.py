@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, NoReturn
 
 import treq
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.copyright import version as twistedVersion
@@ -61,6 +61,7 @@ from .history import (
     HistorySettings,
 )
 from .hub import SubscriberHub
+from .mqtt import BrokerSettings, MQTTSettings, bridgeService
 from .pairing import MIN_REMAINING_SECONDS
 from .presence import IPresence
 from .recording.format import CONTROL, DEVICE
@@ -79,6 +80,9 @@ _ORIGIN_PATTERN = re.compile(
 LISTEN_BACKLOG = 4096
 #: A file in --data holding the control API's bearer token.
 CONTROL_TOKEN_FILE = "control-token"
+#: A file in --data holding the MQTT password, when --mqtt names a user
+#: but no password.
+MQTT_PASSWORD_FILE = "mqtt-password"
 #: Shortest entry-key lifetime: a key is served only while 30 min of it
 #: remain (pairing.MIN_REMAINING_SECONDS), so this leaves a code on the
 #: screen for at least 10 minutes.
@@ -282,6 +286,28 @@ class Options(usage.Options):
             int,
         ],
         [
+            "mqtt",
+            None,
+            None,
+            "Publish to an MQTT broker, with Home Assistant discovery: "
+            "mqtt://[USER[:PASSWORD]@]HOST[:PORT], or mqtts://... for TLS "
+            f"(default: off). A password may instead be in {MQTT_PASSWORD_FILE} "
+            "in --data.",
+        ],
+        [
+            "mqtt-prefix",
+            None,
+            "nestproto",
+            "Topic prefix of the MQTT bridge; nolongerevil gives the topics "
+            "and entity ids of the NoLongerEvil server.",
+        ],
+        [
+            "mqtt-discovery-prefix",
+            None,
+            "homeassistant",
+            "Home Assistant's MQTT discovery prefix.",
+        ],
+        [
             "log-level",
             None,
             "info",
@@ -293,6 +319,8 @@ class Options(usage.Options):
     #: Where the control token came from: C{"--control-token"}, the path of
     #: the token file, or C{None} (the API is open).
     controlTokenSource: str | None = None
+    #: The broker of C{--mqtt} with its password, or C{None} (MQTT is off).
+    mqttBroker: BrokerSettings | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -384,6 +412,38 @@ class Options(usage.Options):
                 "code is shown only while 30 minutes of it remain"
             )
         self["control-token"] = self._controlToken()
+        self.mqttBroker = self._mqttBroker()
+
+    def _mqttBroker(self) -> BrokerSettings | None:
+        for name in ("mqtt-prefix", "mqtt-discovery-prefix"):
+            prefix = self[name]
+            levels = prefix.split("/")
+            if not all(levels) or any(c in prefix for c in "+#\0"):
+                raise usage.UsageError(
+                    f"--{name} {prefix!r} must be topic levels separated by /, "
+                    "without + or #, not starting or ending with /"
+                )
+        url = self["mqtt"]
+        if url is None:
+            return None
+        try:
+            broker = BrokerSettings.fromURL(url)
+        except ValueError as e:
+            raise usage.UsageError(f"--mqtt: {e}") from None
+        path = os.path.join(self["data"], MQTT_PASSWORD_FILE)
+        if broker.password is not None or not os.path.exists(path):
+            return broker
+        if broker.username is None:
+            raise usage.UsageError(
+                f"{path} holds an MQTT password, but --mqtt names no user "
+                "(mqtt://USER@HOST)"
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"{path} cannot be read: {e}") from None
+        return evolve(broker, password=password)
 
     def _controlToken(self) -> str | None:
         token = self["control-token"]
@@ -751,7 +811,18 @@ def _startupLinesSQLite(
         ("device admission: {admission}", {"admission": admission}),
         ("recording exchanges: {recording}", {"recording": recording}),
         ("history: {history}", {"history": history}),
+        ("MQTT: {mqtt}", {"mqtt": _mqttLine(options)}),
     ]
+
+
+def _mqttLine(options: usage.Options) -> str:
+    broker = getattr(options, "mqttBroker", None)
+    if broker is None:
+        return "off"
+    return (
+        f"{broker.describe()}, topics under {options['mqtt-prefix']}/, "
+        f"discovery under {options['mqtt-discovery-prefix']}/"
+    )
 
 
 def _levelFilter(level: LogLevel) -> LogLevelFilterPredicate:
@@ -972,6 +1043,20 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         # Stopped before the store (services stop in reverse order), so its
         # last rows are written before the store closes.
         HistoryService(apps.history).setServiceParent(root)
+    broker = getattr(options, "mqttBroker", None)
+    if broker is not None:
+        # After the store's service, so it stops (and says offline) first.
+        bridgeService(
+            apps.state,
+            apps.hub,
+            MQTTSettings(
+                broker=broker,
+                prefix=options["mqtt-prefix"],
+                discoveryPrefix=options["mqtt-discovery-prefix"],
+                unavailableAfterSeconds=options["unavailable-after"],
+            ),
+            reactor,
+        ).setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()
     if options["record"] is not None:
