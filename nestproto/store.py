@@ -268,6 +268,21 @@ class Decided:
     recordOps: dict[tuple[str, str], dict[str, Any] | None] = field(factory=dict)
     sequence: int = 0
 
+    def commit(self, origin: str | None) -> Commit:
+        """What this request changed, as the feed announces it."""
+        return Commit(
+            self.sequence,
+            origin,
+            tuple(
+                BucketChanged(scope, key, bucket)
+                for (scope, key), bucket in self.bucketOps.items()
+            ),
+            tuple(
+                RecordChanged(kind, name, doc)
+                for (kind, name), doc in self.recordOps.items()
+            ),
+        )
+
 
 def decideRequest(
     writes: Sequence[Write],
@@ -652,20 +667,7 @@ class SQLiteStore(CommittedState):
             self.onCommitted(self._clock.seconds() - started)
         for pending, one in decided:
             if one.sequence:
-                self._show(
-                    Commit(
-                        one.sequence,
-                        pending.origin,
-                        tuple(
-                            BucketChanged(scope, key, bucket)
-                            for (scope, key), bucket in one.bucketOps.items()
-                        ),
-                        tuple(
-                            RecordChanged(kind, name, doc)
-                            for (kind, name), doc in one.recordOps.items()
-                        ),
-                    )
-                )
+                self._show(one.commit(pending.origin))
             pending.done.callback(one.results)
         self._committing = False
         self._commitQueued()
