@@ -27,6 +27,7 @@ from .._version import __version__
 from ..accounts import Accounts, Login
 from ..admission import FRONT_DOOR, TRANSPORT, Admission
 from ..buckets import Bucket, empty
+from ..control import appputs, commands
 from ..errors import (
     AppTokenRequired,
     BadBody,
@@ -259,9 +260,27 @@ class DeviceAPI:
     @app.route("/v1/put/<path:key>", methods=["POST"])
     @app.route("/v2/put/<path:key>", methods=["POST"])
     def v2Put(self, request: IRequest, key: str | None = None) -> Deferred[bytes]:
-        """The nested put of seed 001's paths (PROTOCOL.md §20.4)."""
+        """
+        The nested put of seed 001's paths (PROTOCOL.md §20.4): an app's,
+        with its token, is a user command; a device's is its own put.
+        """
         self._refuseWhenClosed(request)
-        return self.keyListPut(request, key)
+        userId = self._appUserIfAny(request)
+        if userId is None:
+            return self.keyListPut(request, key)
+        body = readBody(request, KEY_LIST.maxBodyBytes)
+        entries = (
+            keylist.parsePut(body) if key is None else keylist.parseBucketPut(key, body)
+        )
+        return self.appPut(request, userId, entries, KEY_LIST)
+
+    @app.route("/v5/put", methods=["POST"])
+    def v5Put(self, request: IRequest) -> Deferred[bytes]:
+        """An app's put in the v7 C{objects} shape (PROTOCOL.md §20.1)."""
+        self._refuseWhenClosed(request)
+        userId = self._appUser(request)
+        entries = V7.parsePut(readBody(request, V7.maxBodyBytes))
+        return self.appPut(request, userId, entries, V7)
 
     @app.route("/nest/transport/<path:rest>", methods=["GET"])
     @app.route("/transport/<path:rest>", methods=["GET"])
@@ -498,6 +517,49 @@ class DeviceAPI:
         if named != f"user.{userId}":
             raise NotYours("This token reads only its own user")
         return _render(request, keylist.renderMobile(self._mobileState(userId)))
+
+    def appPut(
+        self,
+        request: IRequest,
+        userId: str,
+        entries: list[PutEntry],
+        dialect: Dialect,
+    ) -> Deferred[bytes]:
+        """
+        An app's put as user commands (PROTOCOL.md §20.4): checked like
+        C{/command}, written in one transaction and pushed to every device
+        and client that sees it (the app is not a device: nothing is held
+        back from the thermostat).
+        """
+        planned = appputs.planAppPut(self.state, userId, entries)
+        self.log.info("app put by {user}", user=userId)
+
+        def answer(written: list[Bucket]) -> bytes:
+            self._transportHeaders(request)
+            return _render(request, dialect.renderReceipts(written))
+
+        if not planned.edits:
+            return succeed(answer([]))
+        return commands.execute(self.state, planned).addCallback(answer)
+
+    def _appUserIfAny(self, request: IRequest) -> str | None:
+        """
+        The user of an app token, or C{None} for a device's request: a
+        Basic header that is neither a live token nor a device's
+        credentials is a 403 (a valid-looking token, PROTOCOL.md §20.6).
+        """
+        header = request.getHeader(b"authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "basic" and token:
+            userId = self.accounts.userFor(token)
+            if userId is not None:
+                return userId
+        if deviceSerial(request) is not None:
+            return None
+        raise NotYours("The token is not valid")
 
     def _appUser(self, request: IRequest) -> str:
         """
