@@ -20,7 +20,7 @@ from typing import Any
 
 from ..buckets import GLOBAL_TYPES, SERIAL_KEYED_TYPES, splitKey
 from ..errors import CommandError, NotYours
-from ..membership import GLOBAL_SCOPE
+from ..membership import GLOBAL_SCOPE, IMembership
 from ..model import PutEntry
 from ..state import DeviceState
 from . import commands
@@ -227,3 +227,27 @@ def _joined(plans: Sequence[Plan]) -> Plan:
             edits[(edit.scope, edit.key)] = edit
     first = plans[0] if plans else Plan("", {}, ())
     return Plan(first.key, first.values, tuple(edits.values()))
+
+
+#: How an app's held subscribes are named in the hub, beside device serials.
+APP_SUBSCRIBER = "app:"
+
+
+def appSubscriber(userId: str) -> str:
+    """The hub's name for the held subscribes of C{userId}'s apps."""
+    return APP_SUBSCRIBER + userId
+
+
+def appSees(membership: IMembership, userId: str, scope: str, key: str) -> bool:
+    """
+    Whether an app of C{userId} sees a change of C{key} in C{scope}: its
+    user, the structures of its devices and its devices' buckets (§20.6).
+    """
+    if scope != GLOBAL_SCOPE:
+        return membership.ownerOf(scope) == userId
+    if key == f"user.{userId}":
+        return True
+    return any(
+        membership.ownerOf(serial) == userId
+        for serial in membership.devicesSeeing(GLOBAL_SCOPE, key)
+    )
