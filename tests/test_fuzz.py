@@ -228,8 +228,10 @@ class Fuzzer:
         self.case.assertLess(status, 500, request)
         self.case.assertFalse(300 <= status < 400, request)
         document: Any = None
-        if contentType.startswith(("text/event-stream", "text/csv", "text/plain")):
-            # Event streams, history as CSV, metrics.
+        if contentType.startswith(
+            ("text/event-stream", "text/csv", "text/plain", "text/html")
+        ):
+            # Event streams, history as CSV, metrics, the dashboard's page.
             self.case.assertEqual(status, 200, request)
         elif status == 204 or (status == 200 and answer == b""):
             self.case.assertEqual(answer, b"", request)
