@@ -12,7 +12,15 @@ from typing import Any
 
 from attrs import frozen
 
-from .bindings import MS_FIELDS, REVISION_FIELDS, SECONDS_FIELDS, Bindings, codeKey
+from .bindings import (
+    MS_FIELDS,
+    REVISION_FIELDS,
+    SECONDS_FIELDS,
+    Bindings,
+    codeKey,
+    documentKey,
+    nestedKey,
+)
 from .format import isNumber
 
 #: Fields whose value depends on the server build, not on the protocol.
@@ -63,8 +71,7 @@ def compareDocuments(
             return [(where, recorded, replayed)]
         if list(recorded) != list(replayed):
             return [(where + " (fields)", list(recorded), list(replayed))]
-        key = recorded.get("object_key")
-        key = key if isinstance(key, str) else objectKey
+        key = documentKey(recorded, objectKey)
         problems = []
         for field_ in recorded:
             problems.extend(
@@ -74,7 +81,7 @@ def compareDocuments(
                     bindings,
                     f"{where}.{field_}",
                     field_,
-                    key,
+                    nestedKey(name, field_, recorded[field_], key),
                     codeField and field_ == "value",
                 )
             )

@@ -317,6 +317,12 @@ class Replayer:
                 self._mismatch(exchange, f"header {name}", None, replayed[name])
             elif name == "x-nl-service-timestamp":
                 self._checkServiceTimestamp(live, replayed[name])
+            elif name in _SKV_BOUND:
+                # The bucket's revision and timestamp the server made up
+                # (PROTOCOL.md §20.3): bound like the body's, per key.
+                self._checkBound(
+                    exchange, name, recorded.get("x-nl-skv-key"), recorded, replayed
+                )
             elif recorded[name] != replayed[name]:
                 self._mismatch(
                     exchange, f"header {name}", recorded[name], replayed[name]
@@ -332,6 +338,27 @@ class Replayer:
                     exchange.headersAt,
                     round(live.headersAt, 6),
                 )
+
+    def _checkBound(
+        self,
+        exchange: Exchange,
+        name: str,
+        key: str | None,
+        recorded: Mapping[str, str],
+        replayed: Mapping[str, str],
+    ) -> None:
+        try:
+            ours, theirs = int(recorded[name]), int(replayed[name])
+        except ValueError:
+            self._mismatch(exchange, f"header {name}", recorded[name], replayed[name])
+            return
+        if name == "x-nl-skv-timestamp":
+            table = self.bindings.milliseconds
+        else:
+            table = self.bindings.revisions.setdefault(key or "", {})
+        reason = self.bindings.bindOrdered(table, ours, theirs)
+        if reason is not None:
+            self._mismatch(exchange, f"header {name} ({reason})", ours, theirs)
 
     def _checkServiceTimestamp(self, live: _Live, value: str) -> None:
         assert live.headersAt is not None
@@ -388,6 +415,10 @@ class Replayer:
             self._mismatch(exchange, "end (s)", exchange.end, None)
         elif abs(live.end - exchange.end) > self.tolerance:
             self._mismatch(exchange, "end (s)", exchange.end, round(live.end, 6))
+
+
+#: Key-list answer headers whose values the server made up (§20.3).
+_SKV_BOUND = frozenset({"x-nl-skv-version", "x-nl-skv-timestamp"})
 
 
 def replayInMemory(
