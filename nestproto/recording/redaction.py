@@ -3,7 +3,10 @@
 Redaction of recordings: serials and MACs become synthetic ones, Basic
 passwords and control tokens (in headers and in the C{/k/<token>/} path
 prefix) a fixed word, entry codes synthetic codes, consistently within one
-recorder run.
+recorder run. The apps' secrets (PROTOCOL.md §20.6) too: account passwords
+(in forms and JSON) become a fixed word, and app tokens (in a login's
+answer, in C{Authorization: Basic <token>} and in a JSONP query) a fixed
+one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ _SYNTHETIC_SERIAL = "09AA01AC{:010d}"
 _SYNTHETIC_MAC = "02005E{:06X}"
 #: Synthetic entry codes, in the firmware's 3 digits + 4 letters form.
 _SYNTHETIC_CODE = "{:03d}CODE"
+
+#: Fields of JSON bodies holding a secret: account passwords, app tokens.
+SECRET_FIELDS = frozenset({"password", "access_token"})
+#: Form fields holding a secret (C{/user/login}).
+_SECRET_FORM_FIELDS = ("password",)
+#: A JSONP subscribe's token in its query (§20.6).
+_QUERY_AUTHORIZATION = re.compile(r"([?&]Authorization=)[^&#]*", re.IGNORECASE)
 
 _MAC_PLAIN = re.compile(r"^[0-9A-Fa-f]{12}$")
 #: The control port's secret path prefix (nestproto.control.access).
@@ -114,14 +124,21 @@ class Redactor:
         """A request path with its control token and known names replaced."""
         if self.raw:
             return path
-        return self.text(_SECRET_PATH.sub("/k/" + REDACTED_PASSWORD, path, count=1))
+        path = _SECRET_PATH.sub("/k/" + REDACTED_PASSWORD, path, count=1)
+        path = _QUERY_AUTHORIZATION.sub(r"\1Basic+" + REDACTED_PASSWORD, path)
+        return self.text(path)
 
     def document(self, document: Any) -> Any:
         """A JSON document with L{text} applied to every key and string."""
         if self.raw:
             return document
         if isinstance(document, dict):
-            return {self.text(k): self.document(v) for k, v in document.items()}
+            return {
+                self.text(k): REDACTED_PASSWORD
+                if k in SECRET_FIELDS and isinstance(v, str)
+                else self.document(v)
+                for k, v in document.items()
+            }
         if isinstance(document, list):
             return [self.document(item) for item in document]
         if isinstance(document, str):
@@ -134,7 +151,7 @@ class Redactor:
         if "json" in body:
             return {"json": self.document(body["json"])}
         if "text" in body:
-            return {"text": self.text(body["text"])}
+            return {"text": self.text(_redactForm(body["text"]))}
         return body
 
     def header(self, name: str, value: str) -> str:
@@ -144,7 +161,9 @@ class Redactor:
         lowered = name.lower()
         if lowered == "authorization":
             credentials = basicCredentials(value.encode("latin-1"))
-            if credentials is None:
+            if credentials is None or ":" not in _decoded(value):
+                # An app token (PROTOCOL.md §20.6) is not user:password, even
+                # when it happens to be valid base64: all of it is secret.
                 # A control token (Bearer) or anything else: only its scheme.
                 return value.split(" ", 1)[0] + " " + REDACTED_PASSWORD
             token = f"{self.text(credentials.username)}:{REDACTED_PASSWORD}"
@@ -188,3 +207,23 @@ class Redactor:
         for serial in list(self._serials):
             if session.upper().endswith(serial) and len(session) == len(serial) + 12:
                 self.learnMAC(session[:12])
+
+
+def _decoded(value: str) -> str:
+    """The text of a Basic header's credentials, or C{""}."""
+    try:
+        encoded = value.split(" ", 1)[1].strip()
+        return base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return ""
+
+
+def _redactForm(text: str) -> str:
+    """A form body with its secret fields' values replaced."""
+    pairs = []
+    for pair in text.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and name in _SECRET_FORM_FIELDS:
+            value = REDACTED_PASSWORD
+        pairs.append(name + equals + value)
+    return "&".join(pairs)
