@@ -63,6 +63,9 @@ class Bindings:
     seconds: dict[int, int] = field(factory=dict)
     revisions: dict[str, dict[int, int]] = field(factory=dict)
     codes: dict[str, str] = field(factory=dict)
+    #: App tokens (PROTOCOL.md §20.6): a login's recorded C{access_token}
+    #: to the one the replay got, sent in its place after.
+    tokens: dict[str, str] = field(factory=dict)
 
     def bindOrdered(
         self, table: dict[int, int], recorded: int, replayed: int

@@ -22,7 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from .bindings import Bindings
 from .compare import Mismatch, compareDocuments
 from .format import CONTROL, Exchange, Fixture, decodeBody, splitDocuments
-from .redaction import REDACTED_PASSWORD
+from .redaction import QUERY_AUTHORIZATION, REDACTED_PASSWORD
 from .targets import MemoryTarget, ReplayTarget, ServerFactory, memoryServer
 
 
@@ -210,7 +210,18 @@ class Replayer:
                 del headers["authorization"]
             else:
                 headers["authorization"] = f"Bearer {self.controlToken}"
-        path = exchange.path
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and token in self.bindings.tokens:
+            headers["authorization"] = f"Basic {self.bindings.tokens[token]}"
+        path = QUERY_AUTHORIZATION.sub(
+            lambda match: (
+                match.group(1)
+                + quote(
+                    self.bindings.tokens.get(match.group(2), match.group(2)), safe=""
+                )
+            ),
+            exchange.path,
+        )
         secretPath = f"/k/{REDACTED_PASSWORD}/"
         if exchange.kind == CONTROL and path.startswith(secretPath):
             rest = path[len(secretPath) - 1 :]
