@@ -440,7 +440,9 @@ def _route(method: str, path: str) -> str | None:
     """The control API's route C{method} and C{path} name, if any."""
     adapter = ControlAPI.app.url_map.bind("localhost")
     try:
-        endpoint, _arguments = adapter.match(urlsplit(path).path, method=method)
+        # An empty path is sent as "/", as every HTTP client does.
+        target = urlsplit(path).path or "/"
+        endpoint, _arguments = adapter.match(target, method=method)
     except HTTPException:
         return None
     return str(endpoint)
