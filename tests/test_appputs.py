@@ -255,6 +255,39 @@ class CommandTests(AppPutTestCase):
         self.assertEqual(device["temperature_scale"], "F")
 
 
+class SchedulePutTests(AppPutTestCase):
+    """C{/v1/put/schedule.S} with the full schedule (PROTOCOL.md §20.4)."""
+
+    def test_scheduleReplacedWhole(self) -> None:
+        """
+        The schedule is checked and replaced whole like C{set_schedule},
+        and shared's C{schedule_mode} follows it.
+        """
+        schedule = {
+            "ver": 2,
+            "schedule_mode": "HEAT",
+            "days": {"0": {"0": {"time": 25200, "type": "HEAT", "temp": 20.5}}},
+        }
+        status, document = self.appPut(f"/v1/put/schedule.{SERIAL}", schedule)
+        self.assertEqual(status, 200, document)
+        stored = self.value(f"schedule.{SERIAL}")
+        self.assertEqual(stored["days"]["0"]["0"]["temp"], 20.5)
+        self.assertEqual(sorted(stored["days"]), [str(day) for day in range(7)])
+        self.assertEqual(self.value(SHARED)["schedule_mode"], "HEAT")
+
+    def test_badScheduleRefused(self) -> None:
+        """A schedule C{set_schedule} would refuse is a 400; nothing changes."""
+        self.refusedUnchanged(
+            400,
+            f"/v1/put/schedule.{SERIAL}",
+            {
+                "ver": 2,
+                "schedule_mode": "HEAT",
+                "days": {"0": {"0": {"time": 25200, "type": "HEAT", "temp": 99}}},
+            },
+        )
+
+
 class RefusalTests(AppPutTestCase):
     """Scenario 70 (writes) and bad input: refused, nothing changes."""
 
