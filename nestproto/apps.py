@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from .accounts import Accounts
 from .admission import Admission, AdmissionSettings
 from .control.api import ControlAPI, ControlSettings
+from .control.appputs import APP_SUBSCRIBER, appSees
 from .control.events import EventStream
 from .control.status import isAvailable
 from .device.api import DeviceAPI, TransportSettings
@@ -88,7 +89,19 @@ def buildApps(
     hub = SubscriberHub(
         clock, holdSeconds=settings.holdSeconds, onPushed=metrics.pushed
     )
-    store.listen(lambda commit: hub.pushCommit(commit, membership.devicesSeeing))
+
+    def seeing(scope: str, key: str) -> list[str]:
+        # Devices, and the apps holding subscribes whose account holds the
+        # bucket (PROTOCOL.md §20.3, §20.6).
+        apps = [
+            subscriber
+            for subscriber in hub.subscribers()
+            if subscriber.startswith(APP_SUBSCRIBER)
+            and appSees(membership, subscriber.removeprefix(APP_SUBSCRIBER), scope, key)
+        ]
+        return [*membership.devicesSeeing(scope, key), *apps]
+
+    store.listen(lambda commit: hub.pushCommit(commit, seeing))
     events = EventStream(clock, store, membership.devicesSeeing)
     store.listen(events.publish)
     storage = IHistoryStorage(store, None)

@@ -444,3 +444,16 @@ class HistoryOff(NestError):
 
     def __init__(self) -> None:
         super().__init__("This server keeps no history (started with --no-history)")
+
+
+class TooManySubscribes(NestError):
+    """An account's apps hold as many subscribes as one may (§20.3)."""
+
+    status = 429
+    code = "too_many_subscribes"
+
+
+class BadCallback(NestError):
+    """A JSONP callback name that is not a plain JavaScript name (§20.6)."""
+
+    code = "bad_callback"

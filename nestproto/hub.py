@@ -244,6 +244,10 @@ class SubscriberHub:
         """The number of subscribes of C{serial} held now."""
         return len(self._subscriptions.get(serial, ()))
 
+    def subscribers(self) -> list[str]:
+        """Who holds subscribes now: device serials and app subscribers."""
+        return list(self._subscriptions)
+
     def total(self) -> int:
         """The number of subscribes held now, all devices together."""
         return sum(len(live) for live in self._subscriptions.values())

@@ -10,14 +10,21 @@ answer or close, and backing off on errors. Its own changes (temperature
 drift, heating on and off, acknowledging a pushed setpoint) go out as
 PUTs, conditional on the shared bucket's revision (PROTOCOL.md §7, §11.3).
 
+A thermostat on firmware 4.x (C{--firmware 4.3.3}) speaks the key-list
+dialect instead (PROTOCOL.md §20): it puts its own values first, fetches its
+state whole (the BigGet, its path carrying the firmware's C{._sync}
+mutation of §20.2), then subscribes by a list of keys and takes one bucket
+per answer; its puts are nested C{type → id → fields}.
+
 C{python -m nestproto.simulator --server http://127.0.0.1:8000 --count N}
-runs N of them against a server.
+runs N of them against a server; C{--firmware 5.9.3-5,4.3.3} mixes them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from base64 import b64encode
 from collections.abc import Callable, Sequence
@@ -38,6 +45,8 @@ from .recording.format import splitDocuments
 #: Firmware version and model the simulator reports (PROTOCOL.md §2.1, §4).
 SOFTWARE_VERSION = "5.9.3-5"
 MODEL = "Diamond-2.6"
+#: The model a 4.x thermostat reports (PROTOCOL.md §20: Display-2.14).
+KEY_LIST_MODEL = "Display-2.14"
 #: Backoff after an error: first delay and cap, in seconds (§17).
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
@@ -62,7 +71,15 @@ class LocalBucket:
     value: dict[str, Any]
 
 
-def initialState(serial: str, mac: str) -> dict[str, LocalBucket]:
+def speaksKeyList(firmware: str) -> bool:
+    """Whether C{firmware} is 4.x or older, which speaks §20's dialect."""
+    major = firmware.split(".", 1)[0]
+    return major.isdigit() and int(major) < 5
+
+
+def initialState(
+    serial: str, mac: str, firmware: str = SOFTWARE_VERSION
+) -> dict[str, LocalBucket]:
     """What a thermostat holds before it first talks to a server."""
     return {
         f"device.{serial}": LocalBucket(
@@ -71,8 +88,8 @@ def initialState(serial: str, mac: str) -> dict[str, LocalBucket]:
             {
                 "serial_number": serial,
                 "mac_address": mac.lower(),
-                "current_version": SOFTWARE_VERSION,
-                "model_version": MODEL,
+                "current_version": firmware,
+                "model_version": KEY_LIST_MODEL if speaksKeyList(firmware) else MODEL,
                 "current_temperature": 20.0,
                 "current_humidity": 40,
                 "battery_level": 3.9,
@@ -125,7 +142,15 @@ class SimulatedThermostat:
     passphraseSeconds: float = 600.0
     random: random.Random = field(factory=lambda: random.Random(0))
     display: Callable[[str, str], None] = lambda serial, code: None
+    #: 4.x speaks the key-list dialect (PROTOCOL.md §20).
+    firmware: str = SOFTWARE_VERSION
+    #: How often an unclaimed 4.x thermostat fetches its state whole: a
+    #: key-list subscribe answers only the keys listed, so that is how it
+    #: learns of its new user and structure (PROTOCOL.md §20.5).
+    refetchSeconds: float = 60.0
     buckets: dict[str, LocalBucket] = field(init=False)
+    #: Key-list: whether its own values went out and the BigGet came back.
+    booted: bool = field(default=False, init=False)
     transportURL: str | None = field(default=None, init=False)
     passphraseURL: str | None = field(default=None, init=False)
     code: str | None = field(default=None, init=False)
@@ -142,7 +167,18 @@ class SimulatedThermostat:
     _responses: list[Any] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.buckets = initialState(self.serial, self.mac)
+        self.buckets = initialState(self.serial, self.mac, self.firmware)
+        if self.keyList:
+            # A key-list subscribe carries no values: what the thermostat
+            # holds before it ever synced goes out as a put (§20.4).
+            for key, local in self.buckets.items():
+                if local.value:
+                    self._dirty[key] = dict(local.value)
+
+    @property
+    def keyList(self) -> bool:
+        """Whether this thermostat speaks the key-list dialect."""
+        return speaksKeyList(self.firmware)
 
     # Lifecycle
 
@@ -152,6 +188,8 @@ class SimulatedThermostat:
         self._loop = Deferred.fromCoroutine(self._run())
         self._loop.addErrback(self._unexpected)
         self._schedule("change", self.changeSeconds, self._changeTick)
+        if self.keyList:
+            self._schedule("refetch", self.refetchSeconds, self._refetchTick)
 
     def stop(self) -> None:
         """Stop: cancel timers and requests in flight, leaving nothing behind."""
@@ -185,6 +223,8 @@ class SimulatedThermostat:
                     await self.entry()
                 if self.owner is None and self.code is None:
                     await self.passphrase()
+                if self.keyList and not self.booted:
+                    await self.boot()
                 await self.subscribeOnce()
                 delay = BACKOFF_FIRST_SECONDS
             except CancelledError:
@@ -207,13 +247,55 @@ class SimulatedThermostat:
 
     def _credentials(self) -> dict[str, str]:
         token = b64encode(f"nest.{self.serial}:{self.password}".encode()).decode()
-        return {
+        model = KEY_LIST_MODEL if self.keyList else MODEL
+        headers = {
             "Authorization": f"Basic {token}",
             "Content-Type": "application/json",
-            "User-Agent": f"Nest/{SOFTWARE_VERSION} ({MODEL}; wireless_reg_domain=US)",
+            "User-Agent": f"Nest/{self.firmware} ({model}; wireless_reg_domain=US)",
             "X-nl-protocol-version": "1",
-            "X-nl-device-swversion": SOFTWARE_VERSION,
+            "X-nl-device-swversion": self.firmware,
         }
+        if self.keyList:
+            headers["X-nl-session-id"] = self.mac.lower() + self.serial
+        return headers
+
+    async def _keyListRequest(
+        self, method: str, url: str, body: bytes | None = None
+    ) -> tuple[Any, bytes]:
+        """A key-list request: the response (for its headers) and its body."""
+        response = await self.http.request(
+            method, url, headers=self._credentials(), data=body, unbuffered=True
+        )
+        chunks: list[bytes] = []
+        self._responses.append(response)
+        try:
+            await treq.collect(response, chunks.append)
+        finally:
+            self._responses.remove(response)
+        if response.code != 200:
+            raise ServerRefused(response.code, url)
+        return response, b"".join(chunks)
+
+    async def boot(self) -> None:
+        """
+        A 4.x thermostat's start (PROTOCOL.md §20.4, §20.5): its own values
+        out, then its whole state in, by the BigGet, whose path 4.3.3
+        mangles (§20.2).
+        """
+        assert self.transportURL is not None
+        if self._dirty:
+            await self._put()
+        await self.bigGet()
+        self.booted = True
+
+    async def bigGet(self) -> None:
+        """Fetch and take the whole state (PROTOCOL.md §20.5)."""
+        assert self.transportURL is not None
+        _response, body = await self._keyListRequest(
+            "GET",
+            f"{self.transportURL}/v3/device/device.{self.serial} ._sync",
+        )
+        self.apply({"objects": _nestedItems(json.loads(body))})
 
     async def _request(
         self,
@@ -280,6 +362,18 @@ class SimulatedThermostat:
         # key while it is valid and a new one after.
         self._schedule("passphrase", self.passphraseSeconds, self._forgetCode)
 
+    def _refetchTick(self) -> None:
+        if self.owner is not None:
+            return
+        if self.booted and self.transportURL is not None:
+            d = Deferred.fromCoroutine(self.bigGet())
+            d.addErrback(self._refetchFailed)
+        self._schedule("refetch", self.refetchSeconds, self._refetchTick)
+
+    def _refetchFailed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            self.errors += 1
+
     def _forgetCode(self) -> None:
         if self.owner is None:
             self.code = None
@@ -311,10 +405,46 @@ class SimulatedThermostat:
             "objects": objects,
         }
 
+    def keyListBody(self) -> dict[str, Any]:
+        """The key-list subscribe: each bucket held, with what it holds."""
+        return {
+            "keys": [
+                {"key": key, "version": local.revision, "timestamp": local.timestamp}
+                for key, local in self.buckets.items()
+            ]
+        }
+
     async def subscribeOnce(self) -> None:
         """One subscribe, held until the server ends it."""
         assert self.transportURL is not None
         self.subscribes += 1
+        if self.keyList:
+            response, body = await self._keyListRequest(
+                "POST",
+                self.transportURL + "/v3/subscribe",
+                json.dumps(self.keyListBody()).encode(),
+            )
+            key = _header(response, "x-nl-skv-key")
+            if key is not None:
+                # One bucket per answer, named by the headers (§20.3); an
+                # answer with no body is the end of a hold: subscribe again.
+                self.apply(
+                    {
+                        "objects": [
+                            {
+                                "object_key": key,
+                                "object_revision": int(
+                                    _header(response, "x-nl-skv-version") or 0
+                                ),
+                                "object_timestamp": int(
+                                    _header(response, "x-nl-skv-timestamp") or 0
+                                ),
+                                "value": json.loads(body) if body else {},
+                            }
+                        ]
+                    }
+                )
+            return
         await self._request(
             "POST",
             self.transportURL + "/v7/subscribe",
@@ -424,6 +554,10 @@ class SimulatedThermostat:
 
     async def _put(self) -> None:
         assert self.transportURL is not None
+        for key in [key for key, fields in self._dirty.items() if not fields]:
+            # Nothing to put: a put with no field is no change, and would
+            # get no receipt (PROTOCOL.md §20.4).
+            del self._dirty[key]
         sent = {key: dict(fields) for key, fields in self._dirty.items()}
         objects = []
         conditions: dict[str, int] = {}
@@ -436,14 +570,27 @@ class SimulatedThermostat:
                 entry["if_object_revision"] = revision
             entry["value"] = fields
             objects.append(entry)
-        body = {"session": self.mac.lower() + self.serial, "objects": objects}
         self.puts += 1
-        (receipts,) = await self._request(
-            "POST",
-            self.transportURL + "/v7/put",
-            self._credentials(),
-            json.dumps(body).encode(),
-        )
+        if self.keyList:
+            nested: dict[str, dict[str, Any]] = {}
+            for entry in objects:
+                bucketType, bucketId = entry["object_key"].split(".", 1)
+                fields = dict(entry["value"])
+                if "if_object_revision" in entry:
+                    fields["if_object_revision"] = entry["if_object_revision"]
+                nested.setdefault(bucketType, {})[bucketId] = fields
+            _response, answer = await self._keyListRequest(
+                "POST", self.transportURL + "/v3/put", json.dumps(nested).encode()
+            )
+            receipts = {"objects": _nestedItems(json.loads(answer))}
+        else:
+            body = {"session": self.mac.lower() + self.serial, "objects": objects}
+            (receipts,) = await self._request(
+                "POST",
+                self.transportURL + "/v7/put",
+                self._credentials(),
+                json.dumps(body).encode(),
+            )
         retry = False
         for receipt in receipts.get("objects", []):
             key = receipt["object_key"]
@@ -474,6 +621,35 @@ class SimulatedThermostat:
             self._schedule("put", CAS_RETRY_SECONDS, self.kickPut)
         elif self._dirty:
             self._schedule("put", 0, self.kickPut)
+
+
+def _header(response: Any, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return None if not values else str(values[0])
+
+
+def _nestedItems(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """
+    The buckets of a nested key-list document (a BigGet, a put's
+    acknowledgement) as v7 objects; metadata only when it has no fields.
+    """
+    items = []
+    for bucketType, byId in document.items():
+        for bucketId, fields in byId.items():
+            value = {
+                name: v
+                for name, v in fields.items()
+                if name not in ("$version", "$timestamp")
+            }
+            item: dict[str, Any] = {
+                "object_key": f"{bucketType}.{bucketId}",
+                "object_revision": fields["$version"],
+                "object_timestamp": fields["$timestamp"],
+            }
+            if value:
+                item["value"] = value
+            items.append(item)
+    return items
 
 
 def _disconnect(response: Any) -> None:
@@ -507,6 +683,13 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["server", None, "http://127.0.0.1:8000", "Origin of the device port."],
         ["count", None, 1, "How many thermostats to simulate.", int],
+        [
+            "firmware",
+            None,
+            SOFTWARE_VERSION,
+            "Firmware each reports, comma-separated to mix them in turn; "
+            "4.x speaks the key-list dialect (PROTOCOL.md §20).",
+        ],
         ["first-serial", None, 1, "Number of the first serial (02AA01AC...).", int],
         [
             "change-seconds",
@@ -525,6 +708,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["count"] < 1:
             raise usage.UsageError("--count must be at least 1")
+        firmwares = [f.strip() for f in str(self["firmware"]).split(",")]
+        if not all(re.fullmatch(r"[0-9]+(\.[0-9]+)*(-[0-9]+)?", f) for f in firmwares):
+            raise usage.UsageError(
+                "--firmware takes versions such as 5.9.3-5 or 4.3.3, comma-separated"
+            )
+        self["firmwares"] = firmwares
 
 
 def simulatedSerial(number: int) -> str:
@@ -556,6 +745,7 @@ def makeThermostats(
             changeSeconds=options["change-seconds"],
             random=random.Random(index),
             display=display,
+            firmware=options["firmwares"][index % len(options["firmwares"])],
         )
         for index in range(options["count"])
     ]

@@ -20,14 +20,15 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
 
 from nestproto import replay
 from nestproto.recording.format import loadFixture
 from nestproto.recording.replayer import replayInMemory
-from nestproto.simulator import SimulatedThermostat
+from nestproto.simulator import SOFTWARE_VERSION, SimulatedThermostat
 
 from .e2e import LiveServiceTestCase, sleep
-from .helpers import SERIAL, basicAuth
+from .helpers import OTHER_SERIAL, SERIAL, basicAuth
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
@@ -48,9 +49,18 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
             thermostat.stop()
         await super().closeConnections()
 
-    def thermostat(self, origin: str) -> SimulatedThermostat:
+    def thermostat(
+        self, origin: str, serial: str = SERIAL, firmware: str = SOFTWARE_VERSION
+    ) -> SimulatedThermostat:
         thermostat = SimulatedThermostat(
-            self.http, reactor, origin, SERIAL, changeSeconds=3600
+            self.http,
+            reactor,
+            origin,
+            serial,
+            mac=f"18B43000000{len(self.thermostats) + 1}",
+            changeSeconds=3600,
+            firmware=firmware,
+            refetchSeconds=0.2,
         )
         self.thermostats.append(thermostat)
         return thermostat
@@ -67,12 +77,14 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
         response = await self.http.post(url, json=document)
         return json.loads(await treq.content(response))
 
-    async def listing(self, origin: str) -> dict[str, tuple[int, int]]:
+    async def listing(
+        self, origin: str, serial: str = SERIAL
+    ) -> dict[str, tuple[int, int]]:
         _code, document = await self.json(
             "GET",
-            f"{origin}/nest/transport/device/{SERIAL}",
+            f"{origin}/nest/transport/device/{serial}",
             # The password the thermostat gave first is bound to its serial.
-            headers=basicAuth(SERIAL, self.thermostats[0].password),
+            headers=basicAuth(serial, self.thermostats[0].password),
         )
         return {
             o["object_key"]: (o["object_revision"], o["object_timestamp"])
@@ -81,16 +93,24 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
 
     async def converged(self, origin: str, thermostat: SimulatedThermostat) -> bool:
         """Whether the server lists, for each bucket, what the thermostat holds."""
-        listed = await self.listing(origin)
-        for key in (DEVICE, SHARED):
+        serial = thermostat.serial
+        listed = await self.listing(origin, serial)
+        for key in (f"device.{serial}", f"shared.{serial}"):
             local = thermostat.buckets[key]
             if listed.get(key) != (local.revision, local.timestamp):
                 return False
         return not thermostat._dirty
 
-    async def claimAndCommand(self, origin: str, control: str) -> SimulatedThermostat:
+    async def claimAndCommand(
+        self,
+        origin: str,
+        control: str,
+        serial: str = SERIAL,
+        firmware: str = SOFTWARE_VERSION,
+    ) -> SimulatedThermostat:
         """Boot a thermostat, claim it with its code, set 21.5 °C."""
-        thermostat = self.thermostat(origin)
+        thermostat = self.thermostat(origin, serial, firmware)
+        shared = f"shared.{serial}"
         thermostat.start()
         await self.until("a code is shown", lambda: thermostat.code)
         await self.until("held", lambda: thermostat.subscribes >= 2)
@@ -98,18 +118,77 @@ class SimulatorEndToEndTests(LiveServiceTestCase):
             control + "/api/register",
             {"code": thermostat.code, "userId": "homeowner"},
         )
-        self.assertEqual((claim["success"], claim["serial"]), (True, SERIAL))
+        self.assertEqual((claim["success"], claim["serial"]), (True, serial))
         await self.until("claimed", lambda: thermostat.owner == "homeowner")
         command = await self.post(
             control + "/command",
-            {"serial": SERIAL, "command": "set_temperature", "value": 21.5},
+            {"serial": serial, "command": "set_temperature", "value": 21.5},
         )
         self.assertIs(command["success"], True)
         await self.until(
             "the setpoint applied",
-            lambda: thermostat.buckets[SHARED].value.get("target_temperature") == 21.5,
+            lambda: thermostat.buckets[shared].value.get("target_temperature") == 21.5,
         )
         return thermostat
+
+    def test_keyListMixedFleet(self) -> Deferred[None]:
+        """
+        A 4.3.3 thermostat (key-list dialect, PROTOCOL.md §20) beside a v7
+        one on the same service: each boots, is claimed, takes a command on
+        its held subscribe, acknowledges it and converges; an app's put
+        reaches both; neither made an error.
+        """
+
+        async def go() -> None:
+            origin, control = await self.start()
+            old = await self.claimAndCommand(origin, control, SERIAL, "4.3.3")
+            self.assertTrue(old.keyList)
+            new = await self.claimAndCommand(origin, control, OTHER_SERIAL)
+            for thermostat in (old, new):
+                await self.until(
+                    f"{thermostat.serial} converges",
+                    _bound(self.converged, origin, thermostat),
+                )
+            created = await self.post(
+                control + "/api/users",
+                {"username": "homeowner", "password": "correct horse"},
+            )
+            self.assertIs(created["success"], True)
+            response = await self.http.post(
+                origin + "/user/login",
+                data=b"username=homeowner&password=correct+horse",
+                headers=Headers(
+                    {b"Content-Type": [b"application/x-www-form-urlencoded"]}
+                ),
+            )
+            token = json.loads(await treq.content(response))["access_token"]
+            body = {
+                "shared": {
+                    serial: {"target_temperature": 19.5}
+                    for serial in (SERIAL, OTHER_SERIAL)
+                }
+            }
+            response = await self.http.post(
+                origin + "/v2/put",
+                data=json.dumps(body).encode(),
+                headers=Headers({b"Authorization": [f"Basic {token}".encode()]}),
+            )
+            self.assertEqual(response.code, 200, await treq.content(response))
+            for thermostat in (old, new):
+                await self.until(
+                    f"{thermostat.serial} takes the app's setpoint",
+                    _bound(_setpointIs, thermostat, 19.5),
+                )
+                await self.until(
+                    f"{thermostat.serial} converges again",
+                    _bound(self.converged, origin, thermostat),
+                )
+                self.assertEqual(thermostat.errors, 0)
+            self.assertEqual(
+                old.buckets[f"device.{SERIAL}"].value["current_version"], "4.3.3"
+            )
+
+        return self.asDeferred(go())
 
     def test_claimedCommandedConverges(self) -> Deferred[None]:
         """
@@ -264,6 +343,15 @@ class ReplayAgainstTests(LiveServiceTestCase):
             self.assertIn("cannot count the devices", refused)
 
         return self.asDeferred(go())
+
+
+def _bound(f: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    return lambda: f(*args)
+
+
+def _setpointIs(thermostat: SimulatedThermostat, celsius: float) -> bool:
+    shared = thermostat.buckets[f"shared.{thermostat.serial}"].value
+    return bool(shared.get("target_temperature") == celsius)
 
 
 async def _maybe(value: Any) -> Any:

@@ -191,6 +191,53 @@ def _lines(path: str) -> list[dict[str, Any]]:
 class RecorderTests(SynchronousTestCase):
     """The recorder writes one JSON-lines fixture per device and run."""
 
+    def test_appSecretsRedacted(self) -> None:
+        """
+        Account passwords (JSON and form), the token a login answers and
+        the token apps send (as C{Basic <token>}, in a JSONP query) appear
+        nowhere in a recording (PROTOCOL.md §20.6).
+        """
+        session = _Session(self.directory)
+        password = "correct-horse-battery"
+        session.request(
+            session.control,
+            "POST",
+            CONTROL_URL + "/api/users",
+            data=json.dumps({"username": "owner", "password": password}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        login = session.request(
+            session.device,
+            "POST",
+            DEVICE_URL + "/user/login",
+            data=f"username=owner&password={password}".encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        token = json.loads(b"".join(login["chunks"]))["access_token"]
+        session.request(
+            session.device,
+            "GET",
+            DEVICE_URL + "/v2/mobile/user.owner",
+            headers={"Authorization": f"Basic {token}"},
+        )
+        session.request(
+            session.device,
+            "GET",
+            DEVICE_URL
+            + "/v1/subscribe?jsonp=cb&payload=%7B%7D&Authorization=Basic+"
+            + token,
+        )
+        session.recorder.close()
+        text = "".join(open(path).read() for path in session.recorder.paths())
+        self.assertNotIn(password, text)
+        self.assertNotIn(token, text)
+        # Synthetic, so that a replay creates, logs in and authorises alike.
+        self.assertIn("password=password-1", text)
+        self.assertIn('"password": "password-1"', text)
+        self.assertIn('"access_token": "apptoken-1"', text)
+        self.assertIn('"Authorization": "Basic apptoken-1"', text)
+        self.assertIn("Authorization=Basic+apptoken-1", text)
+
     def setUp(self) -> None:
         self.directory = self.mktemp()
 

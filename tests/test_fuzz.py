@@ -228,8 +228,10 @@ class Fuzzer:
         self.case.assertLess(status, 500, request)
         self.case.assertFalse(300 <= status < 400, request)
         document: Any = None
-        if contentType.startswith(("text/event-stream", "text/csv", "text/plain")):
-            # Event streams, history as CSV, metrics.
+        if contentType.startswith(
+            ("text/event-stream", "text/csv", "text/plain", "text/html")
+        ):
+            # Event streams, history as CSV, metrics, the dashboard's page.
             self.case.assertEqual(status, 200, request)
         elif contentType.startswith(
             ("text/html", "text/javascript", "text/css", "image/svg+xml")
@@ -445,7 +447,9 @@ def _route(method: str, path: str) -> str | None:
     """The control API's route C{method} and C{path} name, if any."""
     adapter = ControlAPI.app.url_map.bind("localhost")
     try:
-        endpoint, _arguments = adapter.match(urlsplit(path).path, method=method)
+        # An empty path is sent as "/", as every HTTP client does.
+        target = urlsplit(path).path or "/"
+        endpoint, _arguments = adapter.match(target, method=method)
     except HTTPException:
         return None
     return str(endpoint)

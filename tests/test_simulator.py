@@ -345,3 +345,28 @@ class CommandLineTests(SynchronousTestCase):
             out.getvalue(), f"{thermostats[0].serial} shows entry code 123-ABCD\n"
         )
         self.assertEqual({t.server for t in thermostats}, {"http://h:8000"})
+
+    def test_firmwareMixesFleet(self) -> None:
+        """
+        C{--firmware 4.3.3} makes key-list thermostats (PROTOCOL.md §20);
+        a comma-separated list is handed out in turn; the default is v7.
+        """
+        options = simulator.Options()
+        options.parseOptions(["--count", "3", "--firmware", "4.3.3,5.9.3-5"])
+        thermostats = makeThermostats(None, Clock(), options, io.StringIO())
+        self.assertEqual(
+            [(t.firmware, t.keyList) for t in thermostats],
+            [("4.3.3", True), ("5.9.3-5", False), ("4.3.3", True)],
+        )
+        device = thermostats[0].buckets[f"device.{thermostats[0].serial}"].value
+        self.assertEqual(device["current_version"], "4.3.3")
+        options = simulator.Options()
+        options.parseOptions([])
+        [thermostat] = makeThermostats(None, Clock(), options, io.StringIO())
+        self.assertFalse(thermostat.keyList)
+
+    def test_badFirmware(self) -> None:
+        """A firmware that is not a version is refused with exit status 2."""
+        out = io.StringIO()
+        self.assertEqual(simulator.main(["--firmware", "latest"], out), 2)
+        self.assertIn("--firmware takes versions", out.getvalue())

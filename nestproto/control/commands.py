@@ -211,10 +211,15 @@ def setAway(
     """
     if not isinstance(value, bool):
         raise CommandError("set_away value must be true or false")
-    fields: dict[str, Any] = {"manual_eco_all": value, "manual_eco_timestamp": nowS}
+    # The structure's away follows, so the apps' view (PROTOCOL.md §20.4:
+    # Home/Away is C{structure.away}) agrees with the eco switch.
+    fields: dict[str, Any] = {
+        "manual_eco_all": value,
+        "manual_eco_timestamp": nowS,
+        "away": value,
+    }
     edits = []
     if not value:
-        fields["away"] = False
         eco = {
             "eco": {
                 "mode": "schedule",

@@ -26,7 +26,8 @@ from zope.interface import implementer
 from .._version import __version__
 from ..accounts import Accounts, Login
 from ..admission import FRONT_DOOR, TRANSPORT, Admission
-from ..buckets import Bucket, empty
+from ..buckets import Bucket, empty, serverIsNewer
+from ..control import appputs, commands
 from ..errors import (
     AppTokenRequired,
     BadBody,
@@ -36,11 +37,19 @@ from ..errors import (
     NotYours,
     PairingRequired,
     SerialRequired,
+    TooManySubscribes,
     Unavailable,
     WrongCredentials,
 )
 from ..httpjson import jsonResponse, readBody, requestOrigin
-from ..hub import Deliver, EndOnChange, SubscriberHub
+from ..hub import (
+    Deliver,
+    EndOnChange,
+    IHoldPolicy,
+    OneBucketPerAnswer,
+    Reaction,
+    SubscriberHub,
+)
 from ..membership import GLOBAL_SCOPE
 from ..metrics import Metrics
 from ..model import PutEntry
@@ -51,7 +60,7 @@ from ..state import DeviceState, SubscribeOutcome
 from ..store import ThreadRunner, runInline
 from ..uploads import MAX_UPLOAD_BODY_BYTES, LogStore
 from ..weather import WeatherService, parseWeatherQuery
-from . import keylist, wire
+from . import jsonp, keylist, wire
 from .auth import deviceSerial, normaliseSerial
 from .dialect import KEY_LIST, V7, Dialect
 from .keylist import KeyListSessions, ListedKey
@@ -250,18 +259,85 @@ class DeviceAPI:
 
     @app.route("/v2/subscribe", methods=["POST"])
     def v2Subscribe(self, request: IRequest) -> Deferred[bytes]:
-        """The key-list subscribe of seed 001's path (PROTOCOL.md §20.3)."""
+        """
+        The key-list subscribe of seed 001's path (PROTOCOL.md §20.3): an
+        app's, with its token, or a device's.
+        """
         self._refuseWhenClosed(request)
-        return self.keyListSubscribe(request)
+        userId = self._appUserIfAny(request)
+        if userId is None:
+            return self.keyListSubscribe(request)
+        return self.appSubscribe(request, userId)
+
+    @app.route("/v5/subscribe", methods=["POST"])
+    def v5Subscribe(self, request: IRequest) -> Deferred[bytes]:
+        """
+        A later app's subscribe (PROTOCOL.md §20.1): a C{keys} body is
+        answered as the key-list dialect, an C{objects} body as v7's.
+        """
+        self._refuseWhenClosed(request)
+        userId = self._appUser(request)
+        if keylist.isKeyListBody(readBody(request, KEY_LIST.maxBodyBytes)):
+            return self.appSubscribe(request, userId)
+        return self.appObjectsSubscribe(request, userId)
+
+    @app.route("/v1/subscribe", methods=["GET"])
+    @app.route("/v2/subscribe", methods=["GET"])
+    def jsonpSubscribe(self, request: IRequest) -> Deferred[bytes]:
+        """
+        The browser's key-list subscribe (PROTOCOL.md §20.6, scenario 71):
+        everything in the query, the answer C{CB({"status", "headers",
+        "payload"})}; a callback name that is not a plain JavaScript name
+        is a 400, before anything else is read.
+        """
+        self._refuseWhenClosed(request)
+        callback = jsonp.callbackName(_queryText(request, b"jsonp"))
+        token = _queryText(request, b"Authorization")
+        if token is not None and request.getHeader(b"authorization") is None:
+            request.requestHeaders.setRawHeaders(
+                b"authorization", [token.encode("latin-1")]
+            )
+        userId = self._appUser(request)
+        payload = _queryText(request, b"payload")
+        if payload is None:
+            raise BadBody("payload (the keys to subscribe) is required")
+        listed = keylist.parseKeys(payload.encode("utf-8"))
+        holdSeconds = keylist.parseSubscribeTimeout(
+            _queryBytes(request, b"X-nl-subscribe-timeout")
+        )
+        session = _queryText(request, b"X-nl-session-id") or _headerText(
+            request, b"x-nl-session-id"
+        )
+        return self._appKeyList(
+            request, userId, listed, holdSeconds, session or "", callback
+        )
 
     @app.route("/v1/put", methods=["POST"])
     @app.route("/v2/put", methods=["POST"])
     @app.route("/v1/put/<path:key>", methods=["POST"])
     @app.route("/v2/put/<path:key>", methods=["POST"])
     def v2Put(self, request: IRequest, key: str | None = None) -> Deferred[bytes]:
-        """The nested put of seed 001's paths (PROTOCOL.md §20.4)."""
+        """
+        The nested put of seed 001's paths (PROTOCOL.md §20.4): an app's,
+        with its token, is a user command; a device's is its own put.
+        """
         self._refuseWhenClosed(request)
-        return self.keyListPut(request, key)
+        userId = self._appUserIfAny(request)
+        if userId is None:
+            return self.keyListPut(request, key)
+        body = readBody(request, KEY_LIST.maxBodyBytes)
+        entries = (
+            keylist.parsePut(body) if key is None else keylist.parseBucketPut(key, body)
+        )
+        return self.appPut(request, userId, entries, KEY_LIST)
+
+    @app.route("/v5/put", methods=["POST"])
+    def v5Put(self, request: IRequest) -> Deferred[bytes]:
+        """An app's put in the v7 C{objects} shape (PROTOCOL.md §20.1)."""
+        self._refuseWhenClosed(request)
+        userId = self._appUser(request)
+        entries = V7.parsePut(readBody(request, V7.maxBodyBytes))
+        return self.appPut(request, userId, entries, V7)
 
     @app.route("/nest/transport/<path:rest>", methods=["GET"])
     @app.route("/transport/<path:rest>", methods=["GET"])
@@ -499,6 +575,145 @@ class DeviceAPI:
             raise NotYours("This token reads only its own user")
         return _render(request, keylist.renderMobile(self._mobileState(userId)))
 
+    def appPut(
+        self,
+        request: IRequest,
+        userId: str,
+        entries: list[PutEntry],
+        dialect: Dialect,
+    ) -> Deferred[bytes]:
+        """
+        An app's put as user commands (PROTOCOL.md §20.4): checked like
+        C{/command}, written in one transaction and pushed to every device
+        and client that sees it (the app is not a device: nothing is held
+        back from the thermostat).
+        """
+        planned = appputs.planAppPut(self.state, userId, entries)
+        self.log.info("app put by {user}", user=userId)
+
+        def answer(written: list[Bucket]) -> bytes:
+            self._transportHeaders(request)
+            return _render(request, dialect.renderReceipts(written))
+
+        if not planned.edits:
+            return succeed(answer([]))
+        return commands.execute(self.state, planned).addCallback(answer)
+
+    def appSubscribe(self, request: IRequest, userId: str) -> Deferred[bytes]:
+        """An app's key-list subscribe, over its account only (§20.3, §20.6)."""
+        listed = keylist.parseKeys(readBody(request, KEY_LIST.maxBodyBytes))
+        holdSeconds = keylist.parseSubscribeTimeout(
+            request.getHeader(b"x-nl-subscribe-timeout")
+        )
+        session = _headerText(request, b"x-nl-session-id") or ""
+        return self._appKeyList(request, userId, listed, holdSeconds, session, None)
+
+    def _appKeyList(
+        self,
+        request: IRequest,
+        userId: str,
+        listed: tuple[ListedKey, ...],
+        holdSeconds: float | None,
+        session: str,
+        callback: str | None,
+    ) -> Deferred[bytes]:
+        """
+        The first listed bucket newer than the app's copy, alone; nothing
+        newer: held, ended with no body when a listed key changes (a JSONP
+        answer, which cannot end empty, waits for the bucket instead).
+        """
+        scopes = {
+            entry.key: appputs.appScope(self.state, userId, entry.key)[0]
+            for entry in listed
+        }
+        subscriber = appputs.appSubscriber(userId)
+
+        def current(key: str) -> Bucket:
+            return self.state.store.get(scopes[key], key) or empty(key)
+
+        objects = self.sessions.clientObjects(
+            subscriber, session, listed, lambda key: current(key).timestamp
+        )
+        request.setHeader(b"x-nl-service-timestamp", b"%d" % (self.state.nowMs(),))
+        for entry in objects:
+            bucket = current(entry.key)
+            if serverIsNewer(entry.timestamp, bucket.timestamp):
+                self.sessions.sent(subscriber, session, listed, bucket)
+                if callback is not None:
+                    return succeed(jsonp.render(request, callback, bucket, self.state))
+                answer = _render(request, keylist.renderBucket(bucket))
+                request.setHeader(b"content-length", b"%d" % (len(answer),))
+                return succeed(answer)
+        watched = frozenset(scopes)
+        if callback is None:
+            policy: IHoldPolicy = EndOnChange(watched, holdSeconds)
+            deliver = _answerWriter(request, KEY_LIST)
+        else:
+            policy = OneBucketPerAnswer(watched, holdSeconds)
+            deliver = jsonp.writer(request, callback, self.state)
+        held = self.hub.hold(subscriber, deliver, lambda kept: [], policy)
+        if held is None:
+            raise TooManySubscribes("This account holds too many subscribes")
+
+        def ended(ignored: None) -> bytes:
+            if callback is not None and not cast(Request, request).startedWriting:
+                # The hold timed out with nothing new: an answer naming no
+                # bucket, as the device's empty end.
+                return jsonp.render(request, callback, None, self.state)
+            return self._heldEnded(None, request)
+
+        return held.addCallback(ended)
+
+    def appObjectsSubscribe(self, request: IRequest, userId: str) -> Deferred[bytes]:
+        """
+        A C{/v5/subscribe} in the v7 C{objects} shape: the listed buckets
+        newer than the app's copies, or held as v7 holds (§6.3); values
+        in the body are not writes (an app writes with a put).
+        """
+        body = V7.parseSubscribe(readBody(request, V7.maxBodyBytes))
+        scopes = {
+            entry.key: appputs.appScope(self.state, userId, entry.key)[0]
+            for entry in body.objects
+        }
+        newer = []
+        for entry in body.objects:
+            bucket = self.state.store.get(scopes[entry.key], entry.key)
+            bucket = bucket or empty(entry.key)
+            if serverIsNewer(entry.timestamp, bucket.timestamp):
+                newer.append(bucket)
+        self._transportHeaders(request)
+        if newer or not body.chunked:
+            return succeed(_render(request, V7.renderAnswer(newer)))
+        watched = frozenset(scopes)
+        held = self.hub.hold(
+            appputs.appSubscriber(userId),
+            _answerWriter(request, V7),
+            lambda kept: [],
+            _Watching(watched, V7.holdPolicy(body)),
+        )
+        if held is None:
+            raise TooManySubscribes("This account holds too many subscribes")
+        return held.addCallback(self._heldEnded, request)
+
+    def _appUserIfAny(self, request: IRequest) -> str | None:
+        """
+        The user of an app token, or C{None} for a device's request: a
+        Basic header that is neither a live token nor a device's
+        credentials is a 403 (a valid-looking token, PROTOCOL.md §20.6).
+        """
+        header = request.getHeader(b"authorization")
+        if header is None:
+            return None
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "basic" and token:
+            userId = self.accounts.userFor(token)
+            if userId is not None:
+                return userId
+        if deviceSerial(request) is not None:
+            return None
+        raise NotYours("The token is not valid")
+
     def _appUser(self, request: IRequest) -> str:
         """
         The user of the app token in C{Authorization: Basic <token>}
@@ -689,6 +904,45 @@ def loginAnswer(login: Login, origin: str) -> dict[str, Any]:
 def _headerText(request: IRequest, name: bytes) -> str | None:
     value = request.getHeader(name)
     return None if value is None else value.decode("latin-1")[:128]
+
+
+def _queryBytes(request: IRequest, name: bytes) -> bytes | None:
+    values = request.args.get(name)
+    return values[-1] if values else None
+
+
+def _queryText(request: IRequest, name: bytes) -> str | None:
+    value = _queryBytes(request, name)
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadBody(f"{name.decode()} is not UTF-8") from None
+
+
+@implementer(IHoldPolicy)
+@frozen
+class _Watching:
+    """
+    An app's hold in the v7 shape: C{policy}'s, over the C{watched} keys
+    only (the app named them; others of its account are not its answer).
+    """
+
+    watched: frozenset[str]
+    policy: IHoldPolicy
+
+    @property
+    def headersAtOnce(self) -> bool:
+        return bool(self.policy.headersAtOnce)
+
+    @property
+    def holdSeconds(self) -> float | None:
+        return self.policy.holdSeconds
+
+    def react(self, buckets: Sequence[Bucket]) -> Reaction | None:
+        kept = [bucket for bucket in buckets if bucket.key in self.watched]
+        return self.policy.react(kept) if kept else None
 
 
 def _closeAfter(request: IRequest) -> None:

@@ -11,9 +11,20 @@ from typing import Any
 
 from attrs import define, field
 
+from ..buckets import isBucketKey
+from ..device.keylist import canonicalKey
+
 #: Fields holding a time in ms made by the server's clock.
 MS_FIELDS = frozenset(
-    {"object_timestamp", "timestamp", "expires", "expiresAt", "claimedAt"}
+    {
+        "object_timestamp",
+        "timestamp",
+        "expires",
+        "expiresAt",
+        "claimedAt",
+        # The key-list dialect's nested metadata (PROTOCOL.md §20.4, §20.5).
+        "$timestamp",
+    }
 )
 #: Fields holding a time in seconds made by the server's clock (§10.2).
 SECONDS_FIELDS = frozenset(
@@ -26,7 +37,15 @@ SECONDS_FIELDS = frozenset(
 )
 #: Fields holding a bucket revision; matched per object key.
 REVISION_FIELDS = frozenset(
-    {"object_revision", "if_object_revision", "base_object_revision"}
+    {
+        "object_revision",
+        "if_object_revision",
+        "base_object_revision",
+        # The key-list dialect's (§20.3, §20.4): C{$version} in nested
+        # documents, C{version} beside C{key} in a subscribe's keys.
+        "$version",
+        "version",
+    }
 )
 
 
@@ -44,6 +63,9 @@ class Bindings:
     seconds: dict[int, int] = field(factory=dict)
     revisions: dict[str, dict[int, int]] = field(factory=dict)
     codes: dict[str, str] = field(factory=dict)
+    #: App tokens (PROTOCOL.md §20.6): a login's recorded C{access_token}
+    #: to the one the replay got, sent in its place after.
+    tokens: dict[str, str] = field(factory=dict)
 
     def bindOrdered(
         self, table: dict[int, int], recorded: int, replayed: int
@@ -84,18 +106,48 @@ class Bindings:
             return self.revisions.get(objectKey, {}).get(value, value)
         return value
 
-    def request(self, document: Any, objectKey: str | None = None) -> Any:
+    def request(
+        self, document: Any, objectKey: str | None = None, parent: str = ""
+    ) -> Any:
         """A recorded request body with every bound value replaced."""
         if isinstance(document, dict):
-            key = document.get("object_key")
-            key = key if isinstance(key, str) else objectKey
+            key = documentKey(document, objectKey)
             return {
-                name: self.requestValue(name, self.request(value, key), key)
+                name: self.requestValue(
+                    name,
+                    self.request(value, nestedKey(parent, name, value, key), name),
+                    key,
+                )
                 for name, value in document.items()
             }
         if isinstance(document, list):
             return [self.request(item, objectKey) for item in document]
         return self.requestValue("", document, objectKey)
+
+
+def documentKey(document: dict[str, Any], objectKey: str | None) -> str | None:
+    """
+    The bucket a document is about: its C{object_key} (v7), its C{key}
+    (a key-list subscribe's entry, §20.3), else its parent's.
+    """
+    for name in ("object_key", "key"):
+        key = document.get(name)
+        if isinstance(key, str) and isBucketKey(canonicalKey(key)):
+            return canonicalKey(key)
+    return objectKey
+
+
+def nestedKey(parent: str, name: str, value: Any, objectKey: str | None) -> str | None:
+    """
+    The bucket of C{value}, found at C{parent → name}: in a nested
+    key-list document (C{{"shared": {"S": {"$version": …}}}}, §20.4) the
+    type and id, when no key is known yet.
+    """
+    if objectKey is None and isinstance(value, dict) and parent:
+        key = f"{parent}.{name}"
+        if isBucketKey(key):
+            return key
+    return objectKey
 
 
 def codeKey(text: str) -> str:

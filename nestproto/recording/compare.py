@@ -12,11 +12,25 @@ from typing import Any
 
 from attrs import frozen
 
-from .bindings import MS_FIELDS, REVISION_FIELDS, SECONDS_FIELDS, Bindings, codeKey
+from .bindings import (
+    MS_FIELDS,
+    REVISION_FIELDS,
+    SECONDS_FIELDS,
+    Bindings,
+    codeKey,
+    documentKey,
+    nestedKey,
+)
 from .format import isNumber
 
 #: Fields whose value depends on the server build, not on the protocol.
-ANY_STRING_FIELDS = frozenset({"server_version"})
+ANY_STRING_FIELDS = frozenset(
+    {
+        "server_version",
+        # A login's expiry, a date in words (PROTOCOL.md §20.6).
+        "expires_in",
+    }
+)
 
 
 @frozen
@@ -63,8 +77,7 @@ def compareDocuments(
             return [(where, recorded, replayed)]
         if list(recorded) != list(replayed):
             return [(where + " (fields)", list(recorded), list(replayed))]
-        key = recorded.get("object_key")
-        key = key if isinstance(key, str) else objectKey
+        key = documentKey(recorded, objectKey)
         problems = []
         for field_ in recorded:
             problems.extend(
@@ -74,7 +87,7 @@ def compareDocuments(
                     bindings,
                     f"{where}.{field_}",
                     field_,
-                    key,
+                    nestedKey(name, field_, recorded[field_], key),
                     codeField and field_ == "value",
                 )
             )
@@ -96,6 +109,14 @@ def compareDocuments(
         bound = bindings.codes.setdefault(codeKey(recorded), replayed)
         if bound != replayed:
             return [(where + f" (entry code bound to {bound!r})", recorded, replayed)]
+        return []
+    if name == "access_token" and isinstance(recorded, str) and recorded:
+        # An app token the server made up: bound, then sent in its place.
+        if not isinstance(replayed, str):
+            return [(where, recorded, replayed)]
+        bound = bindings.tokens.setdefault(recorded, replayed)
+        if bound != replayed:
+            return [(where + f" (token bound to {bound!r})", recorded, replayed)]
         return []
     if name in ANY_STRING_FIELDS and isinstance(recorded, str):
         return [] if isinstance(replayed, str) else [(where, recorded, replayed)]

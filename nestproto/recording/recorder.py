@@ -76,6 +76,9 @@ class Recorder:
 
     @ivar clock: the server's clock; every time in a fixture comes from it.
     @ivar raw: keep serials, MACs, passwords and entry codes as they were.
+    @ivar oneFile: write every exchange to one file, whichever device it
+        is about (a scenario of a thermostat and its apps, whose requests
+        name no device, PROTOCOL.md §20.6).
     """
 
     log = Logger()
@@ -83,6 +86,7 @@ class Recorder:
     directory: str
     clock: IReactorTime
     raw: bool = False
+    oneFile: bool = False
     redactor: Redactor = field(init=False)
     _sequence: int = field(default=0, init=False)
     _files: dict[str, tuple[str, float]] = field(factory=dict, init=False)
@@ -266,7 +270,7 @@ class Recorder:
         appendExchange(filePath, line)
 
     def _file(self, name: str, started: float) -> tuple[str, float]:
-        key = name or "unidentified"
+        key = "session" if self.oneFile else name or "unidentified"
         if key not in self._files:
             path = os.path.join(self.directory, f"{key}-{self._runName}.jsonl")
             self._paths.append(path)

@@ -3,7 +3,12 @@
 Redaction of recordings: serials and MACs become synthetic ones, Basic
 passwords and control tokens (in headers and in the C{/k/<token>/} path
 prefix) a fixed word, entry codes synthetic codes, consistently within one
-recorder run.
+recorder run. The apps' secrets (PROTOCOL.md §20.6) too: account passwords
+(in forms and JSON) become synthetic ones, and app tokens (in a login's
+answer, in C{Authorization: Basic <token>} and in a JSONP query) synthetic
+tokens, distinct ones staying distinct so that a replay logs in, and fails
+to, as the recording did; a token never seen in a login's answer becomes a
+fixed word.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import base64
 import re
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 from attrs import define, field
 
@@ -26,6 +32,15 @@ _SYNTHETIC_SERIAL = "09AA01AC{:010d}"
 _SYNTHETIC_MAC = "02005E{:06X}"
 #: Synthetic entry codes, in the firmware's 3 digits + 4 letters form.
 _SYNTHETIC_CODE = "{:03d}CODE"
+
+#: Synthetic account passwords (at least 8 characters, as accounts need).
+SYNTHETIC_PASSWORD = "password-{}"
+#: Synthetic app tokens.
+SYNTHETIC_TOKEN = "apptoken-{}"
+#: A JSONP subscribe's token in its query (§20.6).
+QUERY_AUTHORIZATION = re.compile(
+    r"([?&]Authorization=Basic(?:\+|%20))([^&#]*)", re.IGNORECASE
+)
 
 _MAC_PLAIN = re.compile(r"^[0-9A-Fa-f]{12}$")
 #: The control port's secret path prefix (nestproto.control.access).
@@ -49,6 +64,8 @@ class Redactor:
     _serials: dict[str, str] = field(factory=dict, init=False)
     _macs: dict[str, str] = field(factory=dict, init=False)
     _codes: dict[str, str] = field(factory=dict, init=False)
+    _passwords: dict[str, str] = field(factory=dict, init=False)
+    _tokens: dict[str, str] = field(factory=dict, init=False)
     _pattern: re.Pattern[str] | None = field(default=None, init=False)
 
     def learnSerial(self, serial: str | None) -> None:
@@ -114,14 +131,19 @@ class Redactor:
         """A request path with its control token and known names replaced."""
         if self.raw:
             return path
-        return self.text(_SECRET_PATH.sub("/k/" + REDACTED_PASSWORD, path, count=1))
+        path = _SECRET_PATH.sub("/k/" + REDACTED_PASSWORD, path, count=1)
+        path = QUERY_AUTHORIZATION.sub(
+            lambda match: match.group(1) + self.appToken(unquote(match.group(2))),
+            path,
+        )
+        return self.text(path)
 
     def document(self, document: Any) -> Any:
         """A JSON document with L{text} applied to every key and string."""
         if self.raw:
             return document
         if isinstance(document, dict):
-            return {self.text(k): self.document(v) for k, v in document.items()}
+            return {self.text(k): self._secret(k, v) for k, v in document.items()}
         if isinstance(document, list):
             return [self.document(item) for item in document]
         if isinstance(document, str):
@@ -134,7 +156,7 @@ class Redactor:
         if "json" in body:
             return {"json": self.document(body["json"])}
         if "text" in body:
-            return {"text": self.text(body["text"])}
+            return {"text": self.text(self._form(body["text"]))}
         return body
 
     def header(self, name: str, value: str) -> str:
@@ -143,8 +165,13 @@ class Redactor:
             return value
         lowered = name.lower()
         if lowered == "authorization":
+            scheme, _, token = value.partition(" ")
+            if token.strip() in self._tokens:
+                return f"{scheme} {self._tokens[token.strip()]}"
             credentials = basicCredentials(value.encode("latin-1"))
-            if credentials is None:
+            if credentials is None or ":" not in _decoded(value):
+                # An app token (PROTOCOL.md §20.6) is not user:password, even
+                # when it happens to be valid base64: all of it is secret.
                 # A control token (Bearer) or anything else: only its scheme.
                 return value.split(" ", 1)[0] + " " + REDACTED_PASSWORD
             token = f"{self.text(credentials.username)}:{REDACTED_PASSWORD}"
@@ -153,6 +180,37 @@ class Redactor:
             user = value.split(" ", 1)[0]
             return f"{self.text(user)} {REDACTED_PASSWORD}"
         return self.text(value)
+
+    def appToken(self, token: str) -> str:
+        """What an app token sent by a client becomes."""
+        return self._tokens.get(token.strip(), REDACTED_PASSWORD)
+
+    def _secret(self, name: str, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            return self.document(value)
+        if name == "password":
+            return self._synthetic(self._passwords, value, SYNTHETIC_PASSWORD)
+        if name == "access_token":
+            return self._synthetic(self._tokens, value, SYNTHETIC_TOKEN)
+        return self.document(value)
+
+    @staticmethod
+    def _synthetic(table: dict[str, str], value: str, form: str) -> str:
+        if value not in table:
+            table[value] = form.format(len(table) + 1)
+        return table[value]
+
+    def _form(self, text: str) -> str:
+        """A form body with its passwords replaced."""
+        pairs = []
+        for pair in text.split("&"):
+            name, equals, value = pair.partition("=")
+            if equals and name == "password":
+                value = self._synthetic(
+                    self._passwords, unquote_plus(value), SYNTHETIC_PASSWORD
+                )
+            pairs.append(name + equals + value)
+        return "&".join(pairs)
 
     def learnFrom(self, document: Any) -> None:
         """
@@ -188,3 +246,12 @@ class Redactor:
         for serial in list(self._serials):
             if session.upper().endswith(serial) and len(session) == len(serial) + 12:
                 self.learnMAC(session[:12])
+
+
+def _decoded(value: str) -> str:
+    """The text of a Basic header's credentials, or C{""}."""
+    try:
+        encoded = value.split(" ", 1)[1].strip()
+        return base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return ""

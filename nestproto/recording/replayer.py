@@ -22,7 +22,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from .bindings import Bindings
 from .compare import Mismatch, compareDocuments
 from .format import CONTROL, Exchange, Fixture, decodeBody, splitDocuments
-from .redaction import REDACTED_PASSWORD
+from .redaction import QUERY_AUTHORIZATION, REDACTED_PASSWORD
 from .targets import MemoryTarget, ReplayTarget, ServerFactory, memoryServer
 
 
@@ -210,7 +210,18 @@ class Replayer:
                 del headers["authorization"]
             else:
                 headers["authorization"] = f"Bearer {self.controlToken}"
-        path = exchange.path
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and token in self.bindings.tokens:
+            headers["authorization"] = f"Basic {self.bindings.tokens[token]}"
+        path = QUERY_AUTHORIZATION.sub(
+            lambda match: (
+                match.group(1)
+                + quote(
+                    self.bindings.tokens.get(match.group(2), match.group(2)), safe=""
+                )
+            ),
+            exchange.path,
+        )
         secretPath = f"/k/{REDACTED_PASSWORD}/"
         if exchange.kind == CONTROL and path.startswith(secretPath):
             rest = path[len(secretPath) - 1 :]
@@ -317,6 +328,12 @@ class Replayer:
                 self._mismatch(exchange, f"header {name}", None, replayed[name])
             elif name == "x-nl-service-timestamp":
                 self._checkServiceTimestamp(live, replayed[name])
+            elif name in _SKV_BOUND:
+                # The bucket's revision and timestamp the server made up
+                # (PROTOCOL.md §20.3): bound like the body's, per key.
+                self._checkBound(
+                    exchange, name, recorded.get("x-nl-skv-key"), recorded, replayed
+                )
             elif recorded[name] != replayed[name]:
                 self._mismatch(
                     exchange, f"header {name}", recorded[name], replayed[name]
@@ -332,6 +349,27 @@ class Replayer:
                     exchange.headersAt,
                     round(live.headersAt, 6),
                 )
+
+    def _checkBound(
+        self,
+        exchange: Exchange,
+        name: str,
+        key: str | None,
+        recorded: Mapping[str, str],
+        replayed: Mapping[str, str],
+    ) -> None:
+        try:
+            ours, theirs = int(recorded[name]), int(replayed[name])
+        except ValueError:
+            self._mismatch(exchange, f"header {name}", recorded[name], replayed[name])
+            return
+        if name == "x-nl-skv-timestamp":
+            table = self.bindings.milliseconds
+        else:
+            table = self.bindings.revisions.setdefault(key or "", {})
+        reason = self.bindings.bindOrdered(table, ours, theirs)
+        if reason is not None:
+            self._mismatch(exchange, f"header {name} ({reason})", ours, theirs)
 
     def _checkServiceTimestamp(self, live: _Live, value: str) -> None:
         assert live.headersAt is not None
@@ -388,6 +426,10 @@ class Replayer:
             self._mismatch(exchange, "end (s)", exchange.end, None)
         elif abs(live.end - exchange.end) > self.tolerance:
             self._mismatch(exchange, "end (s)", exchange.end, round(live.end, 6))
+
+
+#: Key-list answer headers whose values the server made up (§20.3).
+_SKV_BOUND = frozenset({"x-nl-skv-version", "x-nl-skv-timestamp"})
 
 
 def replayInMemory(
