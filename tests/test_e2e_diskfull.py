@@ -15,16 +15,13 @@ import os
 import select
 import socket
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .helpers import SERIAL, basicAuth
-from .twistd import Twistd
+from .twistd import LOOPBACK_ANY, Twistd, http
 
-LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
 DEVICE_HEADERS = {
@@ -108,27 +105,6 @@ def fill(directory: str) -> str:
     finally:
         os.close(fd)
     return path
-
-
-def http(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """A JSON request: its status and its decoded JSON answer, also for errors."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        with e:
-            contentType = e.headers.get("Content-Type", "")
-            assert contentType.startswith("application/json"), contentType
-            return e.code, json.loads(e.read())
 
 
 class HeldSubscribe:

@@ -7,6 +7,7 @@ start it, read what it logs as it logs it, reach its ports, stop it.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -14,7 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -173,3 +177,28 @@ class Twistd:
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+#: Listen on a free loopback port.
+LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
+
+
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """A JSON request: its status and its decoded JSON answer, also for errors."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            contentType = e.headers.get("Content-Type", "")
+            assert contentType.startswith("application/json"), contentType
+            return e.code, json.loads(e.read())
