@@ -21,9 +21,11 @@ from twisted.trial.unittest import TestCase
 
 from nestproto import buckets as rules
 from nestproto.buckets import Bucket
+from nestproto.errors import StoreUnavailable
 from nestproto.model import BucketChanged, Commit, RecordChanged
 from nestproto.store import (
     BucketUpdate,
+    BucketWrite,
     IBucketStore,
     RecordWrite,
     ScopeDelete,
@@ -145,6 +147,21 @@ class SharedDatabaseTests(TestCase):
         assert mine is not None and mine.revision == 3
         assert [c.sequence for c in seen] == [1, 2, 3]
         assert b.get("S", "shared.S") == mine
+
+    async def test_failedStatementLeavesTheStoreUsable(self) -> None:
+        """
+        A batch refused by the database in the middle of its pipelined
+        statements fails as a whole, commits nothing, and the next write
+        commits on the same connection.
+        """
+        a = self.store("a")
+        tooBig = Bucket("shared.S", 2**63, START_MS, {"t": 1})
+        with self.assertRaises(StoreUnavailable):
+            await a.write([BucketWrite("S", tooBig)])
+        assert a.get("S", "shared.S") is None and a.lastSequence == 0
+        [written] = await a.write([update("S", "shared.S", {"t": 20})])
+        assert written is not None and written.revision == 1
+        assert a.lastSequence == 1
 
     async def test_compareAndSetAcrossStores(self) -> None:
         """
