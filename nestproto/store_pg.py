@@ -249,25 +249,6 @@ def _commitFromRow(
     return Commit(sequence, origin, buckets, records)
 
 
-def _readChanges(
-    connection: Connection, after: int, upTo: int | None = None
-) -> list[Commit]:
-    """The logged commits after C{after} (up to C{upTo}), oldest first."""
-    if upTo is None:
-        rows = connection.execute(
-            "SELECT sequence, origin, buckets, records FROM changes "
-            "WHERE sequence > %s ORDER BY sequence",
-            (after,),
-        )
-    else:
-        rows = connection.execute(
-            "SELECT sequence, origin, buckets, records FROM changes "
-            "WHERE sequence > %s AND sequence <= %s ORDER BY sequence",
-            (after, upTo),
-        )
-    return [_commitFromRow(*row) for row in rows]
-
-
 @frozen
 class _Pending:
     writes: Sequence[Write]
@@ -857,15 +838,23 @@ class PostgreSQLStore(CommittedState):
         return heard
 
     def _readAfter(self, connection: Connection, after: int) -> _Heard:
+        # One round trip: BEGIN, both reads and COMMIT in a pipeline.
         connection.isolation_level = IsolationLevel.REPEATABLE_READ
         try:
-            with connection.transaction():
-                commits = _readChanges(connection, after)
-                row = connection.execute(
-                    "SELECT value FROM meta WHERE name = 'last_sequence'"
-                ).fetchone()
+            with connection.pipeline():
+                with connection.transaction():
+                    rows = connection.execute(
+                        "SELECT sequence, origin, buckets, records FROM changes "
+                        "WHERE sequence > %s ORDER BY sequence",
+                        (after,),
+                    )
+                    counter = connection.execute(
+                        "SELECT value FROM meta WHERE name = 'last_sequence'"
+                    )
         finally:
             connection.isolation_level = None
+        commits = [_commitFromRow(*r) for r in rows]
+        row = counter.fetchone()
         last = 0 if row is None else int(row[0])
         if (
             commits
