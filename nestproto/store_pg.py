@@ -21,12 +21,12 @@ How it keeps the store contract with other writers it cannot see:
    sequence order: this process's own commits and other processes' commits
    are applied the same way, so a reader never sees a newer value replaced
    by an older one.
- - The cross-process feed: a dedicated connection LISTENs; a NOTIFY (sent
-   in the writing transaction, so delivered only after its COMMIT) carries
-   C{key|revision|sequence} and is only a doorbell. On each one, on a poll
-   every L{POLL_SECONDS} and after every reconnect, the log is re-read
-   after the last sequence this process applied, so a lost notification or
-   a dead connection loses nothing.
+ - The cross-process feed: a dedicated connection LISTENs; a NOTIFY (one
+   per transaction, sent in it, so delivered only after its COMMIT) carries
+   the last commit's C{key|revision|sequence} and is only a doorbell. On
+   each one, on a poll every L{POLL_SECONDS} and after every reconnect,
+   the log is re-read after the last sequence this process applied, so a
+   lost notification or a dead connection loses nothing.
 
 psycopg 3's blocking driver runs in thread pools handed in as
 L{ThreadRunner}s: one thread for writes (so one process's writes are
@@ -461,8 +461,8 @@ class PostgreSQLStore(CommittedState):
             if connection.broken:
                 connection.close()
             elif connection.info.transaction_status != TransactionStatus.IDLE:
-                # A statement failed in the pipeline: the server skipped the
-                # rest, COMMIT included, and waits for a ROLLBACK.
+                # psycopg ends a transaction whose pipeline the server
+                # refused (tested); should one be left open, end it here.
                 try:
                     connection.execute("ROLLBACK")
                 except psycopg.Error:
