@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import secrets
 import sys
 import time
@@ -57,10 +59,11 @@ class SharedServer(bt.Server):
 def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
         data=None,
-        server_profile=None,
+        server_profile=args.server_profile,
         patch_klein_cycle=False,
-        gc_watch=False,
+        gc_watch=args.gc_watch,
         hold_timeout=args.hold_timeout,
+        history=True,
     )
 
 
@@ -277,6 +280,33 @@ async def pushScenario(
     )
 
 
+def cpuNow(servers: list[SharedServer]) -> dict[str, float]:
+    """
+    CPU seconds so far of the servers (all three), this client process, and
+    the PostgreSQL processes (those alive now: a good guess for a scenario
+    whose connections stay open).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    database = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        if name.startswith("postgres"):
+            fields = rest.split()
+            database += int(fields[11]) + int(fields[12])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "servers": sum(s.cpuSeconds() for s in servers),
+        "client": usage.ru_utime + usage.ru_stime,
+        "postgresql": database / tick,
+    }
+
+
 async def putScenario(servers: list[SharedServer], args: argparse.Namespace) -> None:
     devices = [
         bt.Device(serial, index, server.devicePort)
@@ -326,9 +356,11 @@ async def putScenario(servers: list[SharedServer], args: argparse.Namespace) -> 
             revision = receipt["object_revision"]
         connection.close()
 
+    cpuBefore = cpuNow(servers)
     started = time.monotonic()
     await asyncio.gather(*(putter(d) for d in devices if len(d.objects) >= 2))
     elapsed = time.monotonic() - started
+    cpu = {k: v - cpuBefore[k] for k, v in cpuNow(servers).items()}
     acks = len(latencies) - len(errors)
     bt.emit(
         {
@@ -345,6 +377,10 @@ async def putScenario(servers: list[SharedServer], args: argparse.Namespace) -> 
             "errors": len(errors),
             "first_errors": errors[:3],
             "revision_conflicts": conflicts,
+            "cpu_ms_per_ack": {
+                k: round(v / max(acks, 1) * 1000, 3) for k, v in cpu.items()
+            },
+            "load_average": os.getloadavg()[0],
             "met": acks / elapsed >= TARGETS["put_acks_per_s"] and not errors,
         }
     )
@@ -365,6 +401,9 @@ async def run(args: argparse.Namespace) -> int:
         name,
     )
     servers = [SharedServer(serverArguments(args), store) for _ in range(PROCESSES)]
+    if args.server_profile:
+        for index, server in enumerate(servers):
+            server.profile = f"{Path(args.server_profile).resolve()}.{index}"
     workers: list[asyncio.subprocess.Process] = []
     try:
         for server in servers:
@@ -384,9 +423,13 @@ async def run(args: argparse.Namespace) -> int:
                 process.kill()
         for server in servers:
             server.stop()
-            server.cleanUp(keep=False)
+            server.cleanUp(keep=args.gc_watch)
+            if args.gc_watch:
+                print(f"gc log: {server.gcLog}", file=sys.stderr)
         with psycopg.connect(args.server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if args.server_profile:
+        bt._printProfile(servers[0].profile)
     return 0
 
 
@@ -407,6 +450,15 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--control-connections", type=int, default=4)
     parser.add_argument("--put-devices", type=int, default=50)
     parser.add_argument("--put-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--server-profile",
+        help="cProfile each server into this path plus .0, .1, .2; print the first",
+    )
+    parser.add_argument(
+        "--gc-watch",
+        action="store_true",
+        help="log each server's garbage collections (gc.jsonl in its data directory)",
+    )
     # The worker's own arguments.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device-port", type=int, help=argparse.SUPPRESS)

@@ -7,6 +7,8 @@ and the tests all build through L{buildApps}, so they serve the same thing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import Factory, frozen
 from twisted.internet.interfaces import IReactorTime
 
@@ -21,7 +23,13 @@ from .history import History, HistorySettings, IHistoryStorage, sampleValues
 from .hub import HOLD_SECONDS, SubscriberHub
 from .membership import Membership
 from .metrics import Metrics, Reading, StateSources
-from .pairing import DEFAULT_TTL_SECONDS, Pairing
+from .pairing import (
+    CLAIM_THROTTLE_RECORD,
+    DEFAULT_TTL_SECONDS,
+    LOGIN_THROTTLE_RECORD,
+    Pairing,
+    SharedClaimThrottle,
+)
 from .presence import IPresence, Presence
 from .state import DeviceState
 from .store import IBucketStore, SQLiteStore, ThreadRunner
@@ -69,6 +77,7 @@ def buildApps(
     logs: LogStore | None = None,
     deviceClass: type[DeviceAPI] = DeviceAPI,
     presence: IPresence | None = None,
+    sharedThrottles: bool = False,
 ) -> Apps:
     """
     Wire every part of nestproto around C{store}.
@@ -80,6 +89,9 @@ def buildApps(
         the replayer serve deliberately broken ones).
     @param presence: defaults to this process's memory; several processes
         on one store share one.
+    @param sharedThrottles: count wrong pairing codes and control-token
+        logins (control port) and app-account logins (device port) in the
+        store, so that every process sharing it counts them.
     """
     settings = settings or AppSettings()
     # Every consumer learns of a change from the store's feed, in this order:
@@ -119,7 +131,16 @@ def buildApps(
     # One Admission for both ports: the device port admits, the control port
     # shows only what it admits.
     admission = Admission(state, settings.admission)
+    throttles: dict[str, Any] = {}
+    if sharedThrottles:
+        throttles["claim"] = SharedClaimThrottle(
+            clock, store=store, kind=CLAIM_THROTTLE_RECORD
+        )
+        throttles["login"] = SharedClaimThrottle(
+            clock, store=store, kind=LOGIN_THROTTLE_RECORD
+        )
     device = deviceClass(
+        **({"loginThrottle": throttles["login"]} if throttles else {}),
         state=state,
         hub=hub,
         pairing=pairing,
@@ -134,6 +155,7 @@ def buildApps(
         metrics=metrics,
     )
     control = ControlAPI(
+        **({"throttle": throttles["claim"]} if throttles else {}),
         state=state,
         hub=hub,
         pairing=pairing,

@@ -16,7 +16,8 @@ import hmac
 import re
 import secrets
 import string
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -35,7 +36,14 @@ from .membership import (
     unpairedStructureKey,
 )
 from .state import DeviceState
-from .store import BucketUpdate, Decide, RecordUpdate, RecordWrite, Write
+from .store import (
+    BucketUpdate,
+    Decide,
+    IBucketStore,
+    RecordUpdate,
+    RecordWrite,
+    Write,
+)
 
 ENTRY_KEY_RECORD = "entry_key"
 #: Record kind binding a serial to the device password it first gave
@@ -176,6 +184,109 @@ class ClaimThrottle:
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
+
+
+#: Records of a L{SharedClaimThrottle}: the wrong codes of one client
+#: address, per throttle.
+CLAIM_THROTTLE_RECORD = "claim-throttle"
+LOGIN_THROTTLE_RECORD = "login-throttle"
+
+
+@define
+class SharedClaimThrottle(ClaimThrottle):
+    """
+    A L{ClaimThrottle} whose failures are records in C{store} (C{kind}, one
+    per client address): with a store several processes share, a wrong code
+    sent to one process counts on every one, so a client cannot try
+    C{maxFailures} codes per process behind a load balancer.
+
+    Each failure is counted in the database (a L{RecordUpdate}: two
+    processes' failures at once both count) and at once in this process's
+    memory, before the write commits; a process sees another's failures as
+    soon as its change feed brings them. Past C{maxTracked} addresses the
+    oldest failures are deleted, as the in-memory throttle forgets them.
+    """
+
+    log: ClassVar[Logger] = Logger()
+
+    store: IBucketStore = field(kw_only=True)
+    kind: str = field(default=CLAIM_THROTTLE_RECORD, kw_only=True)
+    _sinceTrim: int = field(default=0, init=False)
+
+    def _lockSeconds(self, count: int) -> float:
+        return float(
+            min(
+                self.baseLockSeconds * 2 ** (count - self.maxFailures),
+                self.maxLockSeconds,
+            )
+        )
+
+    def check(self, client: str) -> None:
+        """
+        @raise TooManyAttempts: while C{client} is locked out here or by
+            failures on any process.
+        """
+        super().check(client)
+        doc = self.store.record(self.kind, client)
+        if doc is not None:
+            now = self.clock.seconds()
+            lockedUntil = float(doc.get("lockedUntil", 0.0))
+            if now < lockedUntil:
+                raise TooManyAttempts(int(lockedUntil - now + 0.999))
+
+    def failed(self, client: str) -> None:
+        # This process's count, now (its own next attempt sees it at once).
+        super().failed(client)
+        now = self.clock.seconds()
+
+        def decide(doc: dict[str, Any] | None) -> dict[str, Any]:
+            count = 1 + (0 if doc is None else int(doc.get("count", 0)))
+            lockedUntil = 0.0 if doc is None else float(doc.get("lockedUntil", 0.0))
+            if count >= self.maxFailures:
+                lockedUntil = max(lockedUntil, now + self._lockSeconds(count))
+            return {"count": count, "lockedUntil": lockedUntil, "at": now}
+
+        writes: list[Write] = [RecordUpdate(self.kind, client, decide)]
+        self._sinceTrim += 1
+        if self._sinceTrim >= 100:
+            self._sinceTrim = 0
+            tracked = self.store.records(self.kind)
+            excess = len(tracked) - self.maxTracked
+            if excess > 0:
+                oldest = sorted(tracked, key=lambda name: tracked[name].get("at", 0))
+                writes += [
+                    RecordWrite(self.kind, name, None)
+                    for name in oldest[:excess]
+                    if name != client
+                ]
+        # Once committed, the store counts it: this process's memory need
+        # not (and must not outlive a correct claim made on another process).
+        self._write(writes, lambda: self._failures.pop(client, None))
+
+    def succeeded(self, client: str) -> None:
+        super().succeeded(client)
+        if self.store.record(self.kind, client) is not None:
+            self._write([RecordWrite(self.kind, client, None)])
+
+    def _write(
+        self, writes: list[Write], committed: Callable[[], object] | None = None
+    ) -> None:
+        """Write, then call C{committed}; a failure is logged."""
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "claim throttle not recorded: {error}",
+                error=failure.getErrorMessage(),
+            )
+
+        try:
+            d = self.store.write(writes)
+        except Exception:
+            failed(Failure())
+            return
+        if committed is not None:
+            d.addCallback(lambda ignored: committed())
+        d.addErrback(failed)
 
 
 @define

@@ -1002,6 +1002,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         store,
         reactor,
         presence=presence,
+        sharedThrottles=options.get("store") is not None,
         runInThread=partial(deferToThreadPool, reactor, ioPool),
         settings=AppSettings(
             holdSeconds=options["hold-timeout"],

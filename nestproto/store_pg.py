@@ -21,12 +21,12 @@ How it keeps the store contract with other writers it cannot see:
    sequence order: this process's own commits and other processes' commits
    are applied the same way, so a reader never sees a newer value replaced
    by an older one.
- - The cross-process feed: a dedicated connection LISTENs; a NOTIFY (sent
-   in the writing transaction, so delivered only after its COMMIT) carries
-   C{key|revision|sequence} and is only a doorbell. On each one, on a poll
-   every L{POLL_SECONDS} and after every reconnect, the log is re-read
-   after the last sequence this process applied, so a lost notification or
-   a dead connection loses nothing.
+ - The cross-process feed: a dedicated connection LISTENs; a NOTIFY (one
+   per transaction, sent in it, so delivered only after its COMMIT) carries
+   the last commit's C{key|revision|sequence} and is only a doorbell. On
+   each one, on a poll every L{POLL_SECONDS} and after every reconnect,
+   the log is re-read after the last sequence this process applied, so a
+   lost notification or a dead connection loses nothing.
 
 psycopg 3's blocking driver runs in thread pools handed in as
 L{ThreadRunner}s: one thread for writes (so one process's writes are
@@ -41,13 +41,14 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from attrs import define, field, frozen
 from psycopg import IsolationLevel
+from psycopg.pq import TransactionStatus
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -248,25 +249,6 @@ def _commitFromRow(
     return Commit(sequence, origin, buckets, records)
 
 
-def _readChanges(
-    connection: Connection, after: int, upTo: int | None = None
-) -> list[Commit]:
-    """The logged commits after C{after} (up to C{upTo}), oldest first."""
-    if upTo is None:
-        rows = connection.execute(
-            "SELECT sequence, origin, buckets, records FROM changes "
-            "WHERE sequence > %s ORDER BY sequence",
-            (after,),
-        )
-    else:
-        rows = connection.execute(
-            "SELECT sequence, origin, buckets, records FROM changes "
-            "WHERE sequence > %s AND sequence <= %s ORDER BY sequence",
-            (after, upTo),
-        )
-    return [_commitFromRow(*row) for row in rows]
-
-
 @frozen
 class _Pending:
     writes: Sequence[Write]
@@ -315,6 +297,8 @@ class PostgreSQLStore(CommittedState):
     _closed: bool = False
     #: Used on the writing thread only.
     _writer: Connection | None = field(default=None, repr=False)
+    #: The applied sequence when this process last pruned the change log.
+    _prunedAt: int = field(default=0, repr=False)
     #: Used on the listening thread only.
     _listening: Connection | None = field(default=None, repr=False)
     _listenFailures: int = 0
@@ -459,19 +443,39 @@ class PostgreSQLStore(CommittedState):
         """
         Decide and commit C{batch} in one transaction; C{applied} is the
         last sequence this process's memory shows.
+
+        The statements go in psycopg's pipeline mode: one round trip sends
+        BEGIN, the locks and the reads the decisions need; a second sends
+        every write, the counter, the change log, the doorbell and COMMIT,
+        and waits for COMMIT. The counter's row lock, which orders every
+        process's commits, is so held for one round trip and the fsync.
         """
         connection = self._writerConnection()
         try:
-            with connection.transaction():
-                return self._decideAndWrite(connection, batch, nowMs, applied)
+            with connection.pipeline():
+                with connection.transaction():
+                    finish = self._decideAndWrite(connection, batch, nowMs, applied)
+            # Past the pipeline: COMMIT has returned.
+            return finish()
         except BaseException:
             if connection.broken:
                 connection.close()
+            elif connection.info.transaction_status != TransactionStatus.IDLE:
+                # psycopg ends a transaction whose pipeline the server
+                # refused (tested); should one be left open, end it here.
+                try:
+                    connection.execute("ROLLBACK")
+                except psycopg.Error:
+                    connection.close()
             raise
 
     def _decideAndWrite(
         self, connection: Connection, batch: list[_Pending], nowMs: int, applied: int
-    ) -> _Outcome:
+    ) -> Callable[[], _Outcome]:
+        """
+        Queue the transaction's statements; return what reads their results
+        once the pipeline has been synchronised (after COMMIT).
+        """
         scopes = {
             w.scope for p in batch for w in p.writes if isinstance(w, ScopeDelete)
         }
@@ -503,33 +507,39 @@ class PostgreSQLStore(CommittedState):
             "WITH ORDINALITY AS t(id, n) ORDER BY n",
             (lockIds,),
         )
-        stored: dict[tuple[str, str], Bucket | None] = dict.fromkeys(named)
+        # Queued behind the locks: each read starts once they are held.
+        bucketRows = None
         if named:
             pairs = sorted(named)
-            for scope, key, revision, timestamp, value in connection.execute(
+            bucketRows = connection.execute(
                 "SELECT b.scope, b.key, b.revision, b.timestamp, b.value "
                 "FROM buckets b JOIN unnest(%s::text[], %s::text[]) AS k(scope, key) "
                 "ON b.scope = k.scope AND b.key = k.key",
                 ([s for s, k in pairs], [k for s, k in pairs]),
-            ):
-                stored[scope, key] = Bucket(key, revision, timestamp, json.loads(value))
-                inScopes.get(scope, set()).add(key)
-
+            )
         # Records a decision reads, as the transaction sees them (locked above).
-        storedRecords: dict[tuple[str, str], dict[str, Any] | None] = {}
         updated = sorted(
             (w.kind, w.name)
             for p in batch
             for w in p.writes
             if isinstance(w, RecordUpdate)
         )
+        recordRows = None
         if updated:
-            for kind, name, doc in connection.execute(
+            recordRows = connection.execute(
                 "SELECT r.kind, r.name, r.doc FROM records r "
                 "JOIN unnest(%s::text[], %s::text[]) AS k(kind, name) "
                 "ON r.kind = k.kind AND r.name = k.name",
                 ([k for k, n in updated], [n for k, n in updated]),
-            ):
+            )
+        stored: dict[tuple[str, str], Bucket | None] = dict.fromkeys(named)
+        if bucketRows is not None:
+            for scope, key, revision, timestamp, value in bucketRows:
+                stored[scope, key] = Bucket(key, revision, timestamp, json.loads(value))
+                inScopes.get(scope, set()).add(key)
+        storedRecords: dict[tuple[str, str], dict[str, Any] | None] = {}
+        if recordRows is not None:
+            for kind, name, doc in recordRows:
                 storedRecords[kind, name] = json.loads(doc)
         decided: list[Decided | Failure] = []
         accepted: list[Decided] = []
@@ -552,48 +562,64 @@ class PostgreSQLStore(CommittedState):
         # What the batch leaves, key by key (later requests win).
         finalBuckets: dict[tuple[str, str], Bucket | None] = {}
         finalRecords: dict[tuple[str, str], dict[str, Any] | None] = {}
-        announced = [one for one in accepted if one.bucketOps or one.recordOps]
-        for one in announced:
-            finalBuckets.update(one.bucketOps)
-            finalRecords.update(one.recordOps)
+        announced: list[tuple[Decided, str | None]] = [
+            (each, pending.origin)
+            for pending, each in zip(batch, decided, strict=True)
+            if isinstance(each, Decided) and (each.bucketOps or each.recordOps)
+        ]
         if not announced:
             # Nothing to commit, but the decisions saw the database: show
             # at least as much, so a refused compare-and-set is not
             # followed by a read of an older bucket.
-            row = connection.execute(
-                "SELECT value FROM meta WHERE name = 'last_sequence'"
-            ).fetchone()
-            last = 0 if row is None else int(row[0])
-            return _Outcome(
-                decided,
-                _readChanges(connection, applied, last) if last > applied else [],
+            seen = connection.execute(
+                "SELECT sequence, origin, buckets, records FROM changes "
+                "WHERE sequence > %s AND sequence <= "
+                "(SELECT value FROM meta WHERE name = 'last_sequence') "
+                "ORDER BY sequence",
+                (applied,),
             )
+            return lambda: _Outcome(decided, [_commitFromRow(*r) for r in seen])
+        for one, _origin in announced:
+            finalBuckets.update(one.bucketOps)
+            finalRecords.update(one.recordOps)
         _writeRows(connection, finalBuckets, finalRecords)
 
         # Last: the counter's row lock orders commits until this COMMIT.
-        row = connection.execute(
+        count = len(announced)
+        counter = connection.execute(
             "UPDATE meta SET value = value + %s WHERE name = 'last_sequence' "
             "RETURNING value",
-            (len(announced),),
-        ).fetchone()
-        assert row is not None
-        last = int(row[0])
-        first = last - len(announced) + 1
+            (count,),
+        )
         # Every commit before ours is committed (it held the counter): read
         # those this process has not applied yet, to apply them first.
-        earlier = (
-            _readChanges(connection, applied, first - 1) if applied < first - 1 else []
+        earlier = connection.execute(
+            "SELECT sequence, origin, buckets, records FROM changes "
+            "WHERE sequence > %s AND sequence <= "
+            "(SELECT value FROM meta WHERE name = 'last_sequence') - %s "
+            "ORDER BY sequence",
+            (applied, count),
         )
-        commits: list[Commit] = []
-        for sequence, one in enumerate(announced, start=first):
-            one.sequence = sequence
-        for pending, each in zip(batch, decided, strict=True):
-            if isinstance(each, Decided) and each.sequence:
-                one = each
+        _logCommits(connection, count, announced)
+        if applied - self._prunedAt >= 1000:
+            self._prunedAt = applied
+            connection.execute(
+                "DELETE FROM changes WHERE sequence <= %s "
+                "AND committed < clock_timestamp() - make_interval(secs => %s)",
+                (applied - CHANGES_KEPT, CHANGES_KEPT_SECONDS),
+            )
+
+        def outcome() -> _Outcome:
+            row = counter.fetchone()
+            assert row is not None
+            first = int(row[0]) - count + 1
+            commits = [_commitFromRow(*r) for r in earlier]
+            for sequence, (one, origin) in enumerate(announced, start=first):
+                one.sequence = sequence
                 commits.append(
                     Commit(
-                        one.sequence,
-                        pending.origin,
+                        sequence,
+                        origin,
                         tuple(
                             BucketChanged(scope, key, bucket)
                             for (scope, key), bucket in one.bucketOps.items()
@@ -604,14 +630,9 @@ class PostgreSQLStore(CommittedState):
                         ),
                     )
                 )
-        _logCommits(connection, commits)
-        if last % 1000 < len(announced):
-            connection.execute(
-                "DELETE FROM changes WHERE sequence <= %s "
-                "AND committed < clock_timestamp() - make_interval(secs => %s)",
-                (last - CHANGES_KEPT, CHANGES_KEPT_SECONDS),
-            )
-        return _Outcome(decided, earlier + commits)
+            return _Outcome(decided, commits)
+
+        return outcome
 
     def _syncPresence(
         self,
@@ -817,15 +838,23 @@ class PostgreSQLStore(CommittedState):
         return heard
 
     def _readAfter(self, connection: Connection, after: int) -> _Heard:
+        # One round trip: BEGIN, both reads and COMMIT in a pipeline.
         connection.isolation_level = IsolationLevel.REPEATABLE_READ
         try:
-            with connection.transaction():
-                commits = _readChanges(connection, after)
-                row = connection.execute(
-                    "SELECT value FROM meta WHERE name = 'last_sequence'"
-                ).fetchone()
+            with connection.pipeline():
+                with connection.transaction():
+                    rows = connection.execute(
+                        "SELECT sequence, origin, buckets, records FROM changes "
+                        "WHERE sequence > %s ORDER BY sequence",
+                        (after,),
+                    )
+                    counter = connection.execute(
+                        "SELECT value FROM meta WHERE name = 'last_sequence'"
+                    )
         finally:
             connection.isolation_level = None
+        commits = [_commitFromRow(*r) for r in rows]
+        row = counter.fetchone()
         last = 0 if row is None else int(row[0])
         if (
             commits
@@ -895,46 +924,67 @@ def _writeRows(
         )
 
 
-def _logCommits(connection: Connection, commits: list[Commit]) -> None:
-    """Append C{commits} to the change log and ring the doorbell for each."""
+def _logCommits(
+    connection: Connection, count: int, announced: list[tuple[Decided, str | None]]
+) -> None:
+    """
+    Queue the change log's rows for C{announced} and one doorbell for the
+    transaction: their sequences are the last C{count} the counter (updated
+    before, in this transaction) handed out.
+
+    One doorbell serves every commit of a transaction: a listener re-reads
+    the log after the last sequence it applied whenever it rings, and
+    carries the last commit's C{key|revision|sequence}.
+    """
     connection.execute(
         "INSERT INTO changes (sequence, origin, buckets, records) "
-        "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])",
+        "SELECT m.value - %s + t.n, t.origin, t.buckets, t.records "
+        "FROM meta m, unnest(%s::text[], %s::text[], %s::text[]) "
+        "WITH ORDINALITY AS t(origin, buckets, records, n) "
+        "WHERE m.name = 'last_sequence'",
         (
-            [c.sequence for c in commits],
-            [c.origin for c in commits],
+            count,
+            [origin for one, origin in announced],
             [
                 _dumps(
                     [
-                        [b.scope, b.key, None, None, None]
-                        if b.bucket is None
+                        [scope, key, None, None, None]
+                        if bucket is None
                         else [
-                            b.scope,
-                            b.key,
-                            b.bucket.revision,
-                            b.bucket.timestamp,
-                            b.bucket.value,
+                            scope,
+                            key,
+                            bucket.revision,
+                            bucket.timestamp,
+                            bucket.value,
                         ]
-                        for b in c.buckets
+                        for (scope, key), bucket in one.bucketOps.items()
                     ]
                 )
-                for c in commits
+                for one, origin in announced
             ],
-            [_dumps([[r.kind, r.name, r.doc] for r in c.records]) for c in commits],
+            [
+                _dumps(
+                    [[kind, name, doc] for (kind, name), doc in one.recordOps.items()]
+                )
+                for one, origin in announced
+            ],
         ),
     )
     connection.execute(
-        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
-        (CHANNEL, [_doorbell(c) for c in commits]),
+        "SELECT pg_notify(%s, %s || value) FROM meta WHERE name = 'last_sequence'",
+        (CHANNEL, _doorbell(announced[-1][0])),
     )
 
 
-def _doorbell(commit: Commit) -> str:
-    """C{key|revision|sequence} of a commit's first bucket (empty for records)."""
-    for change in commit.buckets:
-        revision = "" if change.bucket is None else str(change.bucket.revision)
-        return f"{change.key}|{revision}|{commit.sequence}"
-    return f"||{commit.sequence}"
+def _doorbell(last: Decided) -> str:
+    """
+    C{key|revision|} of a transaction's last commit's first bucket (C{||}
+    for records); the database appends the sequence.
+    """
+    for (_scope, key), bucket in last.bucketOps.items():
+        revision = "" if bucket is None else str(bucket.revision)
+        return f"{key}|{revision}|"
+    return "||"
 
 
 #: Seconds between a process's presence writes and reads of the others'.

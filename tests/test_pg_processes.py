@@ -230,6 +230,32 @@ class TwoProcessTests(SynchronousTestCase):
         eventually(lambda: status(a)["status"] == "claimed")
         self.assertEqual(status(a)["claimedBy"], "u1")
 
+    def test_wrongCodesCountOnBothProcesses(self) -> None:
+        """
+        Five wrong codes sent alternately to A and B lock the address out
+        of both: the sixth is refused (429) by either.
+        """
+        a, b = self.servers()
+
+        def register(server: Server) -> int:
+            code, body = call(
+                "POST",
+                f"{server.control}/api/register",
+                {"code": "000AAAA", "userId": "u1"},
+            )
+            return code
+
+        for server in [a, b, a, b]:
+            self.assertNotEqual(register(server), 429)
+        # The fifth, once A has seen B's failures (its feed: milliseconds).
+        time.sleep(0.5)
+        self.assertNotEqual(register(a), 429)
+        # Per process, B would have counted two. (Waiting with eventually()
+        # would send B more wrong codes, which B would count itself.)
+        time.sleep(1.0)
+        self.assertEqual(register(b), 429)
+        self.assertEqual(register(a), 429)
+
     def test_conflictingPutsThroughBothAreDecidedOnce(self) -> None:
         """
         Puts conditional on one revision, through A and B at once: exactly

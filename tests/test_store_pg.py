@@ -21,9 +21,12 @@ from twisted.trial.unittest import TestCase
 
 from nestproto import buckets as rules
 from nestproto.buckets import Bucket
+from nestproto.errors import StoreUnavailable, TooManyAttempts
 from nestproto.model import BucketChanged, Commit, RecordChanged
+from nestproto.pairing import CLAIM_THROTTLE_RECORD, SharedClaimThrottle
 from nestproto.store import (
     BucketUpdate,
+    BucketWrite,
     IBucketStore,
     RecordWrite,
     ScopeDelete,
@@ -145,6 +148,58 @@ class SharedDatabaseTests(TestCase):
         assert mine is not None and mine.revision == 3
         assert [c.sequence for c in seen] == [1, 2, 3]
         assert b.get("S", "shared.S") == mine
+
+    async def test_failedStatementLeavesTheStoreUsable(self) -> None:
+        """
+        A batch refused by the database in the middle of its pipelined
+        statements fails as a whole, commits nothing, and the next write
+        commits on the same connection.
+        """
+        a = self.store("a")
+        tooBig = Bucket("shared.S", 2**63, START_MS, {"t": 1})
+        with self.assertRaises(StoreUnavailable):
+            await a.write([BucketWrite("S", tooBig)])
+        assert a.get("S", "shared.S") is None and a.lastSequence == 0
+        [written] = await a.write([update("S", "shared.S", {"t": 20})])
+        assert written is not None and written.revision == 1
+        assert a.lastSequence == 1
+
+    async def test_claimThrottleCountsAcrossStores(self) -> None:
+        """
+        Wrong codes sent to two processes count together: the fifth locks
+        the address out on both, and a correct claim on one frees it on
+        both.
+        """
+        a = self.store("a")
+        b = self.store("b")
+        onA = SharedClaimThrottle(self.clock, store=a)
+        onB = SharedClaimThrottle(self.clock, store=b)
+        for throttle in [onA, onB, onA, onB]:
+            throttle.check("192.0.2.1")
+            throttle.failed("192.0.2.1")
+        # The fifth, on A, once A has seen B's failures.
+        await eventually(
+            lambda: (
+                (a.record(CLAIM_THROTTLE_RECORD, "192.0.2.1") or {}).get("count") == 4
+            )
+        )
+        onA.failed("192.0.2.1")
+        await eventually(
+            lambda: (
+                (b.record(CLAIM_THROTTLE_RECORD, "192.0.2.1") or {}).get("count") == 5
+            )
+        )
+        with self.assertRaises(TooManyAttempts):
+            onB.check("192.0.2.1")
+        with self.assertRaises(TooManyAttempts):
+            onA.check("192.0.2.1")
+        onB.check("198.51.100.7")
+        # Once the lockout is over, a correct claim on B forgets it on A too.
+        self.clock.advance(onA.baseLockSeconds)
+        onB.check("192.0.2.1")
+        onB.succeeded("192.0.2.1")
+        await eventually(lambda: a.record(CLAIM_THROTTLE_RECORD, "192.0.2.1") is None)
+        onA.check("192.0.2.1")
 
     async def test_compareAndSetAcrossStores(self) -> None:
         """
