@@ -1146,23 +1146,6 @@ class Server:
         finally:
             connection.close()
 
-    async def heldSubscribes(self) -> int:
-        """The server's nestproto_held_subscribes gauge (GET /metrics)."""
-        connection = await connect(self.controlPort)
-        try:
-            response = connection.request(
-                b"GET", b"/metrics", hostHeader(self.controlPort)
-            )
-            await response.done
-            if not response.ok:
-                raise RuntimeError(f"/metrics: {response.status} {response.error}")
-            for line in b"".join(response.chunks).decode().splitlines():
-                if line.startswith("nestproto_held_subscribes "):
-                    return int(float(line.split()[1]))
-            raise RuntimeError("/metrics: no nestproto_held_subscribes")
-        finally:
-            connection.close()
-
     async def waitForSubscriptions(self, count: int, seconds: float) -> int:
         """Poll /metrics until C{count} subscribes are held; the last count."""
         deadline = time.monotonic() + seconds
