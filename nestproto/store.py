@@ -361,6 +361,15 @@ def _absentBefore(
     return storedBucket(scope, key) is None
 
 
+@frozen
+class PendingWrite:
+    """A write request waiting for its batch: what it writes and who asks."""
+
+    writes: Sequence[Write]
+    origin: str | None
+    done: Deferred[list[Bucket | None]]
+
+
 @define
 class CommittedState:
     """
@@ -385,6 +394,10 @@ class CommittedState:
         factory=lambda: deque(maxlen=REPLAY_COMMITS), repr=False, kw_only=True
     )
     lastSequence: int = field(default=0, kw_only=True)
+    #: Write requests not yet decided; each engine's L{_commitQueued} takes
+    #: them a batch at a time.
+    _queue: list[PendingWrite] = field(factory=list, repr=False, kw_only=True)
+    _closed: bool = field(default=False, kw_only=True)
 
     # Reads: committed state only
 
@@ -420,6 +433,26 @@ class CommittedState:
             return None
         return [commit for commit in self._recent if commit.sequence > sequence]
 
+    def write(
+        self, writes: Sequence[Write], origin: str | None = None
+    ) -> Deferred[list[Bucket | None]]:
+        if self._closed:
+            raise StoreClosed()
+        if not writes:
+            # Nothing to decide: committed state is already what it shows.
+            return succeed([])
+        done: Deferred[list[Bucket | None]] = Deferred()
+        self._queue.append(PendingWrite(list(writes), origin, done))
+        self._commitQueued()
+        return done
+
+    def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
+        return self.write([ScopeDelete(scope)])
+
+    def _commitQueued(self) -> None:
+        """Decide and commit what is queued, a batch at a time (the engine's)."""
+        raise NotImplementedError()
+
     def _show(self, commit: Commit) -> None:
         """Make a durable C{commit} visible to reads, then announce it."""
         for change in commit.buckets:
@@ -447,13 +480,6 @@ class CommittedState:
                 )
 
 
-@frozen
-class _Pending:
-    writes: Sequence[Write]
-    origin: str | None
-    done: Deferred[list[Bucket | None]]
-
-
 @implementer(IBucketStore)
 @define
 class SQLiteStore(CommittedState):
@@ -472,14 +498,12 @@ class SQLiteStore(CommittedState):
     _connection: sqlite3.Connection
     _runInThread: ThreadRunner
     _clock: IReactorTime
-    _queue: list[_Pending] = field(factory=list, repr=False)
     #: Fired once nothing is queued or committing (L{close}).
     _drained: list[Deferred[None]] = field(factory=list, repr=False)
     #: Called with the seconds each group commit took, from deciding its
     #: batch to its being durable (metrics).
     onCommitted: Callable[[float], object] | None = field(default=None, repr=False)
     _committing: bool = False
-    _closed: bool = False
     #: Calls of L{withConnection} not yet done (L{close} waits for them).
     _jobs: int = 0
 
@@ -516,22 +540,6 @@ class SQLiteStore(CommittedState):
         return store
 
     # Writes
-
-    def write(
-        self, writes: Sequence[Write], origin: str | None = None
-    ) -> Deferred[list[Bucket | None]]:
-        if self._closed:
-            raise StoreClosed()
-        if not writes:
-            # Nothing to decide: committed state is already what it shows.
-            return succeed([])
-        done: Deferred[list[Bucket | None]] = Deferred()
-        self._queue.append(_Pending(list(writes), origin, done))
-        self._commitQueued()
-        return done
-
-    def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
-        return self.write([ScopeDelete(scope)])
 
     def withConnection(self, f: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
         """
@@ -581,8 +589,8 @@ class SQLiteStore(CommittedState):
         batch, self._queue = self._queue, []
         self._committing = True
         nowMs = int(self._clock.seconds() * 1000)
-        accepted: list[tuple[_Pending, Decided]] = []
-        refused: list[tuple[_Pending, Failure]] = []
+        accepted: list[tuple[PendingWrite, Decided]] = []
+        refused: list[tuple[PendingWrite, Failure]] = []
         sequence = self.lastSequence
         for pending in batch:
             try:
@@ -660,7 +668,7 @@ class SQLiteStore(CommittedState):
             raise
 
     def _finish(
-        self, decided: list[tuple[_Pending, Decided]], started: float | None = None
+        self, decided: list[tuple[PendingWrite, Decided]], started: float | None = None
     ) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
         if started is not None and self.onCommitted is not None:
@@ -673,7 +681,9 @@ class SQLiteStore(CommittedState):
         self._commitQueued()
         self._closeIfDrained()
 
-    def _fail(self, decided: list[tuple[_Pending, Decided]], failure: Failure) -> None:
+    def _fail(
+        self, decided: list[tuple[PendingWrite, Decided]], failure: Failure
+    ) -> None:
         """The batch did not commit: nothing changes, every request fails."""
         logFailedCommit(self.log, failure, len(decided), sqlite3.Error)
         self._committing = False

@@ -41,7 +41,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .buckets import Bucket
-from .errors import StoreClosed, StoreUnavailable
+from .errors import StoreUnavailable
 from .model import BucketChanged, Commit, RecordChanged
 from .presence import IPresence, Presence
 from .store import (
@@ -65,12 +65,12 @@ from .store import (
     CommittedState,
     Decided,
     IBucketStore,
+    PendingWrite,
     RecordUpdate,
     RecordWrite,
     SchemaTooNew,
     ScopeDelete,
     ThreadRunner,
-    Write,
     decideRequest,
     logFailedCommit,
 )
@@ -250,13 +250,6 @@ def _commitFromRow(
 
 
 @frozen
-class _Pending:
-    writes: Sequence[Write]
-    origin: str | None
-    done: Deferred[list[Bucket | None]]
-
-
-@frozen
 class _Outcome:
     """
     What a transaction did: per request, its decision or why it was
@@ -291,10 +284,8 @@ class PostgreSQLStore(CommittedState):
     _runInThread: ThreadRunner
     _clock: IReactorTime
     _listenInThread: ThreadRunner | None = None
-    _queue: list[_Pending] = field(factory=list, repr=False)
     _drained: list[Deferred[None]] = field(factory=list, repr=False)
     _committing: bool = False
-    _closed: bool = False
     #: Used on the writing thread only.
     _writer: Connection | None = field(default=None, repr=False)
     #: The applied sequence when this process last pruned the change log.
@@ -358,21 +349,6 @@ class PostgreSQLStore(CommittedState):
 
     # Writes
 
-    def write(
-        self, writes: Sequence[Write], origin: str | None = None
-    ) -> Deferred[list[Bucket | None]]:
-        if self._closed:
-            raise StoreClosed()
-        if not writes:
-            return succeed([])
-        done: Deferred[list[Bucket | None]] = Deferred()
-        self._queue.append(_Pending(list(writes), origin, done))
-        self._commitQueued()
-        return done
-
-    def deleteScope(self, scope: str) -> Deferred[list[Bucket | None]]:
-        return self.write([ScopeDelete(scope)])
-
     def close(self) -> Deferred[None]:
         """
         Fire once every accepted write is committed, the listening loop
@@ -417,7 +393,7 @@ class PostgreSQLStore(CommittedState):
     def _commitQueued(self) -> None:
         if self._committing or not self._queue:
             return
-        batch: list[_Pending] = []
+        batch: list[PendingWrite] = []
         keys = 0
         while self._queue and (not batch or keys < MAX_KEYS_PER_TRANSACTION):
             pending = self._queue.pop(0)
@@ -439,7 +415,9 @@ class PostgreSQLStore(CommittedState):
             _durable(self._writer)
         return self._writer
 
-    def _transact(self, batch: list[_Pending], nowMs: int, applied: int) -> _Outcome:
+    def _transact(
+        self, batch: list[PendingWrite], nowMs: int, applied: int
+    ) -> _Outcome:
         """
         Decide and commit C{batch} in one transaction; C{applied} is the
         last sequence this process's memory shows.
@@ -470,7 +448,11 @@ class PostgreSQLStore(CommittedState):
             raise
 
     def _decideAndWrite(
-        self, connection: Connection, batch: list[_Pending], nowMs: int, applied: int
+        self,
+        connection: Connection,
+        batch: list[PendingWrite],
+        nowMs: int,
+        applied: int,
     ) -> Callable[[], _Outcome]:
         """
         Queue the transaction's statements; return what reads their results
@@ -693,7 +675,7 @@ class PostgreSQLStore(CommittedState):
 
     # On the reactor thread: answers
 
-    def _finish(self, batch: list[_Pending], outcome: _Outcome) -> None:
+    def _finish(self, batch: list[PendingWrite], outcome: _Outcome) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
         self._apply(outcome.commits)
         for pending, one in zip(batch, outcome.decided, strict=True):
@@ -705,7 +687,7 @@ class PostgreSQLStore(CommittedState):
         self._commitQueued()
         self._closeIfDrained()
 
-    def _fail(self, batch: list[_Pending], failure: Failure) -> None:
+    def _fail(self, batch: list[PendingWrite], failure: Failure) -> None:
         """
         The batch did not commit: nothing changes, every request fails.
 
