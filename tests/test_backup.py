@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-import urllib.request
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -27,10 +25,9 @@ from nestproto.buckets import Bucket
 from nestproto.datadir import STORE_FILE, DataLock
 from nestproto.store import BucketWrite, SQLiteStore, runInline
 
-from .helpers import SERIAL, basicAuth
-from .twistd import PROJECT_ROOT, Twistd
+from .helpers import SERIAL
+from .twistd import LOOPBACK_ANY, PROJECT_ROOT, Twistd, http, thermostatReports
 
-LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
 
@@ -44,21 +41,6 @@ def tool(name: str, *arguments: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
     )
-
-
-def http(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
-) -> Any:
-    """A JSON request; its decoded JSON answer."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url,
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 class BackupWhileRunningTests(SynchronousTestCase):
@@ -81,8 +63,14 @@ class BackupWhileRunningTests(SynchronousTestCase):
             f"http://127.0.0.1:{ports['control']}",
         )
 
+    def get(self, url: str) -> Any:
+        """A JSON GET that must succeed; its document."""
+        status, document = http("GET", url)
+        self.assertEqual(status, 200, document)
+        return document
+
     def listing(self, device: str) -> Any:
-        return http("GET", f"{device}/nest/transport/device/{SERIAL}")
+        return self.get(f"{device}/nest/transport/device/{SERIAL}")
 
     def test_backupRestoreRoundTrip(self) -> None:
         """
@@ -94,28 +82,9 @@ class BackupWhileRunningTests(SynchronousTestCase):
         """
         data = os.path.abspath(self.mktemp())
         server, device, control = self.serve(data)
-        headers = {**basicAuth(), "X-nl-protocol-version": "1"}
-        http(
-            "POST",
-            f"{device}/nest/transport/v7/put",
-            {
-                "session": "s",
-                "objects": [
-                    {
-                        "object_key": SHARED,
-                        "value": {
-                            "target_temperature": 20.0,
-                            "target_temperature_type": "heat",
-                            "can_heat": True,
-                            "can_cool": False,
-                        },
-                    },
-                    {"object_key": DEVICE, "value": {"current_humidity": 41}},
-                ],
-            },
-            headers,
-        )
-        answer = http(
+        status, receipts = thermostatReports(device, SERIAL)
+        self.assertEqual(status, 200, receipts)
+        _status, answer = http(
             "POST",
             f"{control}/command",
             {"serial": SERIAL, "command": "set_temperature", "value": 21.5},
@@ -123,7 +92,7 @@ class BackupWhileRunningTests(SynchronousTestCase):
         self.assertIs(answer["success"], True)
         before = self.listing(device)
         self.assertEqual({o["object_key"] for o in before["objects"]}, {SHARED, DEVICE})
-        status = http("GET", f"{control}/status?serial={SERIAL}")
+        status = self.get(f"{control}/status?serial={SERIAL}")
 
         copy = os.path.abspath(self.mktemp())
         done = tool("backup", data, copy)
@@ -149,7 +118,7 @@ class BackupWhileRunningTests(SynchronousTestCase):
         restarted, device, control = self.serve(fresh)
         restarted.waitFor("devices loaded: 1")
         self.assertEqual(self.listing(device), before)
-        after = http("GET", f"{control}/status?serial={SERIAL}")
+        after = self.get(f"{control}/status?serial={SERIAL}")
         self.assertEqual(after["target_temperature"], 21.5)
         # When the device was last heard from is kept in memory only (and
         # the listing above was a device request).

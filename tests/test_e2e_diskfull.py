@@ -20,7 +20,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .helpers import SERIAL, basicAuth
-from .twistd import LOOPBACK_ANY, Twistd, http
+from .twistd import LOOPBACK_ANY, Twistd, http, thermostatReports
 
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
@@ -210,26 +210,7 @@ class DiskFullTests(SynchronousTestCase):
         server, devicePort, control = self.serve(data)
         device = f"http://127.0.0.1:{devicePort}"
 
-        code, receipts = http(
-            "POST",
-            f"{device}/nest/transport/v7/put",
-            {
-                "session": "s",
-                "objects": [
-                    {
-                        "object_key": SHARED,
-                        "value": {
-                            "target_temperature": 20.0,
-                            "target_temperature_type": "heat",
-                            "can_heat": True,
-                            "can_cool": False,
-                        },
-                    },
-                    {"object_key": DEVICE, "value": {"current_humidity": 41}},
-                ],
-            },
-            DEVICE_HEADERS,
-        )
+        code, receipts = thermostatReports(device, SERIAL)
         self.assertEqual(code, 200, receipts)
         held = {o["object_key"]: o for o in receipts["objects"]}
         self.assertEqual(set(held), {SHARED, DEVICE})

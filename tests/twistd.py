@@ -22,6 +22,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from .helpers import basicAuth
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: twistd as a Python program, so the test runs the source tree's plugin.
 TWISTD = (
@@ -202,3 +204,30 @@ def http(
             contentType = e.headers.get("Content-Type", "")
             assert contentType.startswith("application/json"), contentType
             return e.code, json.loads(e.read())
+
+
+def thermostatReports(device: str, serial: str) -> tuple[int, Any]:
+    """
+    A heat-only thermostat puts its shared and device buckets over v7 to the
+    device port at C{device}; the status and the receipts.
+    """
+    return http(
+        "POST",
+        f"{device}/nest/transport/v7/put",
+        {
+            "session": "s",
+            "objects": [
+                {
+                    "object_key": f"shared.{serial}",
+                    "value": {
+                        "target_temperature": 20.0,
+                        "target_temperature_type": "heat",
+                        "can_heat": True,
+                        "can_cool": False,
+                    },
+                },
+                {"object_key": f"device.{serial}", "value": {"current_humidity": 41}},
+            ],
+        },
+        {**basicAuth(serial), "X-nl-protocol-version": "1"},
+    )
