@@ -16,7 +16,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .helpers import basicAuth
-from .twistd import LOOPBACK_ANY, Twistd, http
+from .twistd import http, loopbackServer
 
 SERIAL = "02AA01AC0000000A11"
 PASSWORD = "correct horse battery"
@@ -45,20 +45,9 @@ def importNest() -> Any:
 class AppLibraryTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.nest = importNest()
-        self.server = Twistd(
-            self,
-            "--data",
-            self.mktemp(),
-            "--device",
-            LOOPBACK_ANY,
-            "--control",
-            LOOPBACK_ANY,
-            "--weather",
-            "none",
-        )
-        ports = self.server.ports()
-        self.device = f"http://127.0.0.1:{ports['device']}"
-        self.control = f"http://127.0.0.1:{ports['control']}"
+        self.server, device, control = loopbackServer(self, self.mktemp())
+        self.device = f"http://127.0.0.1:{device}"
+        self.control = f"http://127.0.0.1:{control}"
 
     def thermostatOnline(self) -> None:
         """A thermostat boots, reports, and is claimed for the account."""

@@ -26,7 +26,7 @@ from nestproto.datadir import STORE_FILE, DataLock
 from nestproto.store import BucketWrite, SQLiteStore, runInline
 
 from .helpers import SERIAL
-from .twistd import LOOPBACK_ANY, PROJECT_ROOT, Twistd, http, thermostatReports
+from .twistd import PROJECT_ROOT, Twistd, http, loopbackServer, thermostatReports
 
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
@@ -45,23 +45,8 @@ def tool(name: str, *arguments: str) -> subprocess.CompletedProcess[str]:
 
 class BackupWhileRunningTests(SynchronousTestCase):
     def serve(self, data: str) -> tuple[Twistd, str, str]:
-        server = Twistd(
-            self,
-            "--data",
-            data,
-            "--device",
-            LOOPBACK_ANY,
-            "--control",
-            LOOPBACK_ANY,
-            "--weather",
-            "none",
-        )
-        ports = server.ports()
-        return (
-            server,
-            f"http://127.0.0.1:{ports['device']}",
-            f"http://127.0.0.1:{ports['control']}",
-        )
+        server, device, control = loopbackServer(self, data)
+        return server, f"http://127.0.0.1:{device}", f"http://127.0.0.1:{control}"
 
     def get(self, url: str) -> Any:
         """A JSON GET that must succeed; its document."""

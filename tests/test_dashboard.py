@@ -654,6 +654,7 @@ class DashboardHTTPTests(LiveServiceTestCase):
                 ("schedule.js", "text/javascript; charset=utf-8"),
                 ("units.js", "text/javascript; charset=utf-8"),
                 ("chart.js", "text/javascript; charset=utf-8"),
+                ("dom.js", "text/javascript; charset=utf-8"),
                 ("style.css", "text/css; charset=utf-8"),
                 ("icon.svg", "image/svg+xml"),
             ]:

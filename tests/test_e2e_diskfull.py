@@ -20,7 +20,7 @@ from typing import Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from .helpers import SERIAL, basicAuth
-from .twistd import LOOPBACK_ANY, Twistd, http, thermostatReports
+from .twistd import Twistd, http, loopbackServer, thermostatReports
 
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
@@ -171,19 +171,8 @@ class HeldSubscribe:
 class DiskFullTests(SynchronousTestCase):
     def serve(self, data: str) -> tuple[Twistd, int, str]:
         """A server on C{data}: it, its device port and its control origin."""
-        server = Twistd(
-            self,
-            "--data",
-            data,
-            "--device",
-            LOOPBACK_ANY,
-            "--control",
-            LOOPBACK_ANY,
-            "--weather",
-            "none",
-        )
-        ports = server.ports()
-        return server, ports["device"], f"http://127.0.0.1:{ports['control']}"
+        server, device, control = loopbackServer(self, data)
+        return server, device, f"http://127.0.0.1:{control}"
 
     def setTemperature(self, control: str, value: float) -> tuple[int, Any]:
         return http(

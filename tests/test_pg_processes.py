@@ -23,9 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .helpers import SERIAL, basicAuth, clientObject, objectsBody
 from .pg import asURL, testDatabase
-from .twistd import Twistd
+from .twistd import LOOPBACK_ANY, Twistd
 
-LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
 ENTRY_FORM = b"mac=18B430000001&model=Diamond-2.6&software_version=5.9.3-5"

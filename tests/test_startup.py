@@ -26,12 +26,12 @@ from .helpers import SERIAL, basicAuth
 from .twistd import (
     CAP_DAC_OVERRIDE,
     CAP_NET_BIND_SERVICE,
+    LOOPBACK_ANY,
     PROJECT_ROOT,
     Twistd,
     unprivileged,
 )
 
-LOOPBACK_ANY = "tcp:0:interface=127.0.0.1"
 TOKEN = "s3cret-token-value"
 
 

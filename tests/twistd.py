@@ -231,3 +231,23 @@ def thermostatReports(device: str, serial: str) -> tuple[int, Any]:
         },
         {**basicAuth(serial), "X-nl-protocol-version": "1"},
     )
+
+
+def loopbackServer(case: SynchronousTestCase, data: str) -> tuple[Twistd, int, int]:
+    """
+    A C{twistd nestproto} on C{data} listening on free loopback ports, with
+    no weather source: it, and its device and control ports.
+    """
+    server = Twistd(
+        case,
+        "--data",
+        data,
+        "--device",
+        LOOPBACK_ANY,
+        "--control",
+        LOOPBACK_ANY,
+        "--weather",
+        "none",
+    )
+    ports = server.ports()
+    return server, ports["device"], ports["control"]

@@ -2,6 +2,7 @@
 // Every URL is relative to the page's <base>, so the page works at /, under
 // /k/<token>/ and behind Home Assistant's ingress prefix alike.
 
+import { element } from "./dom.js";
 import { celsiusFrom, formatTemperature, scaleStep, toScale } from "./units.js";
 import { setupSchedule } from "./schedule.js";
 import { makeHistory } from "./chart.js";
@@ -46,17 +47,6 @@ export async function api(path, { method = "GET", body } = {}) {
 
 export function command(serial, name, value) {
   return api("command", { method: "POST", body: { serial, command: name, value } });
-}
-
-function element(tag, attributes = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (name === "text") node.textContent = value;
-    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value);
-  }
-  node.append(...children);
-  return node;
 }
 
 // Login

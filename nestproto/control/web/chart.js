@@ -2,6 +2,7 @@
 // 24 hours or 7 days with heating and cooling bands, and daily usage bars.
 // Drawn here as SVG from /api/history and /api/usage; no library.
 
+import { element } from "./dom.js";
 import { formatTemperature, toScale } from "./units.js";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -37,17 +38,6 @@ let chartCount = 0;
 function svg(tag, attributes = {}, ...children) {
   const node = document.createElementNS(SVG, tag);
   for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
-  node.append(...children);
-  return node;
-}
-
-function html(tag, attributes = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (name === "text") node.textContent = value;
-    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value);
-  }
   node.append(...children);
   return node;
 }
@@ -283,9 +273,9 @@ export function drawUsage(document) {
 export function makeHistory(serial, api) {
   const history = { range: "day", scale: "C", temperatures: null, usage: null, off: false };
   const buttons = new Map();
-  const group = html("div", { class: "row", role: "group", "aria-label": "History period" });
+  const group = element("div", { class: "row", role: "group", "aria-label": "History period" });
   for (const [range, label] of RANGES) {
-    const button = html("button", {
+    const button = element("button", {
       type: "button",
       "aria-pressed": String(range === history.range),
       text: label,
@@ -298,9 +288,9 @@ export function makeHistory(serial, api) {
     buttons.set(range, button);
     group.append(button);
   }
-  const temperatures = html("div", { class: "chart-box" });
-  const usage = html("div", { class: "chart-box" });
-  const legend = html(
+  const temperatures = element("div", { class: "chart-box" });
+  const usage = element("div", { class: "chart-box" });
+  const legend = element(
     "p",
     { class: "legend muted" },
     ...[
@@ -308,22 +298,22 @@ export function makeHistory(serial, api) {
       ["target", "Target"],
       ["heating", "Heating"],
       ["cooling", "Cooling"],
-    ].map(([kind, label]) => html("span", { class: `key key-${kind}`, text: label })),
+    ].map(([kind, label]) => element("span", { class: `key key-${kind}`, text: label })),
   );
-  const usageLegend = html(
+  const usageLegend = element(
     "p",
     { class: "legend muted" },
-    ...USAGE.map(([kind, label]) => html("span", { class: `key key-${kind}`, text: label })),
+    ...USAGE.map(([kind, label]) => element("span", { class: `key key-${kind}`, text: label })),
   );
-  const message = html("p", { class: "muted", role: "status" });
-  history.root = html(
+  const message = element("p", { class: "muted", role: "status" });
+  history.root = element(
     "section",
     { class: "history", "aria-label": "History", hidden: "" },
-    html("h4", { text: "History" }),
+    element("h4", { text: "History" }),
     group,
     temperatures,
     legend,
-    html("h4", { text: "Daily usage" }),
+    element("h4", { text: "Daily usage" }),
     usage,
     usageLegend,
     message,

@@ -1,22 +1,12 @@
 // The week view of schedule.SERIAL: add, move and remove setpoints, save
 // through set_schedule; validation errors are shown next to their entry.
 
+import { element } from "./dom.js";
 import { celsiusFrom, roundShown, scaleStep } from "./units.js";
 
 export const DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 const MIN_CELSIUS = 4.5;
 const MAX_CELSIUS = 32;
-
-function element(tag, attributes = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (name === "text") node.textContent = value;
-    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value);
-  }
-  node.append(...children);
-  return node;
-}
 
 function clock(seconds) {
   const h = Math.floor(seconds / 3600);
