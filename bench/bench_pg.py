@@ -60,10 +60,11 @@ def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(
         data=None,
         server_profile=args.server_profile,
-        patch_klein_cycle=False,
         gc_watch=args.gc_watch,
         hold_timeout=args.hold_timeout,
         history=True,
+        max_poll_events=None,
+        mqtt=None,
     )
 
 
@@ -317,44 +318,11 @@ async def putScenario(servers: list[SharedServer], args: argparse.Namespace) -> 
     latencies: list[float] = []
     errors: list[str] = []
     conflicts = 0
-    deadline = time.monotonic() + args.put_seconds
+    deadline = time.perf_counter() + args.put_seconds
 
     async def putter(device: bt.Device) -> None:
         nonlocal conflicts
-        key = "shared." + device.serial
-        revision = device.objects[key][0]
-        connection = await bt.connect(device.port)
-        n = 0
-        while time.monotonic() < deadline:
-            n += 1
-            body = json.dumps(
-                {
-                    "session": device.session(),
-                    "objects": [
-                        {
-                            "object_key": key,
-                            "if_object_revision": revision,
-                            "value": {"target_temperature": 16.0 + (n % 80) / 10},
-                        }
-                    ],
-                }
-            ).encode()
-            started = time.monotonic()
-            response = connection.request(
-                b"POST", bt.PUT_PATH, device.authHeaders, body
-            )
-            await response.done
-            latencies.append(time.monotonic() - started)
-            if not response.ok:
-                errors.append(f"{response.status} {response.error}")
-                if connection.closed:
-                    connection = await bt.connect(device.port)
-                continue
-            receipt = response.json()["objects"][0]
-            if receipt["object_revision"] != revision + 1:
-                conflicts += 1
-            revision = receipt["object_revision"]
-        connection.close()
+        conflicts += await bt.conditionalPuts(device, deadline, latencies, errors)
 
     cpuBefore = cpuNow(servers)
     started = time.monotonic()

@@ -1650,6 +1650,49 @@ async def pushScenario(
         _showProfile(args.profile_push, args.profiler)
 
 
+async def conditionalPuts(
+    device: Device, deadline: float, latencies: list[float], errors: list[str]
+) -> int:
+    """
+    Put C{device}'s setpoint with C{if_object_revision} in a loop until
+    C{deadline} (C{time.perf_counter}), noting each put's latency and each
+    error; the number of compare-and-set conflicts.
+    """
+    key = "shared." + device.serial
+    revision = device.objects[key][0]
+    connection = await connect(device.port)
+    conflicts = n = 0
+    while time.perf_counter() < deadline:
+        n += 1
+        body = json.dumps(
+            {
+                "session": device.session(),
+                "objects": [
+                    {
+                        "object_key": key,
+                        "if_object_revision": revision,
+                        "value": {"target_temperature": 16.0 + (n % 80) / 10},
+                    }
+                ],
+            }
+        ).encode()
+        started = time.perf_counter()
+        response = connection.request(b"POST", PUT_PATH, device.authHeaders, body)
+        await response.done
+        latencies.append(time.perf_counter() - started)
+        if not response.ok:
+            errors.append(f"{response.status} {response.error}")
+            if connection.closed:
+                connection = await connect(device.port)
+            continue
+        receipt = response.json()["objects"][0]
+        if receipt["object_revision"] != revision + 1:
+            conflicts += 1
+        revision = receipt["object_revision"]
+    connection.close()
+    return conflicts
+
+
 async def putScenario(server: Server, args: argparse.Namespace) -> None:
     since = time.monotonic()
     devices = [
@@ -1665,38 +1708,7 @@ async def putScenario(server: Server, args: argparse.Namespace) -> None:
 
     async def putter(device: Device) -> None:
         nonlocal conflicts
-        key = "shared." + device.serial
-        revision = device.objects[key][0]
-        connection = await connect(device.port)
-        n = 0
-        while time.perf_counter() < deadline:
-            n += 1
-            body = json.dumps(
-                {
-                    "session": device.session(),
-                    "objects": [
-                        {
-                            "object_key": key,
-                            "if_object_revision": revision,
-                            "value": {"target_temperature": 16.0 + (n % 80) / 10},
-                        }
-                    ],
-                }
-            ).encode()
-            started = time.perf_counter()
-            response = connection.request(b"POST", PUT_PATH, device.authHeaders, body)
-            await response.done
-            latencies.append(time.perf_counter() - started)
-            if not response.ok:
-                errors.append(f"{response.status} {response.error}")
-                if connection.closed:
-                    connection = await connect(device.port)
-                continue
-            receipt = response.json()["objects"][0]
-            if receipt["object_revision"] != revision + 1:
-                conflicts += 1
-            revision = receipt["object_revision"]
-        connection.close()
+        conflicts += await conditionalPuts(device, deadline, latencies, errors)
 
     cpuBefore = server.cpuSeconds()
     started = time.perf_counter()
