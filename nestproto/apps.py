@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from .accounts import Accounts
 from .admission import Admission, AdmissionSettings
 from .control.api import ControlAPI, ControlSettings
-from .control.appputs import APP_SUBSCRIBER, appSees
+from .control.appputs import appsSeeing, appSubscriber
 from .control.events import EventStream
 from .control.status import isAvailable
 from .device.api import DeviceAPI, TransportSettings
@@ -107,9 +107,8 @@ def buildApps(
         # bucket (PROTOCOL.md §20.3, §20.6).
         apps = [
             subscriber
-            for subscriber in hub.subscribers()
-            if subscriber.startswith(APP_SUBSCRIBER)
-            and appSees(membership, subscriber.removeprefix(APP_SUBSCRIBER), scope, key)
+            for userId in sorted(appsSeeing(membership, scope, key))
+            if hub.count(subscriber := appSubscriber(userId))
         ]
         return [*membership.devicesSeeing(scope, key), *apps]
 

@@ -238,16 +238,21 @@ def appSubscriber(userId: str) -> str:
     return APP_SUBSCRIBER + userId
 
 
-def appSees(membership: IMembership, userId: str, scope: str, key: str) -> bool:
+def appsSeeing(membership: IMembership, scope: str, key: str) -> set[str]:
     """
-    Whether an app of C{userId} sees a change of C{key} in C{scope}: its
-    user, the structures of its devices and its devices' buckets (§20.6).
+    The users whose apps see a change of C{key} in C{scope}: a user sees its
+    own user bucket, the structures of its devices and its devices' buckets
+    (§20.6). Found from the bucket's owners, not by asking each user.
     """
     if scope != GLOBAL_SCOPE:
-        return membership.ownerOf(scope) == userId
-    if key == f"user.{userId}":
-        return True
-    return any(
-        membership.ownerOf(serial) == userId
+        owner = membership.ownerOf(scope)
+        return set() if owner is None else {owner}
+    users = {
+        owner
         for serial in membership.devicesSeeing(GLOBAL_SCOPE, key)
-    )
+        if (owner := membership.ownerOf(serial)) is not None
+    }
+    bucketType, _, bucketId = key.partition(".")
+    if bucketType == "user" and bucketId:
+        users.add(bucketId)
+    return users
