@@ -206,6 +206,22 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+#: Removes buckets whose key has a space in it, on every open, in either
+#: engine: 4.x firmware mangles keys so (C{shared.S ._sync}); such a key
+#: names no bucket and is never stored now, but an older nestproto stored
+#: them (PROTOCOL.md §20.2).
+DROP_SPACED_KEYS = "DELETE FROM buckets WHERE key LIKE '% %'"
+
+
+def logDroppedKeys(log: Logger, count: int) -> None:
+    if count:
+        log.warn(
+            "dropped {count} stored bucket(s) whose key has a space in it "
+            "(a 4.x firmware's mangled key, PROTOCOL.md §20.2)",
+            count=count,
+        )
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -214,10 +230,12 @@ class SchemaTooNew(Exception):
     """The database was written by a newer nestproto than this one."""
 
 
-def _upgrade(connection: sqlite3.Connection) -> None:
+def _upgrade(connection: sqlite3.Connection) -> int:
     """
     Bring the file to L{_SCHEMA_VERSION}. Version 1 (the first release) had
     no C{meta} table; its buckets and records are kept as they are.
+
+    @return: how many buckets with a spaced key were dropped.
     """
     connection.executescript(_SCHEMA)
     row = connection.execute(
@@ -234,7 +252,9 @@ def _upgrade(connection: sqlite3.Connection) -> None:
         "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (_SCHEMA_VERSION,)
     )
     connection.execute("INSERT OR IGNORE INTO meta VALUES ('last_sequence', 0)")
+    dropped = connection.execute(DROP_SPACED_KEYS).rowcount
     connection.execute("COMMIT")
+    return dropped
 
 
 def logFailedCommit(
@@ -522,8 +542,9 @@ class SQLiteStore(CommittedState):
         )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
-        _upgrade(connection)
+        dropped = _upgrade(connection)
         store = cls(connection, runInThread, clock)
+        logDroppedKeys(store.log, dropped)
         for scope, key, revision, timestamp, value in connection.execute(
             "SELECT scope, key, revision, timestamp, value FROM buckets"
         ):

@@ -60,6 +60,7 @@ from .errors import StoreUnavailable
 from .model import BucketChanged, Commit, RecordChanged
 from .presence import IPresence, Presence
 from .store import (
+    DROP_SPACED_KEYS,
     BucketUpdate,
     BucketWrite,
     CommittedState,
@@ -72,6 +73,7 @@ from .store import (
     ScopeDelete,
     ThreadRunner,
     decideRequest,
+    logDroppedKeys,
     logFailedCommit,
 )
 
@@ -167,8 +169,12 @@ def _durable(connection: Connection) -> None:
     connection.execute("SET synchronous_commit TO on")
 
 
-def createSchema(connection: Connection) -> None:
-    """Create (or check) the schema, once, whoever else is starting."""
+def createSchema(connection: Connection) -> int:
+    """
+    Create (or check) the schema, once, whoever else is starting.
+
+    @return: how many buckets with a spaced key were dropped.
+    """
     with connection.transaction():
         connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         connection.execute(_SCHEMA)
@@ -188,6 +194,7 @@ def createSchema(connection: Connection) -> None:
         connection.execute(
             "INSERT INTO meta VALUES ('last_sequence', 0) ON CONFLICT DO NOTHING"
         )
+        return connection.execute(DROP_SPACED_KEYS).rowcount
 
 
 def _lockId(*parts: str) -> int:
@@ -321,12 +328,13 @@ class PostgreSQLStore(CommittedState):
         """
         connection = connect(dsn)
         try:
-            createSchema(connection)
+            dropped = createSchema(connection)
             snapshot = _loadSnapshot(connection)
         except BaseException:
             connection.close()
             raise
         store = cls(dsn, runInThread, clock, listenInThread)
+        logDroppedKeys(store.log, dropped)
         _durable(connection)
         store._writer = connection
         store._buckets = snapshot.buckets

@@ -157,6 +157,30 @@ class SQLiteStoreTests(SynchronousTestCase):
         )
         self.assertEqual(version, 2)
 
+    def test_dropsSpacedKeysOnOpen(self) -> None:
+        """
+        A bucket an older nestproto stored under a 4.x firmware's mangled
+        key (C{shared.S ._sync}) is dropped when the file is opened, with a
+        warning; the bucket under the canonical key is kept (PROTOCOL.md
+        §20.2).
+        """
+        store = SQLiteStore.open(self.path, runInline, self.clock)
+        self.successResultOf(store.write([update("S", "shared.S", {"t": 20})]))
+        self.successResultOf(store.close())
+        connection = sqlite3.connect(self.path)
+        connection.execute(
+            "INSERT INTO buckets VALUES ('S', 'shared.S ._sync', 1, 1700, '{}')"
+        )
+        connection.commit()
+        connection.close()
+        with capturedLogs() as events:
+            store = SQLiteStore.open(self.path, runInline, self.clock)
+        self.assertEqual([b.key for b in store.buckets("S")], ["shared.S"])
+        self.assertEqual(rowCount(self.path), 1)
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["count"], 1)
+
     def test_refusesANewerSchema(self) -> None:
         """A database from a newer nestproto is refused, not misread."""
         store = SQLiteStore.open(self.path, runInline, self.clock)

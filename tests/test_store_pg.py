@@ -115,6 +115,24 @@ class SharedDatabaseTests(TestCase):
         self.addCleanup(store.close)
         return store
 
+    def test_dropsSpacedKeysOnOpen(self) -> None:
+        """
+        A bucket stored under a 4.x firmware's mangled key (C{shared.S
+        ._sync}), as a copy from an older nestproto may hold, is dropped
+        when a process opens the database (PROTOCOL.md §20.2).
+        """
+        self.store("a", follow=False)
+        with admin(self.dsn) as connection:
+            connection.execute(
+                "INSERT INTO buckets VALUES ('S', 'shared.S', 1, 1700, '{}'), "
+                "('S', 'shared.S ._sync', 1, 1700, '{}')"
+            )
+        store = self.store("b", follow=False)
+        self.assertEqual([b.key for b in store.buckets("S")], ["shared.S"])
+        with admin(self.dsn) as connection:
+            keys = connection.execute("SELECT key FROM buckets").fetchall()
+        self.assertEqual(keys, [("shared.S",)])
+
     async def test_otherProcessesCommitsAreAnnounced(self) -> None:
         """
         What one store commits reaches the other's reads and feed, in
