@@ -76,21 +76,13 @@ def _everything(store: IBucketStore) -> Iterator[Write]:
     for scope in store.scopes():
         for bucket in store.buckets(scope):
             yield BucketWrite(scope, bucket)
-    for kind in _recordKinds(store):
+    for kind in store.recordKinds():
         for name, doc in sorted(store.records(kind).items()):
             yield RecordWrite(kind, name, doc)
 
 
-def _recordKinds(store: IBucketStore) -> list[str]:
-    # IBucketStore reads records by kind but cannot list the kinds; both
-    # engines keep them in memory by kind, so every kind is copied, not
-    # only the ones this version knows of.
-    kinds: dict[str, Any] = getattr(store, "_records", {})
-    return sorted(kinds)
-
-
 def _isEmpty(store: IBucketStore) -> bool:
-    return not store.scopes() and not _recordKinds(store)
+    return not store.scopes() and not store.recordKinds()
 
 
 def migrate(source: str, target: str) -> tuple[int, int]:

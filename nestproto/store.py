@@ -160,6 +160,9 @@ class IBucketStore(IChangeFeed):
     def records(kind: str) -> dict[str, dict[str, Any]]:
         """Every committed record of C{kind}, by name."""
 
+    def recordKinds() -> list[str]:
+        """Every kind holding at least one record, this version's or not."""
+
     def write(
         writes: Sequence[Write], origin: str | None = None
     ) -> Deferred[list[Bucket | None]]:
@@ -436,6 +439,9 @@ class CommittedState:
 
     def records(self, kind: str) -> dict[str, dict[str, Any]]:
         return dict(self._records.get(kind, {}))
+
+    def recordKinds(self) -> list[str]:
+        return sorted(kind for kind, found in self._records.items() if found)
 
     # The feed
 

@@ -170,7 +170,8 @@ class StoreContract(_Base):
     async def test_exactWritesAndRecordsSurviveReopen(self) -> None:
         """
         Buckets written as given (negative revisions included) and records
-        survive a reopen; deleted ones stay deleted.
+        survive a reopen; deleted ones stay deleted, and a kind whose last
+        record is deleted is no longer listed.
         """
         store = await self.fresh()
         exact = Bucket("device.A", -5, 1234, {"nested": {"x": [1, 2]}})
@@ -179,13 +180,16 @@ class StoreContract(_Base):
                 BucketWrite("A", exact),
                 RecordWrite("owner", "A", {"user": "u1"}),
                 RecordWrite("owner", "B", {"user": "u2"}),
+                RecordWrite("a-later-kind", "x", {}),
             ]
         )
         await store.write([RecordWrite("owner", "B", None)])
+        await store.write([RecordWrite("a-later-kind", "x", None)])
         store = await self.reopened(store)
         assert store.get("A", "device.A") == exact
         assert store.records("owner") == {"A": {"user": "u1"}}
         assert store.record("owner", "B") is None
+        assert store.recordKinds() == ["owner"]
 
     async def test_nothingShownBeforeCommit(self) -> None:
         """
