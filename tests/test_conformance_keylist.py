@@ -62,6 +62,8 @@ class MixedFleetMachine(RuleBasedStateMachine):
             serial: {} for serial in (V7_SERIAL, V3_SERIAL, NEIGHBOUR_SERIAL)
         }
         self.appSetpoints: dict[str, float] = {}
+        #: Sessions used by the app's reads, each its first contact.
+        self.sessions = 0
 
     def teardown(self) -> None:
         self.server.hub.endAll()
@@ -349,6 +351,57 @@ class MixedFleetMachine(RuleBasedStateMachine):
         assert status == 403, (which, path, status)
         assert self.snapshot() == before
 
+    @rule(serial=st.sampled_from([V7_SERIAL, V3_SERIAL]), kind=st.sampled_from(KINDS))
+    def jsonpRead(self, serial: str, kind: str) -> None:
+        """
+        The owner's browser reads a bucket by JSONP (scenario 71): a
+        compact C{cb_1({"status","headers","payload"})} whose headers are
+        those of the app's key-list answer for it (§20.3), in seed 001's
+        order and as JSON numbers as seed 001 shows them, and whose
+        payload is the stored value.
+        """
+        key = f"{kind}.{serial}"
+        keys = json.dumps({"keys": [{"key": key}]})
+        self.sessions += 1
+        query = urlencode(
+            {
+                "jsonp": "cb_1",
+                "payload": keys,
+                "X-nl-session-id": f"tab-{self.sessions}",
+                "Authorization": f"Basic {self.token}",
+            }
+        )
+        response, body = self.device("GET", f"/v1/subscribe?{query}")
+        assert response.code == 200, body
+        assert response.headers.getRawHeaders("content-type") == [
+            "application/javascript"
+        ]
+        stored = self.stored(serial, key)
+        assert stored is not None, key
+        revision, timestamp, value = stored
+        headers = {
+            "X-nl-skv-key": key,
+            "X-nl-skv-version": revision,
+            "X-nl-skv-timestamp": timestamp,
+            "X-nl-service-timestamp": self.server.nowMs(),
+        }
+        envelope = {"status": 200, "headers": headers, "payload": value}
+        expected = f"cb_1({json.dumps(envelope, separators=(',', ':'))})"
+        assert body == expected.encode(), (body, expected)
+        response, data = self.device(
+            "POST",
+            "/v2/subscribe",
+            data=keys.encode(),
+            headers={
+                "Authorization": f"Basic {self.token}",
+                "X-nl-session-id": f"app-{self.sessions}",
+            },
+        )
+        assert response.code == 200, data
+        for name, number in headers.items():
+            assert response.headers.getRawHeaders(name) == [str(number)], name
+        assert json.loads(data) == value
+
     @rule(seconds=st.sampled_from([0.5, 3.0, 60.0]))
     def advance(self, seconds: float) -> None:
         self.server.clock.advance(seconds)
@@ -401,3 +454,18 @@ class MixedFleetConformanceTests(SynchronousTestCase):
                 settings.default, stateful_step_count=20, max_examples=15
             ),
         )
+
+    def test_jsonpEnvelope(self) -> None:
+        """
+        Scenario 71's answer, for each of the owner's buckets: the
+        envelope carries the key-list answer's headers as numbers in
+        seed 001's order, and the stored value, compact.
+        """
+        machine = MixedFleetMachine()
+        try:
+            machine.setUp()
+            for serial in (V7_SERIAL, V3_SERIAL):
+                for kind in KINDS:
+                    machine.jsonpRead(serial, kind)
+        finally:
+            machine.teardown()

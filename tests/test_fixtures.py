@@ -11,6 +11,7 @@ import io
 import json
 import os
 from base64 import b64decode
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -607,6 +608,146 @@ class ReplayTests(SynchronousTestCase):
         self.assertEqual(
             [m.where for m in result.mismatches], ["end (s)"], result.describe()
         )
+
+
+#: The recorded app scenario, with its JSONP subscribe (scenario 71).
+_APP_FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "fixtures", "app.jsonl"
+)
+#: The JSONP answer's callback in that recording.
+_CALLBACK = b"cb_14("
+
+
+class _RewritingResource:
+    """A broken server: its JSONP answers are rewritten by C{rewrite}."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: IResource, rewrite: Callable[[bytes], bytes]) -> None:
+        self._wrapped = wrapped
+        self._rewrite = rewrite
+
+    def render(self, request: IRequest) -> Any:
+        original = request.write
+
+        def write(data: bytes) -> None:
+            original(self._rewrite(data) if data.startswith(_CALLBACK) else data)
+
+        request.write = write  # type: ignore[method-assign]
+        return self._wrapped.render(request)
+
+
+class JSONPReplayTests(SynchronousTestCase):
+    """
+    A recorded JSONP answer (PROTOCOL.md §20.6) is compared as a callback
+    name and an envelope whose C{X-nl-skv-*} values are bound like a
+    key-list answer's headers.
+    """
+
+    def setUp(self) -> None:
+        self.fixture = loadFixture(_APP_FIXTURE)
+        (self.exchange,) = [
+            e for e in self.fixture.exchanges if "jsonp=cb_14" in e.path
+        ]
+
+    def replay(self, old: bytes, new: bytes) -> list[str]:
+        """What a replay a week later says of a server writing C{new} for C{old}."""
+
+        def rewrite(data: bytes) -> bytes:
+            self.assertIn(old, data)
+            return data.replace(old, new)
+
+        def server(clock: Any) -> tuple[Any, Any]:
+            device, control = memoryServer(clock)
+            return _RewritingResource(device, rewrite), control
+
+        result = replayInMemory(
+            self.fixture, server, self.fixture.startSeconds + 7 * 86400
+        )
+        self.assertEqual(result.failed, 1, result.describe())
+        return [
+            f"exchange {m.exchange}: {m.where}: {m.recorded!r} {m.replayed!r}"
+            for m in result.mismatches
+        ]
+
+    def test_recordedWithItsToken(self) -> None:
+        """
+        The app's token in the query is recorded as the synthetic one its
+        login got, and the request as sent: no C{Authorization} header.
+        """
+        self.assertIn("&Authorization=Basic+apptoken-1", self.exchange.path)
+        self.assertNotIn("Authorization", self.exchange.requestHeaders)
+        self.assertEqual(
+            self.exchange.responseHeaders["Content-Type"], "application/javascript"
+        )
+
+    def test_bindsHeaders(self) -> None:
+        """
+        Replayed a week later, the answer matches: its revision and
+        timestamp are bound as the held v7 answer's were, and the token
+        in the query is the one the replay's login got.
+        """
+        target = MemoryTarget(self.fixture.startSeconds + 7 * 86400)
+        replayer = Replayer(target, self.fixture)
+        results: list[Any] = []
+        replayer.run().addCallback(results.append)
+        (result,) = results
+        self.assertEqual(result.describe(), [])
+        self.assertTrue(result.ok)
+        text = self.exchange.chunks[0].body
+        assert text is not None
+        envelope = json.loads(text["text"][len("cb_14(") : -1])
+        headers = envelope["headers"]
+        recordedMs = headers["X-nl-skv-timestamp"]
+        self.assertEqual(
+            replayer.bindings.milliseconds[recordedMs], recordedMs + 7 * 86400000
+        )
+        self.assertIn(
+            headers["X-nl-skv-version"],
+            replayer.bindings.revisions[headers["X-nl-skv-key"]],
+        )
+        self.assertIn("apptoken-1", replayer.bindings.tokens)
+
+    def test_wrongCallbackFails(self) -> None:
+        """Another callback name is a mismatch naming both."""
+        self.assertEqual(
+            self.replay(b"cb_14(", b"cb_15("),
+            ["exchange 17: body callback: 'cb_14' 'cb_15'"],
+        )
+
+    def test_changedPayloadFails(self) -> None:
+        """A changed value in the payload is a mismatch at its place."""
+        self.assertEqual(
+            self.replay(b'"target_temperature":22.5', b'"target_temperature":23.0'),
+            ["exchange 17: body $.payload.target_temperature: 22.5 23.0"],
+        )
+
+    def test_revisionBreakingBindingFails(self) -> None:
+        """
+        A revision other than the one the held v7 answer bound for the
+        bucket is a mismatch, as in a key-list answer's headers.
+        """
+        self.assertEqual(
+            self.replay(b'"X-nl-skv-version":2', b'"X-nl-skv-version":3'),
+            ["exchange 17: body $.headers.X-nl-skv-version (earlier bound to 2): 2 3"],
+        )
+
+    def test_timestampBreakingBindingFails(self) -> None:
+        """A bucket timestamp bound to another one is a mismatch."""
+        (line,) = self.replay(b'"X-nl-skv-timestamp":', b'"X-nl-skv-timestamp":1')
+        self.assertIn("body $.headers.X-nl-skv-timestamp (earlier bound to", line)
+
+    def test_stringRevisionFails(self) -> None:
+        """A revision sent as a string where a number was recorded fails."""
+        self.assertEqual(
+            self.replay(b'"X-nl-skv-version":2', b'"X-nl-skv-version":"2"'),
+            ["exchange 17: body $.headers.X-nl-skv-version: 2 '2'"],
+        )
+
+    def test_notAScriptFails(self) -> None:
+        """A JSON answer where a script was recorded fails."""
+        (line,) = self.replay(b"cb_14(", b"(")
+        self.assertIn("exchange 17: body (not a JSONP answer)", line)
 
 
 class ControlTokenTests(SynchronousTestCase):

@@ -23,7 +23,10 @@ from ..state import DeviceState
 
 #: A plain JavaScript name, as PROTOCOL.md §20.6 allows: anything else
 #: (C{alert(1)//}) would run in the page that asked.
-_CALLBACK = re.compile(r"^[A-Za-z_$][0-9A-Za-z_$.]{0,63}$")
+_NAME = r"[A-Za-z_$][0-9A-Za-z_$.]{0,63}"
+_CALLBACK = re.compile(f"^{_NAME}$")
+#: An answer as L{render} writes it: the callback, one JSON document.
+_SCRIPT = re.compile(rf"^({_NAME})\((.*)\);?\s*$", re.DOTALL)
 
 
 def callbackName(value: str | None) -> str:
@@ -41,18 +44,22 @@ def envelope(bucket: Bucket | None, serviceMs: int) -> dict[str, Any]:
     """
     C{{"status": 200, "headers": {...}, "payload": {...}}}: the bucket's
     C{X-nl-skv-*} headers and bare value; none, only the service time.
+
+    The headers are those of a key-list answer (PROTOCOL.md §20.3) in the
+    order seed 001 shows them, but as JSON numbers, not strings: the
+    browser's script reads them from a document, not from HTTP.
     """
-    headers = {"X-nl-service-timestamp": str(serviceMs)}
-    if bucket is None:
-        return {"status": 200, "headers": headers, "payload": {}}
-    headers.update(
-        {
+    headers: dict[str, Any] = {}
+    payload: dict[str, Any] = {}
+    if bucket is not None:
+        headers = {
             "X-nl-skv-key": bucket.key,
-            "X-nl-skv-version": str(bucket.revision),
-            "X-nl-skv-timestamp": str(bucket.timestamp),
+            "X-nl-skv-version": bucket.revision,
+            "X-nl-skv-timestamp": bucket.timestamp,
         }
-    )
-    return {"status": 200, "headers": headers, "payload": dict(bucket.value)}
+        payload = dict(bucket.value)
+    headers["X-nl-service-timestamp"] = serviceMs
+    return {"status": 200, "headers": headers, "payload": payload}
 
 
 def render(
@@ -81,3 +88,17 @@ def writer(request: IRequest, callback: str, state: DeviceState) -> Deliver:
             request.write(render(request, callback, batch[0], state))
 
     return deliver
+
+
+def parseScript(text: str) -> tuple[str, Any] | None:
+    """
+    The callback name and the document of a JSONP answer (what L{render}
+    wrote), or C{None} when C{text} is not one.
+    """
+    match = _SCRIPT.match(text)
+    if match is None:
+        return None
+    try:
+        return match.group(1), json.loads(match.group(2))
+    except ValueError:
+        return None

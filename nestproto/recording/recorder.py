@@ -21,6 +21,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ..device.auth import deviceSerial, normaliseSerial
+from ..device.jsonp import parseScript
 from .format import CONTROL, DEVICE, KINDS, appendExchange, encodeBody, startFile
 from .redaction import Redactor
 
@@ -59,6 +60,9 @@ class _Exchange:
     started: float
     request: IRequest
     requestBody: bytes
+    #: The request's headers as they came: a handler may add some (the
+    #: JSONP subscribe's C{Authorization} from its query, §20.6).
+    requestHeaders: dict[str, str]
     status: int | None = None
     headers: dict[str, str] = field(factory=dict)
     headersAt: float | None = None
@@ -130,7 +134,12 @@ class Recorder:
             body = request.content.read()
             request.content.seek(0)
         exchange = _Exchange(
-            self._sequence, kind, _now(self.clock), request, body or b""
+            self._sequence,
+            kind,
+            _now(self.clock),
+            request,
+            body or b"",
+            _selectHeaders(request.requestHeaders.getAllRawHeaders(), _REQUEST_HEADERS),
         )
         self._open.append(exchange)
         original = request.write
@@ -204,6 +213,11 @@ class Recorder:
         requestBody = encodeBody(exchange.requestBody)
         chunkBodies = [encodeBody(data) for at, data in exchange.chunks]
         jsonChunks = [b["json"] for b in chunkBodies if b and "json" in b]
+        for body in chunkBodies:
+            # A JSONP answer's document names serials and MACs too (§20.6).
+            script = parseScript(body["text"]) if body and "text" in body else None
+            if script is not None:
+                jsonChunks.append(script[1])
         requestJSON = requestBody.get("json") if requestBody else None
         serial = self._serialOf(exchange, requestJSON, jsonChunks)
         redactor.learnSerial(serial)
@@ -227,9 +241,7 @@ class Recorder:
             redactor.learnCode(requestJSON.get("code"))
 
         filePath, start = self._file(redactor.serial(serial), exchange.started)
-        requestHeaders = _selectHeaders(
-            request.requestHeaders.getAllRawHeaders(), _REQUEST_HEADERS
-        )
+        requestHeaders = exchange.requestHeaders
         line = {
             "seq": exchange.sequence,
             "kind": exchange.kind,

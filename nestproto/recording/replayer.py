@@ -19,8 +19,14 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ..device.jsonp import parseScript
 from .bindings import Bindings
-from .compare import Mismatch, compareDocuments
+from .compare import (
+    Mismatch,
+    compareDocuments,
+    compareHeaders,
+    compareScripts,
+)
 from .format import CONTROL, Exchange, Fixture, decodeBody, splitDocuments
 from .redaction import QUERY_AUTHORIZATION, REDACTED_PASSWORD
 from .targets import MemoryTarget, ReplayTarget, ServerFactory, memoryServer
@@ -63,6 +69,7 @@ class _Live:
     failure: str | None = None
     headersChecked: bool = False
     checked: int = 0
+    bodyChecked: bool = False
 
     @property
     def finished(self) -> bool:
@@ -87,8 +94,14 @@ def _happenedBy(live: _Live, moment: float) -> list[Callable[[], bool]]:
     return conditions
 
 
-def _lowerHeaders(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
+def _comparedHeaders(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a replay compares, by lowercase name."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    return {
+        name: value
+        for name, value in lowered.items()
+        if name.startswith("x-nl-") or name == "content-type"
+    }
 
 
 @define
@@ -282,6 +295,10 @@ class Replayer:
             live.headersChecked = True
             self._checkHeaders(live)
         if not self._jsonBodies(exchange):
+            # A body that is not JSON documents is compared whole, once it
+            # has all come (a JSONP answer binds values later requests use).
+            if live.end is not None and not live.bodyChecked:
+                self._checkBody(live)
             return
         while live.checked < len(live.documents):
             index = live.checked
@@ -314,30 +331,24 @@ class Replayer:
         response = live.response
         if exchange.status is not None and response.code != exchange.status:
             self._mismatch(exchange, "status", exchange.status, response.code)
-        recorded = _lowerHeaders(exchange.responseHeaders)
-        replayed = {
-            name.decode("latin-1").lower(): values[-1].decode("latin-1")
-            for name, values in response.headers.getAllRawHeaders()
-        }
-        for name in sorted(set(recorded) | set(replayed)):
-            if not (name.startswith("x-nl-") or name == "content-type"):
-                continue
-            if name not in replayed:
-                self._mismatch(exchange, f"header {name}", recorded[name], None)
-            elif name not in recorded:
-                self._mismatch(exchange, f"header {name}", None, replayed[name])
-            elif name == "x-nl-service-timestamp":
-                self._checkServiceTimestamp(live, replayed[name])
-            elif name in _SKV_BOUND:
-                # The bucket's revision and timestamp the server made up
-                # (PROTOCOL.md §20.3): bound like the body's, per key.
-                self._checkBound(
-                    exchange, name, recorded.get("x-nl-skv-key"), recorded, replayed
-                )
-            elif recorded[name] != replayed[name]:
-                self._mismatch(
-                    exchange, f"header {name}", recorded[name], replayed[name]
-                )
+        assert live.headersAt is not None
+        recorded = _comparedHeaders(exchange.responseHeaders)
+        replayed = _comparedHeaders(
+            {
+                name.decode("latin-1"): values[-1].decode("latin-1")
+                for name, values in response.headers.getAllRawHeaders()
+            }
+        )
+        # The bucket's revision and timestamp the server made up
+        # (PROTOCOL.md §20.3) are bound like the body's, per key.
+        for where, ours, theirs in compareHeaders(
+            recorded,
+            replayed,
+            self.bindings,
+            self._nowMs(live.headersAt),
+            slackMs=self.tolerance * 1000,
+        ):
+            self._mismatch(exchange, where, ours, theirs)
         chunked = response.length is UNKNOWN_LENGTH
         if exchange.status is not None and exchange.chunked != chunked:
             self._mismatch(exchange, "chunked", exchange.chunked, chunked)
@@ -350,42 +361,35 @@ class Replayer:
                     round(live.headersAt, 6),
                 )
 
-    def _checkBound(
-        self,
-        exchange: Exchange,
-        name: str,
-        key: str | None,
-        recorded: Mapping[str, str],
-        replayed: Mapping[str, str],
-    ) -> None:
-        try:
-            ours, theirs = int(recorded[name]), int(replayed[name])
-        except ValueError:
-            self._mismatch(exchange, f"header {name}", recorded[name], replayed[name])
-            return
-        if name == "x-nl-skv-timestamp":
-            table = self.bindings.milliseconds
-        else:
-            table = self.bindings.revisions.setdefault(key or "", {})
-        reason = self.bindings.bindOrdered(table, ours, theirs)
-        if reason is not None:
-            self._mismatch(exchange, f"header {name} ({reason})", ours, theirs)
-
-    def _checkServiceTimestamp(self, live: _Live, value: str) -> None:
-        assert live.headersAt is not None
-        nowMs = (self._start + live.headersAt) * 1000
-        try:
-            replayed = int(value)
-        except ValueError:
-            self._mismatch(live.exchange, "header x-nl-service-timestamp", "ms", value)
-            return
-        if abs(replayed - nowMs) > 1000 + self.tolerance * 1000:
-            self._mismatch(
-                live.exchange,
-                "header x-nl-service-timestamp (not near the replay clock)",
-                int(nowMs),
+    def _checkBody(self, live: _Live) -> None:
+        """
+        A body that is not JSON documents: a JSONP answer (PROTOCOL.md
+        §20.6) compared symbolically, anything else byte for byte.
+        """
+        live.bodyChecked = True
+        exchange = live.exchange
+        recorded = b"".join(decodeBody(chunk.body) for chunk in exchange.chunks)
+        text = recorded.decode("utf-8", "replace")
+        replayed = live.raw.decode("utf-8", "replace")
+        if parseScript(text) is not None and all(
+            chunk.body and "text" in chunk.body for chunk in exchange.chunks
+        ):
+            # Written with its headers: its service time is theirs.
+            moment = self._now() if live.headersAt is None else live.headersAt
+            for where, ours, theirs in compareScripts(
+                text,
                 replayed,
-            )
+                self.bindings,
+                self._nowMs(moment),
+                self.tolerance * 1000,
+            ):
+                self._mismatch(exchange, f"body {where}", ours, theirs)
+        elif recorded != live.raw:
+            self._mismatch(exchange, "body", text, replayed)
+
+    def _nowMs(self, moment: float) -> float:
+        """The replay clock at C{moment} (an offset, s), in ms."""
+        return (self._start + moment) * 1000
 
     def _checkEnd(self, live: _Live) -> None:
         exchange = live.exchange
@@ -408,15 +412,8 @@ class Replayer:
                 self._mismatch(
                     exchange, f"chunk {index + 1} (missing)", chunk.body["json"], None
                 )
-        else:
-            recorded = b"".join(decodeBody(chunk.body) for chunk in exchange.chunks)
-            if recorded != live.raw:
-                self._mismatch(
-                    exchange,
-                    "body",
-                    recorded.decode("utf-8", "replace"),
-                    live.raw.decode("utf-8", "replace"),
-                )
+        elif not live.bodyChecked:
+            self._checkBody(live)
         if exchange.end is None:
             if live.end is not None:
                 self._mismatch(
@@ -426,10 +423,6 @@ class Replayer:
             self._mismatch(exchange, "end (s)", exchange.end, None)
         elif abs(live.end - exchange.end) > self.tolerance:
             self._mismatch(exchange, "end (s)", exchange.end, round(live.end, 6))
-
-
-#: Key-list answer headers whose values the server made up (§20.3).
-_SKV_BOUND = frozenset({"x-nl-skv-version", "x-nl-skv-timestamp"})
 
 
 def replayInMemory(
