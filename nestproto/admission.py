@@ -190,6 +190,18 @@ class Admission:
             or self.state.membership.ownerOf(serial) is not None
         )
 
+    def shown(self, serial: str) -> bool:
+        """
+        Whether every control surface (the API, its event stream, MQTT)
+        shows C{serial}: a known device, and with pairing required a
+        claimed one.
+        """
+        return self.state.membership.isKnown(serial) and self.listed(serial)
+
+    def hidden(self, serial: str) -> bool:
+        """Whether C{serial} is a known device the control surfaces hide."""
+        return self.state.membership.isKnown(serial) and not self.listed(serial)
+
     def _pairing(self, serial: str) -> bool:
         """Whether C{serial} shows a code that can be claimed now."""
         doc = self.state.store.record(ENTRY_KEY_RECORD, serial)

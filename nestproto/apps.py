@@ -94,8 +94,8 @@ def buildApps(
         store, so that every process sharing it counts them.
     """
     settings = settings or AppSettings()
-    # Every consumer learns of a change from the store's feed, in this order:
-    # membership first, so the others route by who sees what after it.
+    # Every consumer learns of a change from the store's feed, membership
+    # first, so the others route by who sees what after it.
     membership = Membership.following(store)
     metrics = Metrics(clock)
     hub = SubscriberHub(
@@ -113,8 +113,6 @@ def buildApps(
         return [*membership.devicesSeeing(scope, key), *apps]
 
     store.listen(lambda commit: hub.pushCommit(commit, seeing))
-    events = EventStream(clock, store, membership.devicesSeeing)
-    store.listen(events.publish)
     storage = IHistoryStorage(store, None)
     history = None
     if settings.history is not None and storage is not None:
@@ -130,6 +128,8 @@ def buildApps(
     # One Admission for both ports: the device port admits, the control port
     # shows only what it admits.
     admission = Admission(state, settings.admission)
+    events = EventStream(clock, store, membership.devicesSeeing, admission.hidden)
+    store.listen(events.publish)
     throttles: dict[str, Any] = {}
     if sharedThrottles:
         throttles["claim"] = SharedClaimThrottle(

@@ -1057,6 +1057,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
                 unavailableAfterSeconds=options["unavailable-after"],
             ),
             reactor,
+            apps.control.admission,
         ).setServiceParent(root)
     deviceResource: IResource = apps.device.app.resource()
     controlResource: IResource = apps.control.app.resource()

@@ -23,6 +23,7 @@ from nestproto.pairing import DEVICE_SECRET_RECORD, ENTRY_KEY_RECORD
 from nestproto.store import runInline
 
 from .helpers import (
+    CONTROL_URL,
     DEVICE_URL,
     OTHER_SERIAL,
     SERIAL,
@@ -31,6 +32,8 @@ from .helpers import (
     completed,
     makeServer,
     objectsBody,
+    receiveDroppable,
+    sseEvents,
 )
 from .test_pairing import ServerTestCase
 
@@ -380,6 +383,44 @@ class PairingRequiredTests(AdmissionTestCase):
         stored = self.stored(SHARED, SERIAL)
         assert stored is not None
         self.assertEqual(stored.value["target_temperature"], 20.0)
+
+    def test_eventsNameOnlyShownDevices(self) -> None:
+        """
+        The event stream names no device the control side hides: an
+        unclaimed device that shows a code and reports is no event; its
+        claim is one, and so is its removal, so a client learns it is gone.
+        """
+        d = self.server.controlClient.get(CONTROL_URL + "/api/events")
+        self.server.controlClient.flush()
+        answer, stream = receiveDroppable(self.successResultOf(d))
+
+        def named() -> list[str]:
+            self.server.controlClient.flush()
+            return [
+                data["serial"]
+                for _id, kind, data in sseEvents(answer.chunks)
+                if kind == "message"
+            ]
+
+        code = self.passphrase()["value"]
+        d = self.server.deviceClient.post(
+            DEVICE_URL + "/nest/transport",
+            data=objectsBody(
+                [clientObject(SHARED, value={"target_temperature": 19.0})],
+                chunked=False,
+            ),
+            headers=basicAuth(),
+        )
+        self.assertEqual(self.answer(d, self.server.deviceClient)[0], 200)
+        self.assertTrue(self.server.state.membership.isKnown(SERIAL))
+        self.assertEqual(named(), [])
+        self.claim(code)
+        self.assertEqual(named(), [SERIAL])
+        self.assertEqual(self.control("DELETE", f"/api/device?serial={SERIAL}")[0], 200)
+        self.assertEqual(named(), [SERIAL, SERIAL])
+        stream.disconnect()
+        self.server.controlClient.flush()
+        self.failureResultOf(answer.done)
 
     def test_openModeShowsUnclaimed(self) -> None:
         """Without pairing required, an unclaimed device is listed and served."""

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import capturedLogs
 
 from nestproto._version import __version__
+from nestproto.admission import Admission, AdmissionSettings
 from nestproto.buckets import Bucket
 from nestproto.model import PutEntry
 from nestproto.mqtt.bridge import MAX_COMMAND_AGE_SECONDS, MQTTBridge
@@ -140,6 +141,7 @@ class ManualRunner:
 class BridgeTestCase(ServerTestCase):
     shared: dict[str, Any] = SHARED_VALUE
     device: dict[str, Any] = DEVICE_VALUE
+    admission = AdmissionSettings()
 
     def setUp(self) -> None:
         super().setUp()
@@ -152,7 +154,12 @@ class BridgeTestCase(ServerTestCase):
             Bucket(SHARED, 1, now, dict(self.shared)),
             Bucket(DEVICE, 1, now, dict(self.device)),
         )
-        self.bridge = MQTTBridge(self.server.state, self.server.hub, Topics("p", "ha"))
+        self.bridge = MQTTBridge(
+            self.server.state,
+            self.server.hub,
+            Topics("p", "ha"),
+            admission=Admission(self.server.state, self.admission),
+        )
         self.server.store.listen(self.bridge.commitArrived)
         self.broker = FakeBroker()
         self.bridge.connected(self.broker)
@@ -749,3 +756,30 @@ class QueuedCommandTests(BridgeTestCase):
             [("warn", "dropped after waiting 31 s")],
         )
         self.settle()
+
+
+class PairingRequiredTests(BridgeTestCase):
+    """
+    With pairing required, MQTT shows and commands exactly the devices the
+    control side shows: claimed ones.
+    """
+
+    admission = AdmissionSettings(pairingRequired=True)
+
+    def test_unclaimedHiddenUntilClaimed(self) -> None:
+        """
+        An unclaimed device is not published and its commands are refused,
+        changing nothing; once claimed it is published like any other.
+        """
+        self.assertEqual(self.broker.retained, {"p/status": b"online"})
+        before = self.server.store.get(SERIAL, SHARED)
+        with capturedLogs() as events:
+            self.message(f"{P}/ha/target_temperature/set", b"25")
+        self.assertEqual([e["log_level"].name for e in events], ["warn"])
+        self.assertEqual(self.server.store.get(SERIAL, SHARED), before)
+        self.claim(self.passphrase()["value"])
+        self.settle()
+        for topic in DISCOVERY:
+            self.assertIn(topic, self.broker.retained)
+        self.message(f"{P}/ha/target_temperature/set", b"25")
+        self.assertEqual(self.value(SHARED)["target_temperature"], 25.0)

@@ -254,12 +254,9 @@ class ControlAPI:
         return parseJSONObject(readBody(request, _BODY_MAX_BYTES))
 
     def _knownSerial(self, serial: str) -> str:
-        if not self._shown(serial):
+        if not self.admission.shown(serial):
             raise UnknownDevice()
         return serial
-
-    def _shown(self, serial: str) -> bool:
-        return self.state.membership.isKnown(serial) and self.admission.listed(serial)
 
     # Reading
 

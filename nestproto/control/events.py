@@ -35,19 +35,29 @@ RESET_EVENT = b'event: reset\ndata: {"reset": true}\n\n'
 
 
 def serialsChangedBy(
-    commit: Commit, devicesSeeing: Callable[[str, str], Iterable[str]]
+    commit: Commit,
+    devicesSeeing: Callable[[str, str], Iterable[str]],
+    hidden: Callable[[str], bool],
 ) -> list[str]:
-    """The devices whose status C{commit} changed, in a stable order."""
+    """
+    The devices whose status C{commit} changed, in a stable order, except
+    those the control side hides (L{Admission.hidden}) unless the commit
+    changed their owner: a client learns of a device that stops being
+    shown (unclaimed or removed), never of one it was never shown.
+    """
     serials: dict[str, None] = {}
     for change in commit.buckets:
         if change.scope == GLOBAL_SCOPE:
             serials.update(dict.fromkeys(devicesSeeing(change.scope, change.key)))
         else:
             serials[change.scope] = None
+    owned = set()
     for record in commit.records:
         if record.kind in (OWNER_RECORD, ENTRY_KEY_RECORD):
             serials[record.name] = None
-    return list(serials)
+        if record.kind == OWNER_RECORD:
+            owned.add(record.name)
+    return [serial for serial in serials if serial in owned or not hidden(serial)]
 
 
 @define(eq=False)
@@ -66,6 +76,9 @@ class EventStream:
     clock: IReactorTime
     feed: IChangeFeed
     devicesSeeing: Callable[[str, str], Iterable[str]]
+    #: Whether the control side hides a known serial (with pairing required,
+    #: an unclaimed one): events do not name it.
+    hidden: Callable[[str], bool]
     keepAliveSeconds: float = KEEPALIVE_SECONDS
     maxClients: int = MAX_CLIENTS
     _clients: list[_Client] = field(factory=list, init=False)
@@ -114,7 +127,7 @@ class EventStream:
         return b"".join(self._events(commit) for commit in missed)
 
     def _events(self, commit: Commit) -> bytes:
-        serials = serialsChangedBy(commit, self.devicesSeeing)
+        serials = serialsChangedBy(commit, self.devicesSeeing, self.hidden)
         events = [b"data: " + json.dumps({"serial": s}).encode() for s in serials]
         if events:
             events[-1] = b"id: %d\n" % (commit.sequence,) + events[-1]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from attrs import frozen
 from twisted.application.internet import backoffPolicy
 
+from ..admission import Admission
 from ..control.status import DEFAULT_UNAVAILABLE_AFTER_SECONDS
 from ..hub import SubscriberHub
 from ..state import DeviceState
@@ -48,17 +49,25 @@ class MQTTSettings:
 
 
 def bridgeService(
-    state: DeviceState, hub: SubscriberHub, settings: MQTTSettings, reactor: object
+    state: DeviceState,
+    hub: SubscriberHub,
+    settings: MQTTSettings,
+    reactor: object,
+    admission: Admission,
 ) -> BrokerConnection:
     """
     The bridge, listening to C{state}'s store, and the service that keeps
     its connection (start it to connect).
+
+    @param admission: which devices the control side shows; MQTT shows the
+        same ones.
     """
     topics = Topics(settings.prefix, settings.discoveryPrefix)
     bridge = MQTTBridge(
         state,
         hub,
         topics,
+        admission=admission,
         unavailableAfterSeconds=settings.unavailableAfterSeconds,
         flushDelaySeconds=settings.flushDelaySeconds,
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._version import __version__
+from ..admission import Admission
 from ..buckets import Bucket
 from ..control import commands
 from ..control.commands import CommandError, Plan
@@ -117,6 +118,11 @@ class MQTTBridge:
     state: DeviceState
     hub: SubscriberHub
     topics: Topics = field(factory=Topics)
+    #: Which devices are published and commanded: those the control side
+    #: shows (with pairing required, only claimed ones).
+    admission: Admission = field(
+        default=Factory(lambda self: Admission(self.state), takes_self=True)
+    )
     unavailableAfterSeconds: float = DEFAULT_UNAVAILABLE_AFTER_SECONDS
     #: How long changes gather before they are published.
     flushDelaySeconds: float = 0.05
@@ -210,7 +216,9 @@ class MQTTBridge:
         if self.client is None:
             return
         recently = self.clock.seconds() - self.minIntervalSeconds
-        for serial in serialsChangedBy(commit, self.state.membership.devicesSeeing):
+        for serial in serialsChangedBy(
+            commit, self.state.membership.devicesSeeing, self.admission.hidden
+        ):
             if self._lastPublished.get(serial, recently) > recently:
                 self._later.add(serial)
             else:
@@ -282,7 +290,7 @@ class MQTTBridge:
         if not topicSafe(serial):
             return
         membership = self.state.membership
-        if not membership.isKnown(serial):
+        if not self.admission.shown(serial):
             self._clear(client, serial)
             return
         published = self._published.setdefault(serial, _Published())
@@ -406,6 +414,9 @@ class MQTTBridge:
             self.log.warn("MQTT: ignored the oversized command on {topic}", topic=topic)
             return
         serial, bucketType, name = parsed
+        if not self.admission.shown(serial):
+            self._refused(topic, f"no device {serial} is shown")
+            return
         try:
             value = _payloadValue(message.payload)
             if bucketType == "ha":
@@ -422,7 +433,7 @@ class MQTTBridge:
         A retained climate config: if it is ours (its unique id) and its
         device is gone, clear the device's configs and availability.
         """
-        if self.client is None or self.state.membership.isKnown(serial):
+        if self.client is None or self.admission.shown(serial):
             return
         try:
             config = json.loads(payload)
