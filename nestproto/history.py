@@ -302,14 +302,16 @@ class IHistoryStorage(Interface):
         Aggregate complete hours before C{untilMs} not aggregated yet, a
         bounded number per call, the first time from the oldest raw row.
 
-        @return: fires with how many hours were aggregated; 0 once caught up.
+        @return: fires with how many hours were aggregated; 0 once caught
+            up, or while another process sharing the database maintains.
         """
 
     def prune(rawBeforeMs: int, hourlyBeforeMs: int) -> Deferred[None]:
         """
         Delete raw rows before C{rawBeforeMs} (only those already rolled up;
         of transitions, the last one of each device's field is kept while
-        it is on) and hourly rows before C{hourlyBeforeMs}.
+        it is on) and hourly rows before C{hourlyBeforeMs}; nothing while
+        another process sharing the database maintains.
         """
 
     def forget(serial: str) -> Deferred[None]:

@@ -9,8 +9,11 @@ The same tables and answers as L{SQLiteHistoryStorage}. What sharing adds:
    made itself (L{Commit.local}), and every row has a primary key, so a
    batch written twice (a retry after a lost answer) leaves one row.
  - Roll-up and pruning take one advisory lock for their transaction, so
-   processes maintaining at the same moment run them in turn, each
-   starting from where the one before it left C{rolled up to}.
+   that one process at a time maintains, starting from where the one
+   before it left C{rolled up to}. They do not wait for it: they run on
+   the store's thread, which commits the process's writes, so a process
+   that finds another maintaining leaves the work to it (a roll-up then
+   answers 0, as when caught up) and tries again at its next maintenance.
  - A process writes a minute's last sample up to L{FLUSH_SECONDS} after
    the minute, and its clock may differ a little from the one rolling up:
    an hour is rolled up only L{SETTLE_MS} after it ends, so that every
@@ -217,17 +220,22 @@ def _setRolledUpTo(connection: Connection, timeMs: int) -> None:
     )
 
 
-def _lockMaintenance(connection: Connection) -> None:
+def _lockMaintenance(connection: Connection) -> bool:
     """
-    Wait for any other process's roll-up or prune: from here on this
-    transaction's statements see what it committed.
+    Take the maintenance lock for this transaction, unless another process
+    holds it: then C{False}. Once taken, this transaction's statements see
+    what the last holder committed.
     """
-    connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MAINTENANCE_LOCK,))
+    row = connection.execute(
+        "SELECT pg_try_advisory_xact_lock(%s)", (_MAINTENANCE_LOCK,)
+    ).fetchone()
+    return row is not None and bool(row[0])
 
 
 def _rollUp(untilMs: int, connection: Connection) -> int:
     with connection.transaction():
-        _lockMaintenance(connection)
+        if not _lockMaintenance(connection):
+            return 0
         endMs = untilMs // HOUR_MS * HOUR_MS
         startMs = _rolledUpTo(connection)
         if startMs is None:
@@ -272,7 +280,8 @@ def _rollUp(untilMs: int, connection: Connection) -> int:
 
 def _prune(rawBeforeMs: int, hourlyBeforeMs: int, connection: Connection) -> None:
     with connection.transaction():
-        _lockMaintenance(connection)
+        if not _lockMaintenance(connection):
+            return
         rolledUpTo = _rolledUpTo(connection)
         if rolledUpTo is not None:
             cutoff = min(rawBeforeMs, rolledUpTo)

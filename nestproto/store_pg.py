@@ -391,7 +391,13 @@ class PostgreSQLStore(CommittedState):
         self._jobs += 1
 
         def job() -> T:
-            return f(self._writerConnection())
+            connection = self._writerConnection()
+            try:
+                return f(connection)
+            except BaseException:
+                if connection.broken:
+                    connection.close()
+                raise
 
         def done(result: T | Failure) -> T | Failure:
             self._jobs -= 1
