@@ -106,21 +106,40 @@ _LAST_BEFORE = (
 )
 
 
-def _upsert(table: str, columns: Sequence[str], key: Sequence[str]) -> str:
-    """An insert of C{columns} that replaces the row of the same C{key}."""
+def _upsert(
+    table: str,
+    columns: Sequence[str],
+    key: Sequence[str],
+    types: Sequence[str] | None = None,
+) -> str:
+    """
+    An insert of C{columns} that replaces the row of the same C{key}: of
+    one row, or with C{types}, of one array per column (one row per
+    element).
+    """
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in key)
+    values = (
+        f"VALUES ({', '.join(['%s'] * len(columns))})"
+        if types is None
+        else f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for t in types)})"
+    )
     return (
-        f"INSERT INTO {table} ({', '.join(columns)})"
-        f" VALUES ({', '.join(['%s'] * len(columns))})"
+        f"INSERT INTO {table} ({', '.join(columns)}) {values}"
         f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}"
     )
 
 
-_SAMPLES_UPSERT = _upsert("history_samples", _SAMPLE_COLUMNS, ("serial", "time_ms"))
+_SAMPLES_UPSERT = _upsert(
+    "history_samples",
+    _SAMPLE_COLUMNS,
+    ("serial", "time_ms"),
+    ("text", "bigint", *(["float8"] * len(NUMBERS)), *(["text"] * len(WORDS))),
+)
 _TRANSITIONS_UPSERT = _upsert(
     "history_transitions",
     ("serial", "field", "time_ms", "state"),
     ("serial", "field", "time_ms"),
+    ("text", "text", "bigint", "boolean"),
 )
 _HOURS_UPSERT = _upsert("history_hours", _HOURS_COLUMNS, ("serial", "hour_ms"))
 
@@ -183,25 +202,33 @@ class PostgreSQLHistoryStorage:
 def _append(
     samples: list[Sample], transitions: list[Transition], connection: Connection
 ) -> None:
-    with connection.transaction(), connection.cursor() as cursor:
-        if samples:
-            cursor.executemany(
+    # One statement per table, whatever the batch's size (arrays, as the
+    # store writes buckets). A row may come twice in a batch (a field's two
+    # changes in one ms, one group commit): the last one stands, and an
+    # upsert may touch a row once per statement, so only it is sent.
+    bySample = {(s.serial, s.timeMs): s for s in samples}
+    byTransition = {(t.serial, t.field, t.timeMs): t for t in transitions}
+    with connection.transaction():
+        if bySample:
+            rows = list(bySample.values())
+            connection.execute(
                 _SAMPLES_UPSERT,
                 [
-                    (
-                        sample.serial,
-                        sample.timeMs,
-                        *(sample.values.get(name) for name in NUMBERS + WORDS),
-                    )
-                    for sample in samples
+                    [s.serial for s in rows],
+                    [s.timeMs for s in rows],
+                    *([s.values.get(name) for s in rows] for name in NUMBERS + WORDS),
                 ],
             )
-        if transitions:
-            # Two changes of a field in one ms (one group commit): the last
-            # one stands.
-            cursor.executemany(
+        if byTransition:
+            changes = list(byTransition.values())
+            connection.execute(
                 _TRANSITIONS_UPSERT,
-                [(t.serial, t.field, t.timeMs, t.on) for t in transitions],
+                [
+                    [t.serial for t in changes],
+                    [t.field for t in changes],
+                    [t.timeMs for t in changes],
+                    [t.on for t in changes],
+                ],
             )
 
 

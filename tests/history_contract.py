@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -158,7 +158,9 @@ class HistoryStorageContract(_Base):
         self.assertEqual(recorder.stored(OTHER_SERIAL), (3, 3))
         self.assertNotEqual(recorder.result(hours(OTHER_SERIAL, 0, END_MS)), [])
 
-    @settings(max_examples=30)
+    # Each engine's test case runs this one test (differing executors);
+    # every example builds its own store, so no state crosses them.
+    @settings(max_examples=30, suppress_health_check=[HealthCheck.differing_executors])
     @given(thermostatReports(), st.integers(0, DAY_MS - 1))
     def test_aggregatesEqualTheSumOfRaw(
         self, reports: list[tuple[int, dict[str, Any]]], offsetMs: int
