@@ -32,7 +32,7 @@ from .pairing import (
 )
 from .presence import IPresence, Presence
 from .state import DeviceState
-from .store import IBucketStore, SQLiteStore, ThreadRunner
+from .store import IBucketStore, ThreadRunner
 from .uploads import LogStore
 from .weather import IWeatherSource, NoWeather, WeatherService
 
@@ -117,8 +117,7 @@ def buildApps(
     history = None
     if settings.history is not None and storage is not None:
         history = History.following(store, storage, clock, settings.history)
-    if isinstance(store, SQLiteStore):
-        store.onCommitted = metrics.commitSeconds.observe
+    store.onCommitted = metrics.commitSeconds.observe
     state = DeviceState(store, membership, presence or Presence(clock), clock)
     # One Pairing for both ports: codes shown on one are claimed on the other.
     pairing = Pairing(state, ttlSeconds=settings.entryKeyTtlSeconds)

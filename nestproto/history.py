@@ -35,6 +35,7 @@ import math
 import sqlite3
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from attrs import define, field, frozen
@@ -301,14 +302,16 @@ class IHistoryStorage(Interface):
         Aggregate complete hours before C{untilMs} not aggregated yet, a
         bounded number per call, the first time from the oldest raw row.
 
-        @return: fires with how many hours were aggregated; 0 once caught up.
+        @return: fires with how many hours were aggregated; 0 once caught
+            up, or while another process sharing the database maintains.
         """
 
     def prune(rawBeforeMs: int, hourlyBeforeMs: int) -> Deferred[None]:
         """
         Delete raw rows before C{rawBeforeMs} (only those already rolled up;
         of transitions, the last one of each device's field is kept while
-        it is on) and hourly rows before C{hourlyBeforeMs}.
+        it is on) and hourly rows before C{hourlyBeforeMs}; nothing while
+        another process sharing the database maintains.
         """
 
     def forget(serial: str) -> Deferred[None]:
@@ -384,6 +387,98 @@ _HOURS_COLUMNS = (
     *_HOURS_ON_COLUMNS,
 )
 _ROLLED_UP_TO = "rolled_up_to"
+
+
+def hourRows(
+    startMs: int,
+    endMs: int,
+    sampleStats: Iterable[Sequence[Any]],
+    initial: Iterable[tuple[str, str, object]],
+    changes: Iterable[tuple[str, int, str, object]],
+) -> list[list[Any]]:
+    """
+    The hourly rows (L{_HOURS_COLUMNS}) of the complete hours in
+    [C{startMs}, C{endMs}), from what the raw tables say (any engine's).
+
+    @param sampleStats: per device and hour that had samples: serial, hour
+        (C{time_ms // HOUR_MS}), count, then min, mean and max of each of
+        L{NUMBERS}.
+    @param initial: (serial, field, state) of each device's field's last
+        transition before C{startMs}.
+    @param changes: (serial, time, field, state) of the transitions in the
+        hours, in time order.
+    """
+    rows: dict[tuple[str, int], list[Any]] = {}
+
+    def row(serial: str, hourMs: int) -> list[Any]:
+        found = rows.get((serial, hourMs))
+        if found is None:
+            found = rows[serial, hourMs] = [serial, hourMs, 0]
+            found.extend([None] * len(_HOURS_NUMBER_COLUMNS))
+            found.extend([0] * len(_HOURS_ON_COLUMNS))
+        return found
+
+    for serial, hour, count, *numbers in sampleStats:
+        found = row(serial, hour * HOUR_MS)
+        found[2] = count
+        found[3 : 3 + len(numbers)] = numbers
+    before: dict[str, dict[str, bool]] = {}
+    for serial, name, state in initial:
+        before.setdefault(serial, {})[name] = bool(state)
+    bySerial: dict[str, list[Transition]] = {}
+    for serial, timeMs, name, state in changes:
+        bySerial.setdefault(serial, []).append(
+            Transition(serial, timeMs, name, bool(state))
+        )
+    boundaries = list(range(startMs, endMs + 1, HOUR_MS))
+    onOffset = 3 + len(_HOURS_NUMBER_COLUMNS)
+    for serial in {*bySerial, *(s for s, v in before.items() if any(v.values()))}:
+        spans = signalSpans(
+            before.get(serial, {}), bySerial.get(serial, ()), startMs, endMs
+        )
+        for i, name in enumerate(SIGNALS):
+            for hourMs, ms in zip(
+                boundaries, msPerPeriod(spans[name], boundaries), strict=False
+            ):
+                if ms:
+                    row(serial, hourMs)[onOffset + i] = ms
+    return list(rows.values())
+
+
+def usageTotals(
+    boundaries: Sequence[int],
+    rawFromMs: int,
+    rolledUpTo: int | None,
+    hourly: Callable[[int, int], Iterable[Sequence[Any]]],
+    raw: Callable[[int, int], Transitions],
+) -> list[dict[str, int]]:
+    """
+    L{IHistoryStorage.usage} from what the tables say (any engine's).
+
+    @param rolledUpTo: where hourly rows end (C{None}: none yet).
+    @param hourly: gives (hour, then ms on of each L{USAGE} category) of
+        the device's hourly rows starting in [from, to).
+    @param raw: gives the device's L{Transitions} in [from, to).
+    """
+    totals = [dict.fromkeys(USAGE, 0) for _ in boundaries[1:]]
+    if not totals:
+        return totals
+    firstMs, lastMs = boundaries[0], boundaries[-1]
+    # Raw rows are complete from the split on (pruning never deletes what
+    # is not rolled up yet); hourly rows before it.
+    splitMs = firstMs if rolledUpTo is None else min(_ceilHour(rawFromMs), rolledUpTo)
+    splitMs = min(max(splitMs, firstMs), lastMs)
+    if splitMs > firstMs:
+        for hourMs, *onMs in hourly(firstMs, splitMs):
+            period = bisect_right(boundaries, hourMs) - 1
+            for name, value in zip(USAGE, onMs, strict=True):
+                totals[period][name] += value
+    transitions = raw(splitMs, lastMs)
+    spans = signalSpans(transitions.initial, transitions.changes, splitMs, lastMs)
+    for name in USAGE:
+        for period, ms in enumerate(msPerPeriod(spans[name], boundaries)):
+            totals[period][name] += ms
+    return totals
 
 
 def _placeholders(count: int) -> str:
@@ -570,56 +665,32 @@ def _rollUp(connection: sqlite3.Connection, untilMs: int) -> int:
                 (_ROLLED_UP_TO, startMs),
             )
             return 0
-        rows: dict[tuple[str, int], list[Any]] = {}
-
-        def row(serial: str, hourMs: int) -> list[Any]:
-            found = rows.get((serial, hourMs))
-            if found is None:
-                found = rows[serial, hourMs] = [serial, hourMs, 0]
-                found.extend([None] * len(_HOURS_NUMBER_COLUMNS))
-                found.extend([0] * len(_HOURS_ON_COLUMNS))
-            return found
-
         stats = ", ".join(f"MIN({name}), AVG({name}), MAX({name})" for name in NUMBERS)
-        for serial, hour, count, *numbers in connection.execute(
-            f"SELECT serial, time_ms / {HOUR_MS}, COUNT(*), {stats}"
-            " FROM history_samples WHERE time_ms >= ? AND time_ms < ?"
-            " GROUP BY serial, time_ms / ?",
-            (startMs, endMs, HOUR_MS),
-        ):
-            found = row(serial, hour * HOUR_MS)
-            found[2] = count
-            found[3 : 3 + len(numbers)] = numbers
-        initial: dict[str, dict[str, bool]] = {}
-        for serial, name, state, _ in connection.execute(
-            _LAST_BEFORE.format(andSerial=""), {"before": startMs}
-        ):
-            initial.setdefault(serial, {})[name] = bool(state)
-        changes: dict[str, list[Transition]] = {}
-        for serial, timeMs, name, state in connection.execute(
-            "SELECT serial, time_ms, field, state FROM history_transitions"
-            " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms",
-            (startMs, endMs),
-        ):
-            changes.setdefault(serial, []).append(
-                Transition(serial, timeMs, name, bool(state))
-            )
-        boundaries = list(range(startMs, endMs + 1, HOUR_MS))
-        onOffset = 3 + len(_HOURS_NUMBER_COLUMNS)
-        for serial in {*changes, *(s for s, v in initial.items() if any(v.values()))}:
-            spans = signalSpans(
-                initial.get(serial, {}), changes.get(serial, ()), startMs, endMs
-            )
-            for i, name in enumerate(SIGNALS):
-                for hourMs, ms in zip(
-                    boundaries, msPerPeriod(spans[name], boundaries), strict=False
-                ):
-                    if ms:
-                        row(serial, hourMs)[onOffset + i] = ms
+        rows = hourRows(
+            startMs,
+            endMs,
+            connection.execute(
+                f"SELECT serial, time_ms / {HOUR_MS}, COUNT(*), {stats}"
+                " FROM history_samples WHERE time_ms >= ? AND time_ms < ?"
+                " GROUP BY serial, time_ms / ?",
+                (startMs, endMs, HOUR_MS),
+            ),
+            (
+                (serial, name, state)
+                for serial, name, state, _ in connection.execute(
+                    _LAST_BEFORE.format(andSerial=""), {"before": startMs}
+                )
+            ),
+            connection.execute(
+                "SELECT serial, time_ms, field, state FROM history_transitions"
+                " WHERE time_ms >= ? AND time_ms < ? ORDER BY time_ms",
+                (startMs, endMs),
+            ),
+        )
         connection.executemany(
             f"INSERT OR REPLACE INTO history_hours ({', '.join(_HOURS_COLUMNS)})"
             f" VALUES ({_placeholders(len(_HOURS_COLUMNS))})",
-            list(rows.values()),
+            rows,
         )
         connection.execute(
             "INSERT OR REPLACE INTO history_meta VALUES (?, ?)",
@@ -698,31 +769,22 @@ def _usage(
     boundaries: list[int],
     rawFromMs: int,
 ) -> list[dict[str, int]]:
-    totals = [dict.fromkeys(USAGE, 0) for _ in boundaries[1:]]
-    if not totals:
-        return totals
-    firstMs, lastMs = boundaries[0], boundaries[-1]
-    rolledUpTo = _rolledUpTo(connection)
-    # Raw rows are complete from the split on (pruning never deletes what
-    # is not rolled up yet); hourly rows before it.
-    splitMs = firstMs if rolledUpTo is None else min(_ceilHour(rawFromMs), rolledUpTo)
-    splitMs = min(max(splitMs, firstMs), lastMs)
-    if splitMs > firstMs:
-        columns = ", ".join(f"{name}_ms" for name in USAGE)
-        for hourMs, *ms in connection.execute(
+    columns = ", ".join(f"{name}_ms" for name in USAGE)
+
+    def hourly(fromMs: int, toMs: int) -> Iterable[Sequence[Any]]:
+        return connection.execute(
             f"SELECT hour_ms, {columns} FROM history_hours"
             " WHERE serial = ? AND hour_ms >= ? AND hour_ms < ?",
-            (serial, firstMs, splitMs),
-        ):
-            period = bisect_right(boundaries, hourMs) - 1
-            for name, value in zip(USAGE, ms, strict=True):
-                totals[period][name] += value
-    raw = _transitionsOf(connection, serial, splitMs, lastMs)
-    spans = signalSpans(raw.initial, raw.changes, splitMs, lastMs)
-    for name in USAGE:
-        for period, ms in enumerate(msPerPeriod(spans[name], boundaries)):
-            totals[period][name] += ms
-    return totals
+            (serial, fromMs, toMs),
+        )
+
+    return usageTotals(
+        boundaries,
+        rawFromMs,
+        _rolledUpTo(connection),
+        hourly,
+        partial(_transitionsOf, connection, serial),
+    )
 
 
 def _databaseBytes(connection: sqlite3.Connection) -> int:
@@ -818,7 +880,12 @@ class History:
     # The feed
 
     def apply(self, commit: Commit) -> None:
-        """Record what C{commit}, a device's own report or a deletion, says."""
+        """
+        Record what C{commit}, a device's own report or a deletion, says:
+        only when this process committed it, so that processes sharing a
+        database record each report once. A deletion is forgotten by every
+        process (each after its own writes of the device's rows).
+        """
         origin = commit.origin
         reported: Bucket | None = None
         deviceReported = False
@@ -834,6 +901,13 @@ class History:
         for scope in deleted:
             if scope != GLOBAL_SCOPE and not self.store.buckets(scope):
                 self._forget(scope)
+        if not commit.local:
+            # Another process sharing the database committed it, and
+            # records it; this one keeps the device's HVAC state current,
+            # so that a later report through it changes only what changed.
+            if origin is not None and reported is not None:
+                self._hvac[origin] = hvacState(reported.value)
+            return
         if self._stopped or origin is None or (reported is None and not deviceReported):
             return
         nowMs = self.nowMs()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from .buckets import Bucket
 
@@ -75,9 +75,15 @@ class Commit:
     @ivar origin: the serial of the device whose own request made the
         change (its held subscribes are not sent it back), or C{None} for
         users, pairing and everything else.
+    @ivar local: whether this process committed it; C{False} for a commit
+        another process sharing the database made, which this one only
+        heard of (work done once per commit, such as history, is done by
+        the process that committed it). Not part of equality: it is the
+        same commit wherever it is heard.
     """
 
     sequence: int
     origin: str | None
     buckets: tuple[BucketChanged, ...] = ()
     records: tuple[RecordChanged, ...] = ()
+    local: bool = field(default=True, eq=False)

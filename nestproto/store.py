@@ -184,6 +184,11 @@ class IBucketStore(IChangeFeed):
     def close() -> Deferred[None]:
         """Commit what is pending and release the database."""
 
+    onCommitted = Attribute(
+        "C{None}, or called with the seconds each transaction that committed"
+        " something took, from deciding its batch to its being durable."
+    )
+
 
 _SCHEMA_VERSION = 2
 
@@ -421,6 +426,11 @@ class CommittedState:
     #: them a batch at a time.
     _queue: list[PendingWrite] = field(factory=list, repr=False, kw_only=True)
     _closed: bool = field(default=False, kw_only=True)
+    #: Called with the seconds each transaction that committed something
+    #: took, from deciding its batch to its being durable (metrics).
+    onCommitted: Callable[[float], object] | None = field(
+        default=None, repr=False, kw_only=True
+    )
 
     # Reads: committed state only
 
@@ -526,9 +536,6 @@ class SQLiteStore(CommittedState):
     _clock: IReactorTime
     #: Fired once nothing is queued or committing (L{close}).
     _drained: list[Deferred[None]] = field(factory=list, repr=False)
-    #: Called with the seconds each group commit took, from deciding its
-    #: batch to its being durable (metrics).
-    onCommitted: Callable[[float], object] | None = field(default=None, repr=False)
     _committing: bool = False
     #: Calls of L{withConnection} not yet done (L{close} waits for them).
     _jobs: int = 0

@@ -43,7 +43,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from attrs import define, field, frozen
@@ -52,11 +52,14 @@ from psycopg.pq import TransactionStatus
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .buckets import Bucket
-from .errors import StoreUnavailable
+from .errors import StoreClosed, StoreUnavailable
+from .history import IHistoryStorage
+from .history_pg import HISTORY_SCHEMA, PostgreSQLHistoryStorage
 from .model import BucketChanged, Commit, RecordChanged
 from .presence import IPresence, Presence
 from .store import (
@@ -103,7 +106,8 @@ KEEPALIVES = {
     "keepalives_count": "2",
 }
 
-_SCHEMA_VERSION = 1
+#: 2: the change log says which process wrote each change; history tables.
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -129,7 +133,8 @@ CREATE TABLE IF NOT EXISTS changes (
     origin TEXT,
     committed TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     buckets TEXT NOT NULL,
-    records TEXT NOT NULL
+    records TEXT NOT NULL,
+    writer TEXT
 );
 CREATE TABLE IF NOT EXISTS presence (
     serial TEXT PRIMARY KEY,
@@ -144,6 +149,7 @@ CREATE INDEX IF NOT EXISTS presence_updated ON presence (updated);
 _SCHEMA_LOCK = 0x6E657374  # "nest"
 
 Connection = psycopg.Connection[tuple[Any, ...]]
+T = TypeVar("T")
 
 
 def _dumps(value: Any) -> str:
@@ -186,6 +192,10 @@ def createSchema(connection: Connection) -> int:
                 f"the database was written by a newer nestproto (schema {row[0]}, "
                 f"this one knows {_SCHEMA_VERSION})"
             )
+        if row is not None and int(row[0]) < 2:
+            # Version 1's change log did not say which process wrote a change.
+            connection.execute("ALTER TABLE changes ADD COLUMN writer TEXT")
+        connection.execute(HISTORY_SCHEMA)
         connection.execute(
             "INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (name) "
             "DO UPDATE SET value = EXCLUDED.value",
@@ -239,9 +249,19 @@ def _loadSnapshot(connection: Connection) -> _Snapshot:
     return _Snapshot(sequence, buckets, records)
 
 
+#: The columns of the change log L{_commitFromRow} reads.
+_CHANGE_COLUMNS = "sequence, origin, buckets, records, writer"
+
+
 def _commitFromRow(
-    sequence: int, origin: str | None, bucketsText: str, recordsText: str
+    me: str,
+    sequence: int,
+    origin: str | None,
+    bucketsText: str,
+    recordsText: str,
+    writer: str | None,
 ) -> Commit:
+    """A change-log row as the commit it announces to process C{me}."""
     buckets = tuple(
         BucketChanged(
             scope,
@@ -253,7 +273,7 @@ def _commitFromRow(
     records = tuple(
         RecordChanged(kind, name, doc) for kind, name, doc in json.loads(recordsText)
     )
-    return Commit(sequence, origin, buckets, records)
+    return Commit(sequence, origin, buckets, records, local=writer == me)
 
 
 @frozen
@@ -307,6 +327,13 @@ class PostgreSQLStore(CommittedState):
     _wakeChannel: str = field(
         factory=lambda: "nestproto_wake_" + secrets.token_hex(8), repr=False
     )
+    #: Names this store's commits in the change log, so that it tells them
+    #: from other processes' however it hears of them (L{Commit.local}).
+    _processId: str = field(factory=lambda: secrets.token_hex(8), repr=False)
+    #: When the transaction under way began deciding its batch.
+    _commitStarted: float = field(default=0.0, repr=False)
+    #: Calls of L{withConnection} not yet done (L{close} waits for them).
+    _jobs: int = field(default=0, repr=False)
 
     @classmethod
     def open(
@@ -357,6 +384,36 @@ class PostgreSQLStore(CommittedState):
 
     # Writes
 
+    def withConnection(self, f: Callable[[Connection], T]) -> Deferred[T]:
+        """
+        Run C{f} with the writing connection (autocommit) on the store's
+        thread, in turn with its transactions, and fire with what it
+        returns: for tables beside the buckets (history) whose writes are
+        not decided against committed state. C{f} commits what it begins
+        (C{with connection.transaction()}).
+
+        @raise StoreClosed: when the store is closing.
+        """
+        if self._closed:
+            raise StoreClosed()
+        self._jobs += 1
+
+        def job() -> T:
+            connection = self._writerConnection()
+            try:
+                return f(connection)
+            except BaseException:
+                if connection.broken:
+                    connection.close()
+                raise
+
+        def done(result: T | Failure) -> T | Failure:
+            self._jobs -= 1
+            self._closeIfDrained()
+            return result
+
+        return self._runInThread(job).addBoth(done)
+
     def close(self) -> Deferred[None]:
         """
         Fire once every accepted write is committed, the listening loop
@@ -392,7 +449,7 @@ class PostgreSQLStore(CommittedState):
         )
 
     def _closeIfDrained(self) -> None:
-        if self._queue or self._committing:
+        if self._queue or self._committing or self._jobs:
             return
         drained, self._drained = self._drained, []
         for d in drained:
@@ -408,7 +465,8 @@ class PostgreSQLStore(CommittedState):
             batch.append(pending)
             keys += len(pending.writes)
         self._committing = True
-        nowMs = int(self._clock.seconds() * 1000)
+        self._commitStarted = self._clock.seconds()
+        nowMs = int(self._commitStarted * 1000)
         d = self._runInThread(self._transact, batch, nowMs, self.lastSequence)
         d.addCallbacks(
             lambda outcome: self._finish(batch, outcome),
@@ -562,13 +620,15 @@ class PostgreSQLStore(CommittedState):
             # at least as much, so a refused compare-and-set is not
             # followed by a read of an older bucket.
             seen = connection.execute(
-                "SELECT sequence, origin, buckets, records FROM changes "
+                f"SELECT {_CHANGE_COLUMNS} FROM changes "
                 "WHERE sequence > %s AND sequence <= "
                 "(SELECT value FROM meta WHERE name = 'last_sequence') "
                 "ORDER BY sequence",
                 (applied,),
             )
-            return lambda: _Outcome(decided, [_commitFromRow(*r) for r in seen])
+            return lambda: _Outcome(
+                decided, [_commitFromRow(self._processId, *r) for r in seen]
+            )
         for one, _origin in announced:
             finalBuckets.update(one.bucketOps)
             finalRecords.update(one.recordOps)
@@ -584,13 +644,13 @@ class PostgreSQLStore(CommittedState):
         # Every commit before ours is committed (it held the counter): read
         # those this process has not applied yet, to apply them first.
         earlier = connection.execute(
-            "SELECT sequence, origin, buckets, records FROM changes "
+            f"SELECT {_CHANGE_COLUMNS} FROM changes "
             "WHERE sequence > %s AND sequence <= "
             "(SELECT value FROM meta WHERE name = 'last_sequence') - %s "
             "ORDER BY sequence",
             (applied, count),
         )
-        _logCommits(connection, count, announced)
+        _logCommits(connection, count, announced, self._processId)
         if applied - self._prunedAt >= 1000:
             self._prunedAt = applied
             connection.execute(
@@ -603,7 +663,7 @@ class PostgreSQLStore(CommittedState):
             row = counter.fetchone()
             assert row is not None
             first = int(row[0]) - count + 1
-            commits = [_commitFromRow(*r) for r in earlier]
+            commits = [_commitFromRow(self._processId, *r) for r in earlier]
             for sequence, (one, origin) in enumerate(announced, start=first):
                 one.sequence = sequence
                 commits.append(
@@ -685,6 +745,8 @@ class PostgreSQLStore(CommittedState):
 
     def _finish(self, batch: list[PendingWrite], outcome: _Outcome) -> None:
         """The batch is durable: show it, announce it, answer it, in order."""
+        if self.onCommitted is not None and any(c.local for c in outcome.commits):
+            self.onCommitted(self._clock.seconds() - self._commitStarted)
         self._apply(outcome.commits)
         for pending, one in zip(batch, outcome.decided, strict=True):
             if isinstance(one, Failure):
@@ -788,7 +850,9 @@ class PostgreSQLStore(CommittedState):
         # since() cannot bridge the jump; the differences, shown as one
         # commit, bring memory to the snapshot.
         self._recent.clear()
-        self._show(Commit(snapshot.sequence, None, tuple(buckets), tuple(records)))
+        self._show(
+            Commit(snapshot.sequence, None, tuple(buckets), tuple(records), local=False)
+        )
 
     # On the listening thread
 
@@ -834,7 +898,7 @@ class PostgreSQLStore(CommittedState):
             with connection.pipeline():
                 with connection.transaction():
                     rows = connection.execute(
-                        "SELECT sequence, origin, buckets, records FROM changes "
+                        f"SELECT {_CHANGE_COLUMNS} FROM changes "
                         "WHERE sequence > %s ORDER BY sequence",
                         (after,),
                     )
@@ -843,7 +907,7 @@ class PostgreSQLStore(CommittedState):
                     )
         finally:
             connection.isolation_level = None
-        commits = [_commitFromRow(*r) for r in rows]
+        commits = [_commitFromRow(self._processId, *r) for r in rows]
         row = counter.fetchone()
         last = 0 if row is None else int(row[0])
         if (
@@ -915,25 +979,30 @@ def _writeRows(
 
 
 def _logCommits(
-    connection: Connection, count: int, announced: list[tuple[Decided, str | None]]
+    connection: Connection,
+    count: int,
+    announced: list[tuple[Decided, str | None]],
+    writer: str,
 ) -> None:
     """
-    Queue the change log's rows for C{announced} and one doorbell for the
-    transaction: their sequences are the last C{count} the counter (updated
-    before, in this transaction) handed out.
+    Queue the change log's rows for C{announced}, written by process
+    C{writer}, and one doorbell for the transaction: their sequences are
+    the last C{count} the counter (updated before, in this transaction)
+    handed out.
 
     One doorbell serves every commit of a transaction: a listener re-reads
     the log after the last sequence it applied whenever it rings, and
     carries the last commit's C{key|revision|sequence}.
     """
     connection.execute(
-        "INSERT INTO changes (sequence, origin, buckets, records) "
-        "SELECT m.value - %s + t.n, t.origin, t.buckets, t.records "
+        "INSERT INTO changes (sequence, origin, buckets, records, writer) "
+        "SELECT m.value - %s + t.n, t.origin, t.buckets, t.records, %s "
         "FROM meta m, unnest(%s::text[], %s::text[], %s::text[]) "
         "WITH ORDINALITY AS t(origin, buckets, records, n) "
         "WHERE m.name = 'last_sequence'",
         (
             count,
+            writer,
             [origin for one, origin in announced],
             [
                 _dumps(
@@ -975,6 +1044,9 @@ def _doorbell(last: Decided) -> str:
         revision = "" if bucket is None else str(bucket.revision)
         return f"{key}|{revision}|"
     return "||"
+
+
+registerAdapter(PostgreSQLHistoryStorage, PostgreSQLStore, IHistoryStorage)
 
 
 #: Seconds between a process's presence writes and reads of the others'.

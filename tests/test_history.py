@@ -14,14 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.application.service import IServiceCollection
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from nestproto.apps import AppSettings, buildApps
 from nestproto.buckets import Bucket
@@ -45,14 +44,13 @@ from nestproto.history import (
     unionSpans,
 )
 from nestproto.service import Options, makeService
-from nestproto.store import BucketWrite, SQLiteStore, runInline
+from nestproto.store import BucketWrite, IBucketStore, SQLiteStore, runInline
 
 from .helpers import (
     CONTROL_URL,
     DEVICE_URL,
     OTHER_SERIAL,
     SERIAL,
-    START_SECONDS,
     Server,
     basicAuth,
     clientObject,
@@ -60,14 +58,11 @@ from .helpers import (
     makeServer,
     objectsBody,
 )
-from .strategies import thermostatReports
+from .history_contract import END_MS, START_MS, HistoryStorageContract, Recorder
 from .stub import StubClient
 
-START_MS = int(START_SECONDS * 1000)
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
-#: Far enough to include everything a test records.
-END_MS = START_MS + 10 * 365 * DAY_MS
 
 
 def historyOf(server: Server) -> History:
@@ -89,42 +84,27 @@ def storedRows(store: SQLiteStore, table: str, serial: str = SERIAL) -> int:
     return rows[0]
 
 
-class _Recorder:
-    """A store with a history of its own, fed by writes as a device's."""
+class _Recorder(Recorder):
+    """A SQLite store at C{path} with a history of its own."""
+
+    store: SQLiteStore
 
     def __init__(
-        self,
-        settings: HistorySettings | None = None,
-        path: str = ":memory:",
-        offsetMs: int = 0,
+        self, settings: HistorySettings | None = None, path: str = ":memory:"
     ) -> None:
-        self.clock = Clock()
-        self.clock.advance((START_MS + offsetMs) / 1000)
-        self.store = SQLiteStore.open(path, runInline, self.clock)
-        self.storage = SQLiteHistoryStorage(self.store)
-        self.history = History.following(
-            self.store, self.storage, self.clock, settings or HistorySettings()
-        )
-        self.shared: dict[str, Any] = {}
+        clock = Clock()
+        clock.advance(START_MS / 1000)
+        store = SQLiteStore.open(path, runInline, clock)
+        super().__init__(store, SQLiteHistoryStorage(store), clock, settings)
+        self.store = store
 
-    def nowMs(self) -> int:
-        return self.history.nowMs()
 
-    def report(self, fields: Mapping[str, Any], serial: str = SERIAL) -> None:
-        """C{serial} puts C{fields} to its shared bucket."""
-        self.shared.update(fields)
-        self.store.write(
-            [BucketWrite(serial, Bucket(f"shared.{serial}", 1, 1, dict(self.shared)))],
-            origin=serial,
-        )
+class SQLiteStorageTests(HistoryStorageContract, SynchronousTestCase):
+    """The history storage contract, on SQLite in memory."""
 
-    def result(self, d: Deferred[Any]) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        (result,) = results
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def openStore(self, clock: Clock) -> tuple[IBucketStore, IHistoryStorage]:
+        store = SQLiteStore.open(":memory:", runInline, clock)
+        return store, IHistoryStorage(store)
 
 
 class RecordingTests(SynchronousTestCase):
@@ -370,24 +350,6 @@ class RecordingTests(SynchronousTestCase):
 class BufferTests(SynchronousTestCase):
     """Writing in batches, and what a failed batch does."""
 
-    def test_flushAfterRows(self) -> None:
-        """
-        A batch is written as soon as C{flushRows} rows are buffered (the
-        current minute's sample is not one yet).
-        """
-        recorder = _Recorder(HistorySettings(flushRows=5))
-        stored = []
-        for minute in range(4):
-            recorder.clock.advance(60)
-            recorder.report({"hvac_heater_state": minute % 2 == 0})
-            stored.append(
-                tuple(
-                    storedRows(recorder.store, table)
-                    for table in ("history_samples", "history_transitions")
-                )
-            )
-        self.assertEqual(stored, [(0, 0), (0, 0), (2, 3), (2, 3)])
-
     def test_failedBatchKept(self) -> None:
         """
         Rows the database refused are kept and written by the next flush.
@@ -401,10 +363,9 @@ class BufferTests(SynchronousTestCase):
         recorder.history.flush()
         self.assertEqual(storedRows(recorder.store, "history_transitions"), 1)
 
-    def test_storageInterface(self) -> None:
-        """The SQLite storage provides L{IHistoryStorage}; the store adapts."""
+    def test_storageAdapter(self) -> None:
+        """A SQLite store adapts to its L{SQLiteHistoryStorage}."""
         store = SQLiteStore.open(":memory:", runInline, Clock())
-        self.assertTrue(verifyObject(IHistoryStorage, SQLiteHistoryStorage(store)))
         self.assertIsInstance(IHistoryStorage(store), SQLiteHistoryStorage)
 
 
@@ -501,158 +462,8 @@ class SpanTests(SynchronousTestCase):
             self.assertLessEqual(total, sum(memberTotals))
 
 
-def modelOnMs(
-    events: Sequence[tuple[int, Mapping[str, Any]]], startMs: int, endMs: int, name: str
-) -> int:
-    """Time on of C{name} in [start, end) from reports, by brute force."""
-    total = 0
-    on, since = False, 0
-    for timeMs, fields in [*events, (endMs, {})]:
-        if on:
-            total += max(0, min(timeMs, endMs) - max(since, startMs))
-        if name in fields:
-            on = fields[name] is True
-        since = timeMs
-    return total
-
-
-class RollUpTests(SynchronousTestCase):
-    """Hourly rows are exactly what the raw rows say."""
-
-    @settings(max_examples=30)
-    @given(thermostatReports(), st.integers(0, DAY_MS - 1))
-    def test_aggregatesEqualTheSumOfRaw(
-        self, reports: list[tuple[int, dict[str, Any]]], offsetMs: int
-    ) -> None:
-        """
-        Reports over hours and days (from any time of day): each hour's
-        sample count, min, mean and max are those of its raw samples; its
-        time on of every signal is at most an hour; summed over the hours,
-        each HVAC field's time on is what the reports say, and each local
-        (UTC) day's usage too, before pruning and after.
-        """
-        recorder = _Recorder(offsetMs=offsetMs)
-        startMs = recorder.nowMs()
-        events: list[tuple[int, dict[str, Any]]] = []
-        for delayMs, fields in reports:
-            recorder.clock.advance(delayMs / 1000)
-            recorder.report(fields)
-            events.append((recorder.nowMs(), fields))
-        recorder.clock.advance(HOUR_MS / 1000)
-        nowMs = recorder.nowMs()
-        firstHour = startMs // HOUR_MS * HOUR_MS
-        lastHour = nowMs // HOUR_MS * HOUR_MS
-        days = list(range(startMs // DAY_MS * DAY_MS, nowMs, DAY_MS)) + [nowMs]
-        rawUsage = recorder.result(recorder.history.usage(SERIAL, days))
-        recorder.result(recorder.history.maintain())
-        hours = recorder.result(recorder.storage.hours(SERIAL, 0, END_MS))
-        raw = recorder.result(recorder.storage.samples(SERIAL, 0, END_MS))
-        byHour: dict[int, list[Sample]] = {}
-        for sample in raw:
-            byHour.setdefault(sample.timeMs // HOUR_MS * HOUR_MS, []).append(sample)
-        self.assertEqual({hour.hourMs for hour in hours if hour.samples}, set(byHour))
-        for hour in hours:
-            self.assertTrue(firstHour <= hour.hourMs < lastHour)
-            inHour = byHour.get(hour.hourMs, [])
-            self.assertEqual(hour.samples, len(inHour))
-            temperatures = [
-                value
-                for value in (s.values["temperature"] for s in inHour)
-                if isinstance(value, float)
-            ]
-            if temperatures:
-                low, mean, high = hour.stats["temperature"]
-                self.assertEqual((low, high), (min(temperatures), max(temperatures)))
-                self.assertAlmostEqual(mean, sum(temperatures) / len(temperatures))
-            else:
-                self.assertNotIn("temperature", hour.stats)
-            self.assertTrue(all(0 < ms <= HOUR_MS for ms in hour.onMs.values()))
-        for name in HVAC_FIELDS:
-            self.assertEqual(
-                sum(hour.onMs.get(name, 0) for hour in hours),
-                modelOnMs(events, firstHour, lastHour, name),
-                name,
-            )
-        # The reports turn on one field of each category at most.
-        expected = [
-            {
-                category: sum(modelOnMs(events, a, b, name) for name in members)
-                for category, members in USAGE.items()
-            }
-            for a, b in zip(days, days[1:], strict=False)
-        ]
-        afterRollUp = recorder.result(recorder.history.usage(SERIAL, days))
-        self.assertEqual(rawUsage, expected)
-        self.assertEqual(afterRollUp, expected)
-        # Prune everything raw: usage comes from the hourly rows, the same
-        # for every complete hour.
-        recorder.result(recorder.storage.prune(nowMs, 0))
-        self.assertEqual(
-            recorder.result(recorder.storage.samples(SERIAL, 0, END_MS)), []
-        )
-        hourlyDays = [min(max(d, firstHour), lastHour) for d in days[:-1]] + [lastHour]
-        hourly = recorder.result(
-            recorder.storage.usage(SERIAL, hourlyDays, nowMs + HOUR_MS)
-        )
-        self.assertEqual(
-            [day["fan"] for day in hourly],
-            [
-                modelOnMs(events, a, b, "hvac_fan_state")
-                for a, b in zip(hourlyDays, hourlyDays[1:], strict=False)
-            ],
-        )
-
-
-class RetentionTests(SynchronousTestCase):
-    """Pruning runs by itself and keeps what retention says."""
-
-    def test_prunedByItself(self) -> None:
-        """
-        Over eight days of reports every 10 minutes with raw retention of 2
-        days and hourly of 5: raw rows go once older than 2 days, hourly
-        once older than 5; the heater's state survives the pruning of its
-        last transition; daily usage stays what the reports say.
-        """
-        recorder = _Recorder(
-            HistorySettings(rawDays=2, hourlyDays=5, maintenanceSeconds=3600)
-        )
-        service = HistoryService(recorder.history)
-        service.startService()
-        events: list[tuple[int, dict[str, Any]]] = []
-        for step in range(8 * 24 * 6):
-            recorder.clock.advance(600)
-            # The heater stays on through the last three days.
-            fields = {
-                "current_temperature": 18.0 + step % 7,
-                "hvac_heater_state": step >= 5 * 24 * 6 or step % 4 == 0,
-            }
-            recorder.report(fields)
-            events.append((recorder.nowMs(), fields))
-        nowMs = recorder.nowMs()
-        recorder.result(recorder.history.maintain())
-        samples = recorder.result(recorder.storage.samples(SERIAL, 0, END_MS))
-        hours = recorder.result(recorder.storage.hours(SERIAL, 0, END_MS))
-        self.assertGreaterEqual(samples[0].timeMs, nowMs - 2 * DAY_MS - HOUR_MS)
-        self.assertLessEqual(samples[0].timeMs, nowMs - 2 * DAY_MS + HOUR_MS)
-        self.assertGreaterEqual(hours[0].hourMs, nowMs - 5 * DAY_MS - HOUR_MS)
-        self.assertLessEqual(hours[0].hourMs, nowMs - 5 * DAY_MS + HOUR_MS)
-        state = recorder.result(
-            recorder.storage.transitions(SERIAL, nowMs - HOUR_MS, nowMs)
-        )
-        self.assertEqual(state.initial["hvac_heater_state"], True)
-        self.assertEqual(state.changes, [])
-        midnight = nowMs // DAY_MS * DAY_MS
-        days = [midnight - back * DAY_MS for back in range(4, -1, -1)] + [nowMs]
-        usage = recorder.result(recorder.history.usage(SERIAL, days))
-        self.assertEqual(
-            [day["heating"] for day in usage],
-            [
-                modelOnMs(events, a, b, "hvac_heater_state")
-                for a, b in zip(days, days[1:], strict=False)
-            ],
-        )
-        self.successResultOf(service.stopService())
-        self.assertEqual(recorder.clock.getDelayedCalls(), [])
+class SizeTests(SynchronousTestCase):
+    """The size SQLite's file settles at."""
 
     def test_sizeSettles(self) -> None:
         """

@@ -293,6 +293,51 @@ class TwoProcessTests(SynchronousTestCase):
             eventually(lambda: self.listing(b) == self.listing(a))
             revision += 1
 
+    def test_historyRecordedOnceAcrossProcesses(self) -> None:
+        """
+        A thermostat reporting through A: B's history API shows each HVAC
+        transition once and, once A has stopped (writing its current
+        minute), the minute's one sample; B, which hears of every report,
+        records none of them itself.
+        """
+        a, b = self.servers()
+        # Reports within one clock minute make one sample: start early in one.
+        if time.time() % 60 > 40:
+            time.sleep(61 - time.time() % 60)
+        for n, heating in enumerate([True, False, True]):
+            status, body = a.put(
+                [
+                    {
+                        "object_key": SHARED,
+                        "value": {
+                            "current_temperature": 20.0 + n,
+                            "hvac_heater_state": heating,
+                        },
+                    }
+                ]
+            )
+            self.assertEqual(status, 200, body)
+        eventually(b.knows)
+
+        def history() -> dict[str, Any]:
+            status, document = call("GET", f"{b.control}/api/history?serial={SERIAL}")
+            self.assertEqual(status, 200, document)
+            return dict(document)
+
+        # A writes its transitions every 10 s (history.FLUSH_SECONDS).
+        eventually(lambda: len(history()["transitions"]) >= 3, timeout=30)
+        document = history()
+        self.assertEqual(
+            [(t["field"], t["on"]) for t in document["transitions"]],
+            [("hvac_heater_state", on) for on in (True, False, True)],
+        )
+        # Only A's sample of the minute, once A has written it.
+        self.assertIn([s["temperature"] for s in document["samples"]], ([], [22.0]))
+        self.assertIn(a.process.stop(), (0, -15))
+        document = history()
+        self.assertEqual([s["temperature"] for s in document["samples"]], [22.0])
+        self.assertEqual(len(document["transitions"]), 3)
+
     def listing(self, server: Server) -> dict[str, dict[str, Any]]:
         """What a subscribe from scratch gets from C{server}, by key."""
         status, answer = server.subscribe([clientObject(SHARED), clientObject(DEVICE)])
