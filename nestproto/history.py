@@ -156,6 +156,28 @@ class Hour:
     onMs: Mapping[str, int]
 
 
+#: Where an export goes on: the table (0: samples, 1: transitions, 2: hourly
+#: rows) and the primary key of the last row read of it.
+ExportPosition = tuple[int, tuple[Any, ...]]
+
+
+@frozen
+class HistoryRows:
+    """
+    Some rows of a history exactly as stored, for copying it to another
+    storage a batch at a time (L{IHistoryStorage.exportRows} and
+    L{IHistoryStorage.importRows}).
+    """
+
+    samples: Sequence[Sample] = ()
+    transitions: Sequence[Transition] = ()
+    hours: Sequence[Hour] = ()
+    #: Where hourly rows end (C{None}: nothing rolled up yet).
+    rolledUpTo: int | None = None
+    #: Where the next batch starts; C{None} after the last one.
+    following: ExportPosition | None = None
+
+
 # Pure rules of time on
 
 
@@ -340,6 +362,22 @@ class IHistoryStorage(Interface):
     def databaseBytes() -> Deferred[int]:
         """The size of the whole database, buckets included."""
 
+    def exportRows(after: ExportPosition | None, limit: int) -> Deferred[HistoryRows]:
+        """
+        Up to C{limit} stored rows, from where the previous batch's
+        C{following} says (C{None}: from the first), with where hourly rows
+        end: every sample, then every transition, then every hourly row,
+        each table in the order of its primary key. Reading until
+        C{following} is C{None} reads the whole history, a batch in memory
+        at a time.
+        """
+
+    def importRows(rows: HistoryRows) -> Deferred[None]:
+        """
+        Store C{rows} exactly as they are, and where hourly rows end when
+        they say, in one transaction: a batch of another storage's export.
+        """
+
 
 _HOURS_NUMBER_COLUMNS = tuple(
     f"{name}_{stat}" for name in NUMBERS for stat in ("min", "mean", "max")
@@ -481,6 +519,68 @@ def usageTotals(
     return totals
 
 
+#: What an export reads of each table, in turn: its name, its columns
+#: (the primary key's first) and how many of them are the key.
+_EXPORTED: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("history_samples", _SAMPLE_COLUMNS, 2),
+    ("history_transitions", ("serial", "field", "time_ms", "state"), 3),
+    ("history_hours", _HOURS_COLUMNS, 2),
+)
+
+
+def exportBatch(
+    after: ExportPosition | None,
+    limit: int,
+    select: Callable[[int, tuple[Any, ...] | None, int], Sequence[Sequence[Any]]],
+    rolledUpTo: int | None,
+) -> HistoryRows:
+    """
+    L{IHistoryStorage.exportRows} from what the tables say (any engine's).
+
+    @param select: gives, of table C{i} of L{_EXPORTED}, at most C{n} rows
+        (its columns) whose key follows C{key} (from the first when
+        C{None}), in key order, for C{(i, key, n)}.
+    @param rolledUpTo: where hourly rows end.
+    """
+    if limit < 1:
+        raise ValueError(f"an export's batch holds at least one row, not {limit}")
+    table, key = (0, None) if after is None else after
+    found: list[list[Sequence[Any]]] = [[] for _ in _EXPORTED]
+    following: ExportPosition | None = None
+    remaining = limit
+    while table < len(_EXPORTED):
+        rows = select(table, key, remaining)
+        found[table].extend(rows)
+        remaining -= len(rows)
+        if remaining <= 0:
+            keyLength = _EXPORTED[table][2]
+            following = (table, tuple(rows[-1][:keyLength]))
+            break
+        table, key = table + 1, None
+    samples, transitions, hours = found
+    return HistoryRows(
+        [_sampleFromRow(row) for row in samples],
+        [
+            Transition(serial, timeMs, name, bool(state))
+            for serial, name, timeMs, state in transitions
+        ],
+        [_hourFromRow(row) for row in hours],
+        rolledUpTo,
+        following,
+    )
+
+
+def _hourRow(hour: Hour) -> list[Any]:
+    """The row (L{_HOURS_COLUMNS}) of C{hour}: L{_hourFromRow} undone."""
+    return [
+        hour.serial,
+        hour.hourMs,
+        hour.samples,
+        *(v for name in NUMBERS for v in hour.stats.get(name, (None, None, None))),
+        *(hour.onMs.get(name, 0) for name in SIGNALS),
+    ]
+
+
 def _placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
@@ -614,8 +714,56 @@ class SQLiteHistoryStorage:
     def databaseBytes(self) -> Deferred[int]:
         return self._run(_databaseBytes)
 
+    def exportRows(
+        self, after: ExportPosition | None, limit: int
+    ) -> Deferred[HistoryRows]:
+        return self._run(_exportRows, after, limit)
+
+    def importRows(self, rows: HistoryRows) -> Deferred[None]:
+        return self._run(_importRows, rows)
+
 
 registerAdapter(SQLiteHistoryStorage, SQLiteStore, IHistoryStorage)
+
+
+def _insertRaw(
+    connection: sqlite3.Connection,
+    samples: Sequence[Sample],
+    transitions: Sequence[Transition],
+) -> None:
+    connection.executemany(
+        f"INSERT OR REPLACE INTO history_samples ({', '.join(_SAMPLE_COLUMNS)})"
+        f" VALUES ({_placeholders(len(_SAMPLE_COLUMNS))})",
+        [
+            (
+                sample.serial,
+                sample.timeMs,
+                *(sample.values.get(name) for name in NUMBERS + WORDS),
+            )
+            for sample in samples
+        ],
+    )
+    # Two changes of a field in one ms (one group commit): the last
+    # one stands.
+    connection.executemany(
+        "INSERT OR REPLACE INTO history_transitions"
+        " (serial, time_ms, field, state) VALUES (?, ?, ?, ?)",
+        [(t.serial, t.timeMs, t.field, int(t.on)) for t in transitions],
+    )
+
+
+def _insertHours(connection: sqlite3.Connection, rows: Iterable[Sequence[Any]]) -> None:
+    connection.executemany(
+        f"INSERT OR REPLACE INTO history_hours ({', '.join(_HOURS_COLUMNS)})"
+        f" VALUES ({_placeholders(len(_HOURS_COLUMNS))})",
+        rows,
+    )
+
+
+def _setRolledUpTo(connection: sqlite3.Connection, timeMs: int) -> None:
+    connection.execute(
+        "INSERT OR REPLACE INTO history_meta VALUES (?, ?)", (_ROLLED_UP_TO, timeMs)
+    )
 
 
 def _append(
@@ -623,28 +771,7 @@ def _append(
     samples: list[Sample],
     transitions: list[Transition],
 ) -> None:
-    def write() -> None:
-        connection.executemany(
-            f"INSERT OR REPLACE INTO history_samples ({', '.join(_SAMPLE_COLUMNS)})"
-            f" VALUES ({_placeholders(len(_SAMPLE_COLUMNS))})",
-            [
-                (
-                    sample.serial,
-                    sample.timeMs,
-                    *(sample.values.get(name) for name in NUMBERS + WORDS),
-                )
-                for sample in samples
-            ],
-        )
-        # Two changes of a field in one ms (one group commit): the last
-        # one stands.
-        connection.executemany(
-            "INSERT OR REPLACE INTO history_transitions"
-            " (serial, time_ms, field, state) VALUES (?, ?, ?, ?)",
-            [(t.serial, t.timeMs, t.field, int(t.on)) for t in transitions],
-        )
-
-    _inTransaction(connection, write)
+    _inTransaction(connection, partial(_insertRaw, connection, samples, transitions))
 
 
 def _rollUp(connection: sqlite3.Connection, untilMs: int) -> int:
@@ -660,10 +787,7 @@ def _rollUp(connection: sqlite3.Connection, untilMs: int) -> int:
             startMs = endMs if first is None else min(first // HOUR_MS * HOUR_MS, endMs)
         endMs = min(endMs, startMs + ROLLUP_HOURS_PER_JOB * HOUR_MS)
         if endMs <= startMs:
-            connection.execute(
-                "INSERT OR REPLACE INTO history_meta VALUES (?, ?)",
-                (_ROLLED_UP_TO, startMs),
-            )
+            _setRolledUpTo(connection, startMs)
             return 0
         stats = ", ".join(f"MIN({name}), AVG({name}), MAX({name})" for name in NUMBERS)
         rows = hourRows(
@@ -687,15 +811,8 @@ def _rollUp(connection: sqlite3.Connection, untilMs: int) -> int:
                 (startMs, endMs),
             ),
         )
-        connection.executemany(
-            f"INSERT OR REPLACE INTO history_hours ({', '.join(_HOURS_COLUMNS)})"
-            f" VALUES ({_placeholders(len(_HOURS_COLUMNS))})",
-            rows,
-        )
-        connection.execute(
-            "INSERT OR REPLACE INTO history_meta VALUES (?, ?)",
-            (_ROLLED_UP_TO, endMs),
-        )
+        _insertHours(connection, rows)
+        _setRolledUpTo(connection, endMs)
         return (endMs - startMs) // HOUR_MS
 
     return _inTransaction(connection, rollUp)
@@ -785,6 +902,38 @@ def _usage(
         hourly,
         partial(_transitionsOf, connection, serial),
     )
+
+
+def _exportRows(
+    connection: sqlite3.Connection, after: ExportPosition | None, limit: int
+) -> HistoryRows:
+    def select(
+        table: int, key: tuple[Any, ...] | None, count: int
+    ) -> list[Sequence[Any]]:
+        name, columns, keyLength = _EXPORTED[table]
+        keyColumns = ", ".join(columns[:keyLength])
+        following = (
+            ""
+            if key is None
+            else f" WHERE ({keyColumns}) > ({_placeholders(keyLength)})"
+        )
+        return connection.execute(
+            f"SELECT {', '.join(columns)} FROM {name}{following}"
+            f" ORDER BY {keyColumns} LIMIT ?",
+            (*(key or ()), count),
+        ).fetchall()
+
+    return exportBatch(after, limit, select, _rolledUpTo(connection))
+
+
+def _importRows(connection: sqlite3.Connection, rows: HistoryRows) -> None:
+    def write() -> None:
+        _insertRaw(connection, rows.samples, rows.transitions)
+        _insertHours(connection, [_hourRow(hour) for hour in rows.hours])
+        if rows.rolledUpTo is not None:
+            _setRolledUpTo(connection, rows.rolledUpTo)
+
+    _inTransaction(connection, write)
 
 
 def _databaseBytes(connection: sqlite3.Connection) -> int:

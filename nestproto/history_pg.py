@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import implementer
 
 from .history import (
+    _EXPORTED,
     _HOURS_COLUMNS,
     _HOURS_NUMBER_COLUMNS,
     _HOURS_ON_COLUMNS,
@@ -43,13 +44,17 @@ from .history import (
     ROLLUP_HOURS_PER_JOB,
     USAGE,
     WORDS,
+    ExportPosition,
+    HistoryRows,
     Hour,
     IHistoryStorage,
     Sample,
     Transition,
     Transitions,
     _hourFromRow,
+    _hourRow,
     _sampleFromRow,
+    exportBatch,
     hourRows,
     usageTotals,
 )
@@ -195,6 +200,14 @@ class PostgreSQLHistoryStorage:
     def databaseBytes(self) -> Deferred[int]:
         return self._run(_databaseBytes)
 
+    def exportRows(
+        self, after: ExportPosition | None, limit: int
+    ) -> Deferred[HistoryRows]:
+        return self._run(_exportRows, after, limit)
+
+    def importRows(self, rows: HistoryRows) -> Deferred[None]:
+        return self._run(_importRows, rows)
+
 
 # On the store's thread; each function ends its own transaction.
 
@@ -245,6 +258,12 @@ def _setRolledUpTo(connection: Connection, timeMs: int) -> None:
         " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
         (_ROLLED_UP_TO, timeMs),
     )
+
+
+def _upsertHours(connection: Connection, rows: Sequence[Sequence[Any]]) -> None:
+    if rows:
+        with connection.cursor() as cursor:
+            cursor.executemany(_HOURS_UPSERT, rows)
 
 
 def _lockMaintenance(connection: Connection) -> bool:
@@ -298,9 +317,7 @@ def _rollUp(untilMs: int, connection: Connection) -> int:
                 (startMs, endMs),
             ).fetchall(),
         )
-        if rows:
-            with connection.cursor() as cursor:
-                cursor.executemany(_HOURS_UPSERT, rows)
+        _upsertHours(connection, rows)
         _setRolledUpTo(connection, endMs)
         return (endMs - startMs) // HOUR_MS
 
@@ -403,6 +420,39 @@ def _usage(
     with connection.transaction():
         connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         return usageTotals(boundaries, rawFromMs, _rolledUpTo(connection), hourly, raw)
+
+
+def _exportRows(
+    after: ExportPosition | None, limit: int, connection: Connection
+) -> HistoryRows:
+    def select(
+        table: int, key: tuple[Any, ...] | None, count: int
+    ) -> list[tuple[Any, ...]]:
+        name, columns, keyLength = _EXPORTED[table]
+        keyColumns = ", ".join(columns[:keyLength])
+        following = (
+            ""
+            if key is None
+            else f" WHERE ({keyColumns}) > ({', '.join(['%s'] * keyLength)})"
+        )
+        return connection.execute(
+            f"SELECT {', '.join(columns)} FROM {name}{following}"
+            f" ORDER BY {keyColumns} LIMIT %s",
+            (*(key or ()), count),
+        ).fetchall()
+
+    # One snapshot for the batch's reads, its tables and the mark.
+    with connection.transaction():
+        connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        return exportBatch(after, limit, select, _rolledUpTo(connection))
+
+
+def _importRows(rows: HistoryRows, connection: Connection) -> None:
+    with connection.transaction():
+        _append(list(rows.samples), list(rows.transitions), connection)
+        _upsertHours(connection, [_hourRow(hour) for hour in rows.hours])
+        if rows.rolledUpTo is not None:
+            _setRolledUpTo(connection, rows.rolledUpTo)
 
 
 def _databaseBytes(connection: Connection) -> int:
