@@ -7,6 +7,7 @@ and the tests all build through L{buildApps}, so they serve the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from attrs import Factory, frozen
@@ -167,14 +168,14 @@ def buildApps(
     metrics.watch(
         StateSources(
             held=hub.total,
-            known=lambda: len(membership.knownSerials()),
-            online=lambda: sum(
+            serials=membership.knownSerials,
+            online=lambda serials: sum(
                 isAvailable(
                     state, hub, serial, settings.control.unavailableAfterSeconds
                 )
-                for serial in membership.knownSerials()
+                for serial in serials
             ),
-            readings=lambda: _readings(store, membership.knownSerials()),
+            readings=lambda serials: _readings(store, serials),
             databaseBytes=None if storage is None else storage.databaseBytes,
         )
     )
@@ -192,7 +193,7 @@ def buildApps(
     )
 
 
-def _readings(store: IBucketStore, serials: list[str]) -> list[Reading]:
+def _readings(store: IBucketStore, serials: Sequence[str]) -> list[Reading]:
     """Each device's current temperature, target and humidity, as sampled."""
     readings = []
     for serial in serials:

@@ -7,20 +7,25 @@ Each server has its own C{CollectorRegistry}, not prometheus_client's
 global one, so servers built side by side (the tests) count apart. Counters
 and histograms are updated where things happen; gauges of state (held
 subscribes, devices, readings) are read when scraped.
+
+The readings are three samples per device: 60,000 at 20,000 devices, which
+prometheus_client formats in about a second of the reactor's time. They are
+written here instead, L{READINGS_PER_TURN} devices per reactor turn.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 from attrs import define, field, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from twisted.internet.defer import Deferred, succeed
+from prometheus_client.utils import floatToGoString
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from .buckets import Bucket
 
@@ -41,6 +46,26 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+#: Devices whose readings are written per reactor turn at a scrape.
+READINGS_PER_TURN = 500
+#: The per-device gauges: name, help, and the field of L{Reading}.
+READING_GAUGES = (
+    (
+        "nestproto_device_temperature_celsius",
+        "Current temperature a device reports.",
+        "temperature",
+    ),
+    (
+        "nestproto_device_target_temperature_celsius",
+        "Target temperature of a device.",
+        "target",
+    ),
+    (
+        "nestproto_device_humidity_percent",
+        "Relative humidity a device reports.",
+        "humidity",
+    ),
+)
 
 
 @frozen
@@ -58,51 +83,26 @@ class StateSources:
     """Where scraped gauges are read from, each called at every scrape."""
 
     held: Callable[[], int]
-    known: Callable[[], int]
-    online: Callable[[], int]
-    readings: Callable[[], Iterable[Reading]]
+    #: The known devices...
+    serials: Callable[[], Sequence[str]]
+    #: ...how many of some of them are online...
+    online: Callable[[Sequence[str]], int]
+    #: ...and their readings.
+    readings: Callable[[Sequence[str]], Iterable[Reading]]
     databaseBytes: Callable[[], Deferred[int]] | None = None
 
 
-@frozen
-class _StateCollector:
-    sources: StateSources
+def _labelValue(text: str) -> str:
+    # The text format's escapes inside a label value.
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(
-            "nestproto_held_subscribes",
-            "Subscribes held open now.",
-            value=self.sources.held(),
-        )
-        yield GaugeMetricFamily(
-            "nestproto_devices_known",
-            "Devices with buckets or an owner.",
-            value=self.sources.known(),
-        )
-        yield GaugeMetricFamily(
-            "nestproto_devices_online",
-            "Known devices holding a subscribe or heard from recently.",
-            value=self.sources.online(),
-        )
-        families = {
-            name: GaugeMetricFamily(
-                f"nestproto_device_{name}", documentation, labels=["serial"]
-            )
-            for name, documentation in [
-                ("temperature_celsius", "Current temperature a device reports."),
-                ("target_temperature_celsius", "Target temperature of a device."),
-                ("humidity_percent", "Relative humidity a device reports."),
-            ]
-        }
-        for reading in self.sources.readings():
-            for name, value in [
-                ("temperature_celsius", reading.temperature),
-                ("target_temperature_celsius", reading.target),
-                ("humidity_percent", reading.humidity),
-            ]:
-                if value is not None:
-                    families[name].add_metric([reading.serial], value)
-        yield from families.values()
+
+def _gauge(name: str, documentation: str) -> str:
+    return f"# HELP {name} {documentation}\n# TYPE {name} gauge\n"
+
+
+def _number(value: float) -> str:
+    return repr(value) if math.isfinite(value) else floatToGoString(value)
 
 
 @define(eq=False)
@@ -161,7 +161,6 @@ class Metrics:
     def watch(self, sources: StateSources) -> None:
         """Report the state of C{sources} at every scrape (once per server)."""
         self._sources = sources
-        self.registry.register(_StateCollector(sources))
 
     def pushed(self, buckets: Sequence[Bucket]) -> None:
         """
@@ -173,19 +172,48 @@ class Metrics:
 
     def render(self) -> Deferred[bytes]:
         """The text exposition of every metric, database size refreshed."""
+        return ensureDeferred(self._render())
+
+    async def _render(self) -> bytes:
         sources = self._sources
-        if sources is None or sources.databaseBytes is None:
-            sized: Deferred[int | None] = succeed(None)
-        else:
-            sized = sources.databaseBytes().addErrback(self._unsized)
-
-        def render(size: int | None) -> bytes:
-            if size is not None:
-                self._databaseBytes.set(size)
-            return generate_latest(self.registry)
-
-        return sized.addCallback(render)
-
-    def _unsized(self, failure: Failure) -> None:
-        self.log.failure("reading the database size failed", failure)
-        return None
+        if sources is not None and sources.databaseBytes is not None:
+            try:
+                self._databaseBytes.set(await sources.databaseBytes())
+            except Exception:
+                self.log.failure("reading the database size failed")
+        head = generate_latest(self.registry)
+        if sources is None:
+            return head
+        lines: list[list[str]] = [
+            [_gauge(name, documentation)]
+            for name, documentation, _field in READING_GAUGES
+        ]
+        serials = sources.serials()
+        online = 0
+        for start in range(0, len(serials), READINGS_PER_TURN):
+            if start:
+                # Let the reactor serve others between slices.
+                await deferLater(self.clock, 0, lambda: None)
+            some = serials[start : start + READINGS_PER_TURN]
+            online += sources.online(some)
+            for reading in sources.readings(some):
+                label = f'{{serial="{_labelValue(reading.serial)}"}} '
+                for (name, _documentation, field_), out in zip(
+                    READING_GAUGES, lines, strict=True
+                ):
+                    value = getattr(reading, field_)
+                    if value is not None:
+                        out.append(f"{name}{label}{_number(value)}\n")
+        devices = [
+            _gauge("nestproto_held_subscribes", "Subscribes held open now.")
+            + f"nestproto_held_subscribes {sources.held()}\n",
+            _gauge("nestproto_devices_known", "Devices with buckets or an owner.")
+            + f"nestproto_devices_known {len(serials)}\n",
+            _gauge(
+                "nestproto_devices_online",
+                "Known devices holding a subscribe or heard from recently.",
+            )
+            + f"nestproto_devices_online {online}\n",
+        ]
+        body = "".join(devices) + "".join(line for out in lines for line in out)
+        return head + body.encode("utf-8")

@@ -13,9 +13,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from nestproto.metrics import CONTENT_TYPE
+from nestproto.buckets import Bucket
+from nestproto.metrics import CONTENT_TYPE, READINGS_PER_TURN
+from nestproto.store import BucketWrite, Write
 
-from .helpers import CONTROL_URL, SERIAL
+from .helpers import CONTROL_URL, SERIAL, makeServer
 from .test_simulator import _Harness
 
 SHARED = f"shared.{SERIAL}"
@@ -127,3 +129,54 @@ class MetricsTests(SynchronousTestCase):
             before["nestproto_subscribes_total", ()],
         )
         self.assertIsNone(REGISTRY.get_sample_value("nestproto_subscribes_total"))
+
+
+class ManyDevicesTests(SynchronousTestCase):
+    """A scrape of many devices leaves the reactor to others between slices."""
+
+    def test_readingsInSlices(self) -> None:
+        """
+        With more devices than L{READINGS_PER_TURN}, a scrape does not end
+        in the reactor turn it began in; once done, it shows every device's
+        readings, and the device counts, as Prometheus parses them.
+        """
+        server = makeServer()
+        now = server.nowMs()
+        count = READINGS_PER_TURN + 7
+        serials = [f"02AA01AC{number:010d}" for number in range(count)]
+        writes: list[Write] = []
+        for number, serial in enumerate(serials):
+            shared = {
+                "current_temperature": 20 + number / 1000,
+                "target_temperature": 21.5,
+            }
+            writes.append(
+                BucketWrite(serial, Bucket(f"shared.{serial}", 1, now, shared))
+            )
+            device = {"current_humidity": number % 100}
+            writes.append(
+                BucketWrite(serial, Bucket(f"device.{serial}", 1, now, device))
+            )
+        server.store.write(writes)
+        d = server.control.metrics.render()
+        self.assertNoResult(d)
+        server.clock.advance(0)
+        text = self.successResultOf(d).decode("utf-8")
+        samples = {
+            (sample.name, sample.labels.get("serial")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        self.assertEqual(samples["nestproto_devices_known", None], count)
+        self.assertEqual(samples["nestproto_devices_online", None], 0)
+        for number, serial in enumerate(serials):
+            self.assertEqual(
+                samples["nestproto_device_temperature_celsius", serial],
+                20 + number / 1000,
+            )
+            self.assertEqual(
+                samples["nestproto_device_target_temperature_celsius", serial], 21.5
+            )
+            self.assertEqual(
+                samples["nestproto_device_humidity_percent", serial], number % 100
+            )
