@@ -10,10 +10,12 @@ The same tables and answers as L{SQLiteHistoryStorage}. What sharing adds:
    batch written twice (a retry after a lost answer) leaves one row.
  - Roll-up and pruning take one advisory lock for their transaction, so
    that one process at a time maintains, starting from where the one
-   before it left C{rolled up to}. They do not wait for it: they run on
-   the store's thread, which commits the process's writes, so a process
+   before it left C{rolled up to}. They do not wait for it: a process
    that finds another maintaining leaves the work to it (a roll-up then
    answers 0, as when caught up) and tries again at its next maintenance.
+   (Waiting would no longer delay commits, which have a connection of
+   their own, but it would hold this process's flushes and history reads
+   behind the other process's roll-up, to find the hours done.)
  - A process writes a minute's last sample up to L{FLUSH_SECONDS} after
    the minute, and its clock may differ a little from the one rolling up:
    an hour is rolled up only L{SETTLE_MS} after it ends, so that every
@@ -23,14 +25,15 @@ The same tables and answers as L{SQLiteHistoryStorage}. What sharing adds:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
-from attrs import frozen
-from twisted.internet.defer import Deferred, maybeDeferred
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .errors import StoreClosed
 from .history import (
     _EXPORTED,
     _HOURS_COLUMNS,
@@ -58,12 +61,13 @@ from .history import (
     hourRows,
     usageTotals,
 )
-
-if TYPE_CHECKING:
-    from .store_pg import PostgreSQLStore
+from .store import ThreadRunner
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
+
+#: The history connection's application_name.
+HISTORY_NAME = "nestproto-history"
 
 #: How long after an hour ends it is rolled up (see the module docstring).
 SETTLE_MS = MINUTE_MS + 6 * int(FLUSH_SECONDS * 1000)
@@ -150,24 +154,90 @@ _HOURS_UPSERT = _upsert("history_hours", _HOURS_COLUMNS, ("serial", "hour_ms"))
 
 
 @implementer(IHistoryStorage)
-@frozen
+@define
 class PostgreSQLHistoryStorage:
     """
-    L{IHistoryStorage} in tables of a L{PostgreSQLStore}'s database, run on
-    the store's writing connection and thread in turn with its commits
-    (L{PostgreSQLStore.withConnection}), as its other blocking work is.
+    L{IHistoryStorage} in tables of a L{PostgreSQLStore}'s database, on a
+    connection and thread of its own: a flush or a roll-up (up to seconds
+    with many thermostats) never delays the store's commits, which have
+    their own. One per store (L{PostgreSQLStore.history}, which closes it).
 
-    (A connection of its own would let a roll-up run beside commits; but
-    history writes are a few small transactions a minute, a roll-up job is
-    bounded (L{ROLLUP_HOURS_PER_JOB}), and one connection per process keeps
-    the server's connection count and the close order simple.)
+    @ivar _runInThread: runs its transactions, one at a time: a thread of
+        its own in the server, the caller's in the migration.
     """
 
-    store: PostgreSQLStore
+    _dsn: str = field(repr=False)
+    _runInThread: ThreadRunner
     settleMs: int = SETTLE_MS
+    #: Used on C{_runInThread}'s thread only; opened by the first job.
+    _connection: Connection | None = field(default=None, init=False, repr=False)
+    #: Jobs not yet done (L{close} waits for them).
+    _jobs: int = field(default=0, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
+    _drained: list[Deferred[None]] = field(factory=list, init=False, repr=False)
 
     def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return maybeDeferred(self.store.withConnection, partial(f, *args))
+        """Run C{f(*args, connection)} on the history's thread."""
+        if self._closed:
+            return fail(StoreClosed())
+        self._jobs += 1
+
+        def job() -> T:
+            connection = self._connect()
+            try:
+                return f(*args, connection)
+            except BaseException:
+                # Each function ends its own transaction; a broken
+                # connection is replaced by the next job.
+                if connection.broken:
+                    connection.close()
+                raise
+
+        def done(result: T | Failure) -> T | Failure:
+            self._jobs -= 1
+            self._closeIfDrained()
+            return result
+
+        d: Deferred[T] = self._runInThread(job)
+        return d.addBoth(done)
+
+    def _connect(self) -> Connection:
+        if self._connection is None or self._connection.closed:
+            # Imported here: store_pg imports this module.
+            from .store_pg import _durable, connect
+
+            self._connection = connect(self._dsn, HISTORY_NAME)
+            _durable(self._connection)
+        return self._connection
+
+    def close(self) -> Deferred[None]:
+        """
+        Take no more jobs; fire once those accepted are done and the
+        connection is closed.
+        """
+        self._closed = True
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        self._closeIfDrained()
+
+        def closeConnection(ignored: None) -> Deferred[None]:
+            if self._connection is None:
+                return succeed(None)
+            return self._runInThread(self._closeConnection)
+
+        return drained.addCallback(closeConnection)
+
+    def _closeIfDrained(self) -> None:
+        if self._jobs:
+            return
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+    def _closeConnection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def append(
         self, samples: Sequence[Sample], transitions: Sequence[Transition]
@@ -209,7 +279,7 @@ class PostgreSQLHistoryStorage:
         return self._run(_importRows, rows)
 
 
-# On the store's thread; each function ends its own transaction.
+# On the history's thread; each function ends its own transaction.
 
 
 def _append(

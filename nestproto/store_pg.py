@@ -32,7 +32,9 @@ psycopg 3's blocking driver runs in thread pools handed in as
 L{ThreadRunner}s: one thread for writes (so one process's writes are
 decided in the order they were made, and a write made while another
 commits joins the next transaction, as in the SQLite engine), one for the
-listening connection, which spends its time waiting.
+listening connection, which spends its time waiting, and one for the
+history's connection (L{PostgreSQLHistoryStorage}, L{runHistoryIn}), so
+that no commit waits for a flush or a roll-up.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .buckets import Bucket
-from .errors import StoreClosed, StoreUnavailable
+from .errors import StoreUnavailable
 from .history import IHistoryStorage
 from .history_pg import HISTORY_SCHEMA, PostgreSQLHistoryStorage
 from .model import BucketChanged, Commit, RecordChanged
@@ -332,8 +334,13 @@ class PostgreSQLStore(CommittedState):
     _processId: str = field(factory=lambda: secrets.token_hex(8), repr=False)
     #: When the transaction under way began deciding its batch.
     _commitStarted: float = field(default=0.0, repr=False)
-    #: Calls of L{withConnection} not yet done (L{close} waits for them).
-    _jobs: int = field(default=0, repr=False)
+    #: This store's history tables (L{IHistoryStorage}), on a connection of
+    #: their own, run in C{runInThread} unless given a thread of their own
+    #: (L{runHistoryIn}).
+    history: PostgreSQLHistoryStorage = field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.history = PostgreSQLHistoryStorage(self._dsn, self._runInThread)
 
     @classmethod
     def open(
@@ -382,42 +389,27 @@ class PostgreSQLStore(CommittedState):
         self._feedStopped = Deferred()
         self._listenNext(wait=False)
 
+    def runHistoryIn(self, historyInThread: ThreadRunner) -> None:
+        """
+        Run the history's transactions in C{historyInThread}, so that no
+        commit waits for them; call it before the history is used.
+        """
+        # The one being replaced has opened nothing unless it was used.
+        self.history.close()
+        self.history = PostgreSQLHistoryStorage(
+            self._dsn, historyInThread, self.history.settleMs
+        )
+
     # Writes
-
-    def withConnection(self, f: Callable[[Connection], T]) -> Deferred[T]:
-        """
-        Run C{f} with the writing connection (autocommit) on the store's
-        thread, in turn with its transactions, and fire with what it
-        returns: for tables beside the buckets (history) whose writes are
-        not decided against committed state. C{f} commits what it begins
-        (C{with connection.transaction()}).
-
-        @raise StoreClosed: when the store is closing.
-        """
-        if self._closed:
-            raise StoreClosed()
-        self._jobs += 1
-
-        def job() -> T:
-            connection = self._writerConnection()
-            try:
-                return f(connection)
-            except BaseException:
-                if connection.broken:
-                    connection.close()
-                raise
-
-        def done(result: T | Failure) -> T | Failure:
-            self._jobs -= 1
-            self._closeIfDrained()
-            return result
-
-        return self._runInThread(job).addBoth(done)
 
     def close(self) -> Deferred[None]:
         """
         Fire once every accepted write is committed, the listening loop
-        has stopped and both connections are closed.
+        has stopped, the history's jobs are done and the three connections
+        are closed.
+
+        (The history's last flush at shutdown, queued before this is
+        called, is among its jobs.)
         """
         self._closed = True
         drained: Deferred[None] = Deferred()
@@ -442,14 +434,18 @@ class PostgreSQLStore(CommittedState):
                 return None
             return self._listenInThread(self._closeListening)
 
+        def closeHistory(ignored: object) -> Deferred[None]:
+            return self.history.close()
+
         return (
             drained.addCallback(wakeListener)
             .addCallback(closeWriter)
             .addCallback(closeListener)
+            .addCallback(closeHistory)
         )
 
     def _closeIfDrained(self) -> None:
-        if self._queue or self._committing or self._jobs:
+        if self._queue or self._committing:
             return
         drained, self._drained = self._drained, []
         for d in drained:
@@ -1046,7 +1042,11 @@ def _doorbell(last: Decided) -> str:
     return "||"
 
 
-registerAdapter(PostgreSQLHistoryStorage, PostgreSQLStore, IHistoryStorage)
+def _history(store: PostgreSQLStore) -> IHistoryStorage:
+    return store.history
+
+
+registerAdapter(_history, PostgreSQLStore, IHistoryStorage)
 
 
 #: Seconds between a process's presence writes and reads of the others'.

@@ -3,7 +3,8 @@
 Tests for L{nestproto.history_pg}: the history storage contract on a real
 PostgreSQL, and what sharing the database adds: each report recorded once
 whichever processes hear of it, maintenance in turn, the schema upgrade,
-and the commit-latency metric.
+and the commit-latency metric; and the history's connection of its own,
+which no commit waits for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nestproto.apps import buildApps
 from nestproto.buckets import Bucket
+from nestproto.errors import StoreClosed
 from nestproto.history import (
     HOUR_MS,
     MINUTE_MS,
@@ -25,6 +27,7 @@ from nestproto.history import (
     Transition,
     sampleValues,
 )
+from nestproto.model import Commit
 from nestproto.store import BucketWrite, IBucketStore, runInline
 
 from .helpers import SERIAL
@@ -33,8 +36,11 @@ from .pg import testDatabase
 from .test_store_pg import admin, eventually, threadRunner
 
 try:
+    import psycopg
+
     from nestproto.history_pg import (
         _MAINTENANCE_LOCK,
+        HISTORY_NAME,
         SETTLE_MS,
         PostgreSQLHistoryStorage,
     )
@@ -73,7 +79,8 @@ class PostgreSQLStorageTests(HistoryStorageContract, SynchronousTestCase):
             self.addCleanup(self.closeOpened)
         store = self.opened = PostgreSQLStore.open(self.dsn, runInline, clock)
         # Hours are rolled up as soon as they end, as on SQLite.
-        return store, PostgreSQLHistoryStorage(store, settleMs=0)
+        store.history.settleMs = 0
+        return store, store.history
 
     def closeOpened(self) -> None:
         if self.opened is not None:
@@ -81,17 +88,20 @@ class PostgreSQLStorageTests(HistoryStorageContract, SynchronousTestCase):
             self.opened = None
 
     def test_storeAdapts(self) -> None:
-        """A PostgreSQL store adapts to its history storage."""
+        """A PostgreSQL store adapts to its history storage, always the same."""
         store, _ = self.openStore(Clock())
         self.assertIsInstance(IHistoryStorage(store), PostgreSQLHistoryStorage)
+        self.assertIs(IHistoryStorage(store), IHistoryStorage(store))
 
     def test_settles(self) -> None:
         """
         An hour is rolled up only L{SETTLE_MS} after it ends: another
         process may still hold its last rows.
         """
-        store, _ = self.openStore(Clock())
-        storage = IHistoryStorage(store)
+        self.openStore(Clock())
+        assert self.dsn is not None
+        storage = PostgreSQLHistoryStorage(self.dsn, runInline)
+        self.addCleanup(storage.close)
         hourMs = START_MS // HOUR_MS * HOUR_MS
         append = storage.append([Sample(SERIAL, hourMs + 5, {"temperature": 20.0})], [])
         self.successResultOf(append)
@@ -193,6 +203,7 @@ class SharedHistoryTests(TestCase):
             clock,
             threadRunner(self, f"{name}-feed"),
         )
+        store.runHistoryIn(threadRunner(self, f"{name}-history"))
         history = History.following(store, IHistoryStorage(store), clock)
         self.addCleanup(store.close)
         self.addCleanup(history.stop)
@@ -243,9 +254,10 @@ class SharedHistoryTests(TestCase):
     async def test_maintenanceInTurn(self) -> None:
         """
         While another process maintains (holds the lock), a roll-up or
-        prune does nothing, at once (the store's thread is its commits'
-        too); two processes rolling up at once aggregate each hour once,
-        and agree on where the hourly rows end.
+        prune does nothing, at once (waiting would hold this process's
+        flushes behind the other's roll-up); two processes rolling up at
+        once aggregate each hour once, and agree on where the hourly rows
+        end.
         """
         a, _ = self.process("a")
         b, _ = self.process("b")
@@ -288,3 +300,119 @@ class SharedHistoryTests(TestCase):
             other.execute("SELECT pg_advisory_unlock(%s)", (_MAINTENANCE_LOCK,))
         await storageB.prune(untilMs, 0)
         self.assertEqual(await stored(), 0)
+
+
+class OwnConnectionTests(TestCase):
+    """
+    The history runs on a connection and thread of its own, beside the
+    store's commits.
+    """
+
+    def setUp(self) -> None:
+        self.dsn = testDatabase(self)
+        self.clock = Clock()
+        self.clock.advance(START_MS / 1000)
+        self.store = PostgreSQLStore.open(
+            self.dsn,
+            threadRunner(self, "test-store"),
+            self.clock,
+            threadRunner(self, "test-feed"),
+        )
+        self.store.runHistoryIn(threadRunner(self, "test-history"))
+        self.history = History.following(
+            self.store, IHistoryStorage(self.store), self.clock
+        )
+        self.addCleanup(self.store.close)
+        self.addCleanup(self.history.stop)
+        self.announced: list[Commit] = []
+        self.store.listen(self.announced.append)
+
+    def report(self, temperature: float) -> Deferred[list[Bucket | None]]:
+        """The device reports C{temperature}, as the device API writes it."""
+        shared = {"current_temperature": temperature}
+        return self.store.write(
+            [BucketWrite(SERIAL, Bucket(SHARED, 1, 1, shared))], origin=SERIAL
+        )
+
+    def historyConnections(self, waiting: bool = False) -> int:
+        """The history's connections (waiting for a lock, with C{waiting})."""
+        with admin(self.dsn) as connection:
+            [(count,)] = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s"
+                " AND (NOT %s OR wait_event_type = 'Lock')",
+                (HISTORY_NAME, waiting),
+            ).fetchall()
+        return int(count)
+
+    async def test_historyDoesNotDelayCommits(self) -> None:
+        """
+        While a roll-up, and a flush queued behind it, wait in the database
+        (another connection holds their table), the store's writes commit
+        and are announced; the history's jobs finish once let go, the
+        reports committed meanwhile recorded.
+        """
+        await self.report(20.0)
+        self.clock.advance(MINUTE_MS / 1000)
+        storage = IHistoryStorage(self.store)
+        with admin(self.dsn) as other:
+            with other.transaction():
+                other.execute("LOCK TABLE history_samples IN ACCESS EXCLUSIVE MODE")
+                rollUp = storage.rollUp(START_MS + 2 * HOUR_MS + SETTLE_MS)
+                flush = self.history.flush(everything=True)
+                await eventually(lambda: self.historyConnections(waiting=True) == 1)
+                write = self.report(21.0)
+                await eventually(lambda: write.called, timeoutSeconds=5.0)
+                await write
+                self.assertEqual(len(self.announced), 2)
+                self.assertTrue(self.announced[-1].local)
+                self.assertEqual(self.historyConnections(waiting=True), 1)
+                self.assertFalse(rollUp.called)
+                self.assertFalse(flush.called)
+        self.assertEqual(await rollUp, 0)
+        await flush
+        await self.history.flush(everything=True)
+        samples = await storage.samples(SERIAL, 0, END_MS)
+        self.assertEqual([s.values["temperature"] for s in samples], [20.0, 21.0])
+
+    async def test_closedAfterLastFlush(self) -> None:
+        """
+        Stopped as the service stops them, the history first: its last
+        flush is written, then the store closes its connection.
+        """
+        await self.report(20.0)
+        self.assertEqual(self.historyConnections(), 0)
+        await self.history.flush(everything=True)
+        self.assertEqual(self.historyConnections(), 1)
+        self.clock.advance(MINUTE_MS / 1000)
+        await self.report(21.0)
+        stopping = [self.history.stop(), self.store.close()]
+        for d in stopping:
+            await d
+        self.assertEqual(self.historyConnections(), 0)
+        with admin(self.dsn) as connection:
+            [(count,)] = connection.execute(
+                "SELECT count(*) FROM history_samples"
+            ).fetchall()
+        self.assertEqual(count, 2)
+        with self.assertRaises(StoreClosed):
+            await IHistoryStorage(self.store).samples(SERIAL, 0, END_MS)
+
+    async def test_reconnects(self) -> None:
+        """
+        When the history's connection broke, the job that finds out fails,
+        and the next one connects again.
+        """
+        storage = IHistoryStorage(self.store)
+        values = sampleValues({"current_temperature": 20.0}, {})
+        sample = Sample(SERIAL, START_MS, values)
+        await storage.append([sample], [])
+        with admin(self.dsn) as connection:
+            connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (HISTORY_NAME,),
+            )
+        with self.assertRaises(psycopg.OperationalError):
+            await storage.samples(SERIAL, 0, END_MS)
+        self.assertEqual(await storage.samples(SERIAL, 0, END_MS), [sample])

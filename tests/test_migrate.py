@@ -217,7 +217,8 @@ class MigrateTests(SynchronousTestCase):
         migrate(self.source, url)
         shared = PostgreSQLStore.open(url, runInline, Clock())
         self.addCleanup(shared.close)
-        history = PostgreSQLHistoryStorage(shared, settleMs=0)
+        history = PostgreSQLHistoryStorage(url, runInline, settleMs=0)
+        self.addCleanup(history.close)
         self.assertEqual(result(history.rollUp(ROLLED_UP_TO)), 0)
         self.assertEqual(result(history.rollUp(ROLLED_UP_TO + HOUR_MS)), 1)
         for serial in SERIALS:
