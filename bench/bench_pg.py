@@ -63,7 +63,7 @@ def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
         gc_watch=args.gc_watch,
         hold_timeout=args.hold_timeout,
         history=True,
-        max_poll_events=None,
+        plain_reactor=False,
         mqtt=None,
     )
 

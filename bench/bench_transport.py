@@ -635,37 +635,15 @@ def freePort() -> int:
 
 
 _SERVER_CODE = "from twisted.scripts.twistd import run; run()"
-_BENCH_IMPORT = "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
-
-
-class _CappedPoller:
-    """
-    Bench-only experiment (C{--max-poll-events}): an epoll object that hands
-    the reactor at most C{cap} ready descriptors per poll, so that timers
-    and other work run between batches of a mass disconnect.
-    """
-
-    def __init__(self, poller: Any, cap: int) -> None:
-        self._poller = poller
-        self._cap = cap
-
-    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
-        if maxevents < 0 or maxevents > self._cap:
-            maxevents = self._cap
-        return self._poller.poll(timeout, maxevents)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._poller, name)
-
-
-def installCappedReactor(cap: int) -> None:
-    """Install the epoll reactor with at most C{cap} events per poll."""
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
-
-    reactor._poller = _CappedPoller(reactor._poller, cap)  # type: ignore[attr-defined]
+#: twistd with the bench's hook run between parsing the options and running:
+#: parsing installs the reactor --reactor names, and the hook imports
+#: nestproto, whose Klein installs the default reactor when imported.
+_WATCHED_SERVER_CODE = (
+    "import sys; from twisted.scripts.twistd import ServerOptions, runApp; "
+    "config = ServerOptions(); config.parseOptions(); "
+    "sys.path.insert(0, {benchDir!r}); import bench_transport; "
+    "bench_transport.installGCWatch({gcLog!r}); runApp(config)"
+)
 
 
 def _timeMQTTBridge() -> list[float]:
@@ -776,7 +754,12 @@ def installGCWatch(path: str) -> None:
 
     signal.signal(signal.SIGUSR2, census)
 
-    from twisted.internet import reactor
+    def reactor() -> Any:
+        # Looked up when used: twistd installs the reactor its --reactor
+        # names after this hook has run.
+        from twisted.internet import reactor
+
+        return reactor
 
     heartbeat: dict[str, Any] = {"call": None}
     profiler: dict[str, Any] = {"profile": None}
@@ -786,7 +769,7 @@ def installGCWatch(path: str) -> None:
         lateMs = (now - due) * 1000
         if lateMs >= GC_REPORT_MS:
             write({"stall": due, "ms": round(lateMs, 1)})
-        heartbeat["call"] = reactor.callLater(
+        heartbeat["call"] = reactor().callLater(
             intervalS, beat, intervalS, now + intervalS
         )
 
@@ -800,7 +783,7 @@ def installGCWatch(path: str) -> None:
             if rest != "off":
                 intervalS = float(rest) / 1000
                 due = time.monotonic() + intervalS
-                heartbeat["call"] = reactor.callLater(intervalS, beat, intervalS, due)
+                heartbeat["call"] = reactor().callLater(intervalS, beat, intervalS, due)
         elif word == "profile-start":
             if rest == "pyinstrument":
                 from pyinstrument import Profiler
@@ -878,7 +861,7 @@ def installGCWatch(path: str) -> None:
         with open(path + ".cmd") as f:
             lines = [line.strip() for line in f if line.strip()]
         for line in lines:
-            reactor.callFromThread(run, line)  # type: ignore[attr-defined]
+            reactor().callFromThread(run, line)
 
     signal.signal(signal.SIGUSR1, commands)
 
@@ -895,7 +878,7 @@ class Server:
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
         self.history = args.history
-        self.maxPollEvents = args.max_poll_events
+        self.plainReactor = args.plain_reactor
         self.mqtt = args.mqtt
         self.mqttPrefix = f"bench-{os.urandom(4).hex()}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -904,17 +887,12 @@ class Server:
     def command(self) -> list[str]:
         code = _SERVER_CODE
         if self.gcLog:
-            code = (
-                _BENCH_IMPORT.format(benchDir=str(Path(__file__).parent))
-                + (
-                    f"bench_transport.installCappedReactor({self.maxPollEvents}); "
-                    if self.maxPollEvents
-                    else ""
-                )
-                + f"bench_transport.installGCWatch({self.gcLog!r}); "
-                + code
+            code = _WATCHED_SERVER_CODE.format(
+                benchDir=str(Path(__file__).parent), gcLog=self.gcLog
             )
         command = [sys.executable, "-c", code, "--pidfile=", "-n"]
+        if not self.plainReactor:
+            command += ["--reactor", "nestproto"]
         if self.profile:
             command += [
                 f"--profile={self.profile}",
@@ -1869,13 +1847,11 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "garbage-collection pauses and tracked-object counts",
     )
     parser.add_argument(
-        "--max-poll-events",
-        type=int,
-        default=None,
-        metavar="N",
-        help="experiment: serve on an epoll reactor that handles at most N "
-        "ready connections per poll (Twisted's handles every ready one), so "
-        "a mass disconnect is handled in batches with timers between",
+        "--plain-reactor",
+        action="store_true",
+        help="serve on Twisted's own epoll reactor, which handles every ready "
+        "connection per poll, instead of twistd --reactor nestproto's (at "
+        "most 1,000), to compare",
     )
     parser.add_argument(
         "--server-profile",
@@ -1897,7 +1873,7 @@ async def run(args: argparse.Namespace) -> int:
         {
             "scenario": "setup",
             "nofile": raiseFileLimit(),
-            "max_poll_events": args.max_poll_events,
+            "reactor": "twisted" if args.plain_reactor else "nestproto",
             "cpus": os.cpu_count(),
             "history": args.history,
             "python": sys.version.split()[0],
