@@ -64,6 +64,7 @@ def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
         hold_timeout=args.hold_timeout,
         history=True,
         plain_reactor=False,
+        max_ready=None,
         mqtt=None,
     )
 

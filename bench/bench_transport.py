@@ -642,7 +642,7 @@ _WATCHED_SERVER_CODE = (
     "import sys; from twisted.scripts.twistd import ServerOptions, runApp; "
     "config = ServerOptions(); config.parseOptions(); "
     "sys.path.insert(0, {benchDir!r}); import bench_transport; "
-    "bench_transport.installGCWatch({gcLog!r}); runApp(config)"
+    "bench_transport.installGCWatch({gcLog!r}, {maxReady!r}); runApp(config)"
 )
 
 
@@ -697,7 +697,7 @@ def _mqttMs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> floa
     return float(after.get("mqtt_cpu_s", 0) - before.get("mqtt_cpu_s", 0)) * 1000
 
 
-def installGCWatch(path: str) -> None:
+def installGCWatch(path: str, maxReady: int | None = None) -> None:
     """
     Bench-only: append every garbage collection of the server that pauses
     it for C{GC_REPORT_MS} or more to C{path} (JSON lines, monotonic clock,
@@ -707,6 +707,9 @@ def installGCWatch(path: str) -> None:
     C{SIGUSR1} runs the commands in C{path + ".cmd"} (see L{serverCommand}):
     a heartbeat that logs every reactor stall, a cProfile window over the
     reactor thread, a timed full collection.
+
+    @param maxReady: the nestproto reactor's cap of ready connections a
+        pass, if not its own.
     """
     import gc
 
@@ -760,6 +763,9 @@ def installGCWatch(path: str) -> None:
         from twisted.internet import reactor
 
         return reactor
+
+    if maxReady is not None:
+        reactor().maxReady = maxReady
 
     heartbeat: dict[str, Any] = {"call": None}
     profiler: dict[str, Any] = {"profile": None}
@@ -893,6 +899,7 @@ class Server:
         self.holdTimeout = args.hold_timeout
         self.history = args.history
         self.plainReactor = args.plain_reactor
+        self.maxReady = args.max_ready
         self.mqtt = args.mqtt
         self.mqttPrefix = f"bench-{os.urandom(4).hex()}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -902,7 +909,9 @@ class Server:
         code = _SERVER_CODE
         if self.gcLog:
             code = _WATCHED_SERVER_CODE.format(
-                benchDir=str(Path(__file__).parent), gcLog=self.gcLog
+                benchDir=str(Path(__file__).parent),
+                gcLog=self.gcLog,
+                maxReady=self.maxReady,
             )
         command = [sys.executable, "-c", code, "--pidfile=", "-n"]
         if not self.plainReactor:
@@ -1894,12 +1903,22 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "most 1,000), to compare",
     )
     parser.add_argument(
+        "--max-ready",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the nestproto reactor's cap of ready connections a pass, instead "
+        "of its own (1,000); needs the watch",
+    )
+    parser.add_argument(
         "--server-profile",
         default=None,
         metavar="FILE",
         help="run twistd under cProfile, saving pstats to FILE at exit",
     )
     args = parser.parse_args(argv)
+    if args.max_ready is not None and (args.plain_reactor or not args.gc_watch):
+        parser.error("--max-ready needs the nestproto reactor and the watch")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -1914,6 +1933,7 @@ async def run(args: argparse.Namespace) -> int:
             "scenario": "setup",
             "nofile": raiseFileLimit(),
             "reactor": "twisted" if args.plain_reactor else "nestproto",
+            "max_ready": args.max_ready,
             "cpus": os.cpu_count(),
             "history": args.history,
             "python": sys.version.split()[0],
