@@ -1900,7 +1900,7 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="serve on Twisted's own epoll reactor, which handles every ready "
         "connection per poll, instead of twistd --reactor nestproto's (at "
-        "most 1,000), to compare",
+        "most 250), to compare",
     )
     parser.add_argument(
         "--max-ready",
@@ -1908,7 +1908,7 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         metavar="N",
         help="the nestproto reactor's cap of ready connections a pass, instead "
-        "of its own (1,000); needs the watch",
+        "of its own (250); needs the watch",
     )
     parser.add_argument(
         "--server-profile",

@@ -6,7 +6,7 @@ handing out at most L{MAX_READY_PER_PASS} ready connections per pass.
 Twisted's L{EPollReactor} asks epoll for as many events as it has
 descriptors. When 20,000 held subscribes reset at once, one pass gets
 thousands of them and tears each down (about 45 µs apiece) before any timer
-or other client runs: a pause of about half a second. Capped, the same work
+or other client runs: a pause of half a second or more. Capped, the same work
 comes in batches with timers and other connections served between them
 (bench/README.rst, "Issue 10").
 """
@@ -19,9 +19,12 @@ from typing import Any
 
 from twisted.internet.main import installReactor
 
-#: Ready descriptors handled per reactor pass at most: about 45 ms of
-#: teardown when every one of them is a reset held subscribe.
-MAX_READY_PER_PASS = 1000
+#: Ready descriptors handled per reactor pass at most. Tearing down a reset
+#: held subscribe takes about 45 µs on an idle 2-core machine and 4-6 times
+#: that on a loaded one (or a slower core): there, passes of 1,000 took
+#: 160-275 ms, of 500 83-145 ms, of 250 45-57 ms (bench/README.rst, "Issue
+#: 10"). A smaller pass costs one epoll_wait(2) more per 250, nothing else.
+MAX_READY_PER_PASS = 250
 
 if sys.platform == "linux":
     from twisted.internet.epollreactor import EPollReactor
@@ -98,7 +101,7 @@ def describe(reactor: Any) -> str:
     if sys.platform == "linux" and isinstance(reactor, CappedEPollReactor):
         return f"epoll, at most {reactor.maxReady} ready connections a pass"
     return (
-        f"{type(reactor).__name__}, which may pause for about half a second when "
+        f"{type(reactor).__name__}, which may pause for half a second or more when "
         "20,000 devices disconnect at once; with thousands of devices run "
         "twistd --reactor nestproto"
     )

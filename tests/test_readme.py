@@ -67,5 +67,5 @@ class ReadmeTests(SynchronousTestCase):
         ) as response:
             self.assertEqual(response.status, 200)
         if sys.platform == "linux":
-            server.waitFor(r"reactor: epoll, at most 1000 ready connections a pass")
+            server.waitFor(r"reactor: epoll, at most 250 ready connections a pass")
         self.assertIn(server.stop(), (0, -15))

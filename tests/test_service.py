@@ -397,7 +397,7 @@ class MakeServiceTests(SynchronousTestCase):
         )
         self.assertIn("recording exchanges: off", text)
         self.assertIn(
-            "reactor: MemoryReactorClock, which may pause for about half a second "
+            "reactor: MemoryReactorClock, which may pause for half a second or more "
             "when 20,000 devices disconnect at once; with thousands of devices run "
             "twistd --reactor nestproto",
             text,

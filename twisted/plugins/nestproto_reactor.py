@@ -3,5 +3,5 @@ from twisted.application.reactors import Reactor
 nestproto = Reactor(
     "nestproto",
     "nestproto.reactor",
-    "epoll(7), at most 1,000 ready connections a pass (nestproto's).",
+    "epoll(7), at most 250 ready connections a pass (nestproto's).",
 )
