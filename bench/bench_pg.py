@@ -63,7 +63,8 @@ def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
         gc_watch=args.gc_watch,
         hold_timeout=args.hold_timeout,
         history=True,
-        max_poll_events=None,
+        plain_reactor=False,
+        max_ready=None,
         mqtt=None,
     )
 

@@ -635,37 +635,15 @@ def freePort() -> int:
 
 
 _SERVER_CODE = "from twisted.scripts.twistd import run; run()"
-_BENCH_IMPORT = "import sys; sys.path.insert(0, {benchDir!r}); import bench_transport; "
-
-
-class _CappedPoller:
-    """
-    Bench-only experiment (C{--max-poll-events}): an epoll object that hands
-    the reactor at most C{cap} ready descriptors per poll, so that timers
-    and other work run between batches of a mass disconnect.
-    """
-
-    def __init__(self, poller: Any, cap: int) -> None:
-        self._poller = poller
-        self._cap = cap
-
-    def poll(self, timeout: float = -1, maxevents: int = -1) -> Any:
-        if maxevents < 0 or maxevents > self._cap:
-            maxevents = self._cap
-        return self._poller.poll(timeout, maxevents)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._poller, name)
-
-
-def installCappedReactor(cap: int) -> None:
-    """Install the epoll reactor with at most C{cap} events per poll."""
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
-
-    reactor._poller = _CappedPoller(reactor._poller, cap)  # type: ignore[attr-defined]
+#: twistd with the bench's hook run between parsing the options and running:
+#: parsing installs the reactor --reactor names, and the hook imports
+#: nestproto, whose Klein installs the default reactor when imported.
+_WATCHED_SERVER_CODE = (
+    "import sys; from twisted.scripts.twistd import ServerOptions, runApp; "
+    "config = ServerOptions(); config.parseOptions(); "
+    "sys.path.insert(0, {benchDir!r}); import bench_transport; "
+    "bench_transport.installGCWatch({gcLog!r}, {maxReady!r}); runApp(config)"
+)
 
 
 def _timeMQTTBridge() -> list[float]:
@@ -719,7 +697,7 @@ def _mqttMs(before: dict[str, Any] | None, after: dict[str, Any] | None) -> floa
     return float(after.get("mqtt_cpu_s", 0) - before.get("mqtt_cpu_s", 0)) * 1000
 
 
-def installGCWatch(path: str) -> None:
+def installGCWatch(path: str, maxReady: int | None = None) -> None:
     """
     Bench-only: append every garbage collection of the server that pauses
     it for C{GC_REPORT_MS} or more to C{path} (JSON lines, monotonic clock,
@@ -729,6 +707,9 @@ def installGCWatch(path: str) -> None:
     C{SIGUSR1} runs the commands in C{path + ".cmd"} (see L{serverCommand}):
     a heartbeat that logs every reactor stall, a cProfile window over the
     reactor thread, a timed full collection.
+
+    @param maxReady: the nestproto reactor's cap of ready connections a
+        pass, if not its own.
     """
     import gc
 
@@ -776,7 +757,15 @@ def installGCWatch(path: str) -> None:
 
     signal.signal(signal.SIGUSR2, census)
 
-    from twisted.internet import reactor
+    def reactor() -> Any:
+        # Looked up when used: twistd installs the reactor its --reactor
+        # names after this hook has run.
+        from twisted.internet import reactor
+
+        return reactor
+
+    if maxReady is not None:
+        reactor().maxReady = maxReady
 
     heartbeat: dict[str, Any] = {"call": None}
     profiler: dict[str, Any] = {"profile": None}
@@ -786,7 +775,7 @@ def installGCWatch(path: str) -> None:
         lateMs = (now - due) * 1000
         if lateMs >= GC_REPORT_MS:
             write({"stall": due, "ms": round(lateMs, 1)})
-        heartbeat["call"] = reactor.callLater(
+        heartbeat["call"] = reactor().callLater(
             intervalS, beat, intervalS, now + intervalS
         )
 
@@ -800,7 +789,7 @@ def installGCWatch(path: str) -> None:
             if rest != "off":
                 intervalS = float(rest) / 1000
                 due = time.monotonic() + intervalS
-                heartbeat["call"] = reactor.callLater(intervalS, beat, intervalS, due)
+                heartbeat["call"] = reactor().callLater(intervalS, beat, intervalS, due)
         elif word == "profile-start":
             if rest == "pyinstrument":
                 from pyinstrument import Profiler
@@ -829,6 +818,20 @@ def installGCWatch(path: str) -> None:
                 with open(rest, "w") as f:
                     f.write(profile.output_text(unicode=True, color=False))
                 profile.last_session.save(rest + ".pyisession")
+        elif word == "connections":
+            # The accepted connections still open: cheap at any count, unlike
+            # /metrics, whose per-device gauges take about a second of the
+            # reactor at 20,000 devices.
+            from twisted.internet.tcp import Server as Accepted
+
+            write(
+                {
+                    "connections": time.monotonic(),
+                    "count": sum(
+                        isinstance(r, Accepted) for r in reactor().getReaders()
+                    ),
+                }
+            )
         elif word == "gcstats":
             write(
                 {
@@ -878,7 +881,7 @@ def installGCWatch(path: str) -> None:
         with open(path + ".cmd") as f:
             lines = [line.strip() for line in f if line.strip()]
         for line in lines:
-            reactor.callFromThread(run, line)  # type: ignore[attr-defined]
+            reactor().callFromThread(run, line)
 
     signal.signal(signal.SIGUSR1, commands)
 
@@ -895,7 +898,8 @@ class Server:
         self.gcLog = os.path.join(self.data, "gc.jsonl") if args.gc_watch else None
         self.holdTimeout = args.hold_timeout
         self.history = args.history
-        self.maxPollEvents = args.max_poll_events
+        self.plainReactor = args.plain_reactor
+        self.maxReady = args.max_ready
         self.mqtt = args.mqtt
         self.mqttPrefix = f"bench-{os.urandom(4).hex()}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -904,17 +908,14 @@ class Server:
     def command(self) -> list[str]:
         code = _SERVER_CODE
         if self.gcLog:
-            code = (
-                _BENCH_IMPORT.format(benchDir=str(Path(__file__).parent))
-                + (
-                    f"bench_transport.installCappedReactor({self.maxPollEvents}); "
-                    if self.maxPollEvents
-                    else ""
-                )
-                + f"bench_transport.installGCWatch({self.gcLog!r}); "
-                + code
+            code = _WATCHED_SERVER_CODE.format(
+                benchDir=str(Path(__file__).parent),
+                gcLog=self.gcLog,
+                maxReady=self.maxReady,
             )
         command = [sys.executable, "-c", code, "--pidfile=", "-n"]
+        if not self.plainReactor:
+            command += ["--reactor", "nestproto"]
         if self.profile:
             command += [
                 f"--profile={self.profile}",
@@ -1155,6 +1156,19 @@ class Server:
                 return held
             await asyncio.sleep(0.25)
 
+    async def waitForConnections(self, count: int, seconds: float) -> int:
+        """
+        Wait until the server has C{count} accepted connections open (from
+        the watch, not /metrics); the last count.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            rows = await self.tell("connections")
+            remaining = int(next(r for r in rows if "connections" in r)["count"])
+            if remaining == count or time.monotonic() > deadline:
+                return remaining
+            await asyncio.sleep(0.25)
+
     def stop(self) -> int | None:
         if self.process is None:
             return None
@@ -1176,7 +1190,16 @@ def _rowTimes(row: dict[str, Any]) -> list[float]:
     """The monotonic times a row of the server's watch log names."""
     return [
         row[name]
-        for name in ("at", "census", "stall", "collect", "garbage", "gcstats", "types")
+        for name in (
+            "at",
+            "census",
+            "stall",
+            "collect",
+            "garbage",
+            "gcstats",
+            "types",
+            "connections",
+        )
         if isinstance(row.get(name), float)
     ]
 
@@ -1411,11 +1434,14 @@ async def disconnectScenario(
     dropped = time.monotonic()
     for device in held:
         drop(device, reset=True)
-    left = await server.waitForSubscriptions(0, 60)
+    # Not /metrics while the heartbeat runs: rendering it for 20,000
+    # devices stalls the reactor for about a second each time.
+    openLeft = await server.waitForConnections(0, 60)
     allGone = time.monotonic() - dropped
     await asyncio.sleep(args.disconnect_settle_seconds)
     until = time.monotonic()
     await server.tell("heartbeat off")
+    left = await server.waitForSubscriptions(0, 15)
     if args.profile_disconnect:
         await server.tell(
             f"profile-stop {os.path.abspath(args.profile_disconnect)}", seconds=300
@@ -1436,7 +1462,8 @@ async def disconnectScenario(
             "held": len(held),
             "server_subscriptions_before": serverHeld,
             "server_subscriptions_after": left,
-            "seconds_until_server_held_none": round(allGone, 2),
+            "server_connections_after": openLeft,
+            "seconds_until_server_connections_none": round(allGone, 2),
             "window_s": round(until - dropped, 2),
             "heartbeat_ms": args.heartbeat_ms,
             "reactor_stalls_before_drop": quiet,
@@ -1869,13 +1896,19 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         "garbage-collection pauses and tracked-object counts",
     )
     parser.add_argument(
-        "--max-poll-events",
+        "--plain-reactor",
+        action="store_true",
+        help="serve on Twisted's own epoll reactor, which handles every ready "
+        "connection per poll, instead of twistd --reactor nestproto's (at "
+        "most 250), to compare",
+    )
+    parser.add_argument(
+        "--max-ready",
         type=int,
         default=None,
         metavar="N",
-        help="experiment: serve on an epoll reactor that handles at most N "
-        "ready connections per poll (Twisted's handles every ready one), so "
-        "a mass disconnect is handled in batches with timers between",
+        help="the nestproto reactor's cap of ready connections a pass, instead "
+        "of its own (250); needs the watch",
     )
     parser.add_argument(
         "--server-profile",
@@ -1884,6 +1917,8 @@ def parseArguments(argv: Sequence[str]) -> argparse.Namespace:
         help="run twistd under cProfile, saving pstats to FILE at exit",
     )
     args = parser.parse_args(argv)
+    if args.max_ready is not None and (args.plain_reactor or not args.gc_watch):
+        parser.error("--max-ready needs the nestproto reactor and the watch")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -1897,7 +1932,8 @@ async def run(args: argparse.Namespace) -> int:
         {
             "scenario": "setup",
             "nofile": raiseFileLimit(),
-            "max_poll_events": args.max_poll_events,
+            "reactor": "twisted" if args.plain_reactor else "nestproto",
+            "max_ready": args.max_ready,
             "cpus": os.cpu_count(),
             "history": args.history,
             "python": sys.version.split()[0],

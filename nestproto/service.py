@@ -64,6 +64,7 @@ from .hub import SubscriberHub
 from .mqtt import BrokerSettings, MQTTSettings, bridgeService
 from .pairing import MIN_REMAINING_SECONDS
 from .presence import IPresence
+from .reactor import describe as describeReactor
 from .recording.format import CONTROL, DEVICE
 from .recording.recorder import Recorder, RecorderService
 from .store import IBucketStore, SchemaTooNew, SQLiteStore
@@ -1044,7 +1045,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     root = _ServerService(LOG_LEVELS[options["log-level"]], options.parent)
     devices = sum(1 for scope in store.scopes() if scope)
-    _Announce(_startupLines(options, storePath, devices)).setServiceParent(root)
+    lines = _startupLines(options, storePath, devices)
+    lines.insert(1, ("reactor: {reactor}", {"reactor": describeReactor(reactor)}))
+    _Announce(lines).setServiceParent(root)
     _CollectorService().setServiceParent(root)
     _StoreService(store, pools, apps.hub, apps.events, lock).setServiceParent(root)
     for service in shared:

@@ -6,8 +6,12 @@ README.rst's two commands stay true: CI runs the very test command it gives.
 from __future__ import annotations
 
 import os
+import sys
+import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from .twistd import LOOPBACK_ANY, Twistd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +35,37 @@ class ReadmeTests(SynchronousTestCase):
         """README gives one command that runs the server and one that tests."""
         commands = readmeCommands()
         self.assertEqual(len(commands), 2)
-        self.assertTrue(commands[0].endswith("pip install . && twistd -n nestproto"))
+        self.assertIn("pip install . && twistd ", commands[0])
         self.assertIn("python -m twisted.trial tests", commands[1])
 
     def test_ciRunsTheReadmeTestCommand(self) -> None:
         """.ci/run contains README's test command verbatim."""
         self.assertIn(f"( {readmeCommands()[1]} )", _read(".ci/run"))
+
+    def test_runCommandServes(self) -> None:
+        """
+        README's twistd command, given free loopback ports, a fresh data
+        directory and no weather, serves on nestproto's reactor.
+        """
+        words = readmeCommands()[0].split("&& twistd ", 1)[1].split()
+        self.assertEqual(words[-1], "nestproto")
+        server = Twistd(
+            self,
+            "--data",
+            self.mktemp(),
+            "--device",
+            LOOPBACK_ANY,
+            "--control",
+            LOOPBACK_ANY,
+            "--weather",
+            "none",
+            twistdOptions=words[:-1],
+        )
+        device = server.ports()["device"]
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{device}/nest/ping", timeout=10
+        ) as response:
+            self.assertEqual(response.status, 200)
+        if sys.platform == "linux":
+            server.waitFor(r"reactor: epoll, at most 250 ready connections a pass")
+        self.assertIn(server.stop(), (0, -15))

@@ -377,9 +377,10 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_startupSaysWhatItDoes(self) -> None:
         """
-        Starting logs the version, the store and its devices, how the
-        control API is protected and whether recording is on; the token
-        itself appears in no event.
+        Starting logs the version, the reactor (and how to get nestproto's
+        when it is another), the store and its devices, how the control API
+        is protected and whether recording is on; the token itself appears
+        in no event.
         """
         options = Options()
         options.parseOptions(["--data", self.mktemp(), "--control-token", TOKEN])
@@ -395,6 +396,12 @@ class MakeServiceTests(SynchronousTestCase):
             text,
         )
         self.assertIn("recording exchanges: off", text)
+        self.assertIn(
+            "reactor: MemoryReactorClock, which may pause for half a second or more "
+            "when 20,000 devices disconnect at once; with thousands of devices run "
+            "twistd --reactor nestproto",
+            text,
+        )
         self.assertIn(
             "device admission: open: any device may connect; passwords bound on "
             "first use; new serials per address and hour: 20",

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -53,7 +54,7 @@ STOPS_WITHIN_SECONDS = 10.0
 
 
 class StartupTestCase(SynchronousTestCase):
-    def twistd(self, *arguments: str, **popen: object) -> Twistd:
+    def twistd(self, *arguments: str, **popen: Any) -> Twistd:
         """A server on loopback ports the OS chooses, with no weather."""
         defaults = {
             "--device": LOOPBACK_ANY,

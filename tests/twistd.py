@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -83,10 +83,18 @@ class Twistd:
     """
 
     def __init__(
-        self, case: SynchronousTestCase, *arguments: str, **popen: object
+        self,
+        case: SynchronousTestCase,
+        *arguments: str,
+        twistdOptions: Sequence[str] = ("-n",),
+        **popen: object,
     ) -> None:
+        """
+        @param arguments: C{nestproto}'s options.
+        @param twistdOptions: twistd's own, before C{nestproto}.
+        """
         self.process = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "--pidfile=", "-n", "nestproto"]
+            [sys.executable, "-c", TWISTD, "--pidfile=", *twistdOptions, "nestproto"]
             + list(arguments),
             # In the test's directory, as relative paths from mktemp are.
             env=dict(os.environ, PYTHONPATH=PROJECT_ROOT),
