@@ -48,6 +48,7 @@ from twisted.web.server import Site
 from ._version import __version__
 from .admission import DEFAULT_NEW_SERIALS_PER_HOUR, AdmissionSettings
 from .apps import AppSettings, buildApps
+from .channel import AddressKeepingHTTPChannel
 from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
@@ -523,11 +524,16 @@ def _checkDataDirectory(path: str) -> None:
 class _QuietSite(Site):
     """
     A Site without an access log: twistd prints every event, and a line per
-    long-poll on a Raspberry Pi's SD card is all noise.
+    long-poll on a Raspberry Pi's SD card is all noise. Its channels ask
+    their transport for its addresses once (L{AddressKeepingHTTPChannel}).
     """
 
     def log(self, request: Request) -> None:
         pass
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        # As twisted.web.http's own factory builds it, around our channel.
+        return _GenericHTTPChannelProtocol(AddressKeepingHTTPChannel())
 
 
 class _TolerantSite(_QuietSite):

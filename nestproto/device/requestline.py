@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from twisted.web.http import HTTPChannel
+from ..channel import AddressKeepingHTTPChannel
 
 # A method token, a target that has spaces in it, an HTTP/1.x version. A
 # header line never matches: its name ends with a colon, and a folded
@@ -34,8 +34,11 @@ def tolerantRequestLine(line: bytes) -> bytes:
     return b"%s %s %s" % (method, target.replace(b" ", b"%20"), version)
 
 
-class TolerantHTTPChannel(HTTPChannel):
-    """An L{HTTPChannel} that serves request lines with a spaced target."""
+class TolerantHTTPChannel(AddressKeepingHTTPChannel):
+    """
+    An L{AddressKeepingHTTPChannel} that serves request lines with a spaced
+    target.
+    """
 
     def lineReceived(self, line: bytes) -> None:
         super().lineReceived(tolerantRequestLine(line))
