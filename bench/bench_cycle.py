@@ -270,6 +270,12 @@ def logLikeTwistd() -> None:
     globalLogBeginner.beginLoggingTo(
         [observe], discardBuffer=True, redirectStandardIO=False
     )
+    try:
+        from nestproto.debuglog import SwitchedLogger
+    except ImportError:  # before per-request debug events could be switched off
+        return
+    # As twistd nestproto at --log-level info: its observer drops debug events.
+    SwitchedLogger.debugOn = False
 
 
 class CommandCycle:
@@ -398,7 +404,7 @@ def run(args: argparse.Namespace) -> None:
         )
     if profile is not None:
         stats = pstats.Stats(profile)
-        stats.sort_stats(args.profile).print_stats(30)
+        stats.sort_stats(args.profile).print_stats(60)
 
 
 def _instrument(state: str) -> None:
@@ -443,7 +449,11 @@ def callgrind(args: argparse.Namespace) -> None:
             ] + (["--task-clock"] if args.task_clock else [])
             processes.append(
                 subprocess.Popen(
-                    command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                    command,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    # The same dict and set orders in every run.
+                    env={**os.environ, "PYTHONHASHSEED": "0"},
                 )
             )
         for process in processes:
@@ -543,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--task-clock", action="store_true")
     parser.add_argument(
         "--profile",
-        choices=("tottime", "cumulative"),
+        choices=("tottime", "cumulative", "calls"),
         help="cProfile the measured cycles and print the top 30 by this order",
     )
     parser.add_argument(
