@@ -5,7 +5,8 @@ The HTTP channel both ports serve on.
 twisted.web's C{Request.__init__} asks its channel for the connection's
 local and peer addresses on every request; a TCP transport answers
 C{getHost} with a C{getsockname} system call, and each with a new address
-object. Both are fixed for the life of a connection, so the channel asks
+object; routing asks whether it is secure (an interface adaptation of the
+transport). All are fixed for the life of a connection, so the channel asks
 its transport once (bench/README.rst, issue 10: in-process instruction
 counts).
 """
@@ -17,10 +18,14 @@ from twisted.web.http import HTTPChannel
 
 
 class AddressKeepingHTTPChannel(HTTPChannel):
-    """An L{HTTPChannel} that asks its transport for its addresses once."""
+    """
+    An L{HTTPChannel} that asks its transport for its addresses, and
+    whether it is secure, once.
+    """
 
     _host: IAddress | None = None
     _peer: IAddress | None = None
+    _secure: bool | None = None
 
     def getHost(self) -> IAddress:
         if self._host is None:
@@ -31,3 +36,8 @@ class AddressKeepingHTTPChannel(HTTPChannel):
         if self._peer is None:
             self._peer = super().getPeer()
         return self._peer
+
+    def isSecure(self) -> bool:
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure

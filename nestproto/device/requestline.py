@@ -22,6 +22,11 @@ _SPACED_REQUEST_LINE = re.compile(
 )
 
 
+#: How a line the pattern can match ends (its C{$} also matches before a
+#: final newline).
+_VERSION_ENDINGS = (b" HTTP/1.1", b" HTTP/1.0", b" HTTP/1.1\n", b" HTTP/1.0\n")
+
+
 def tolerantRequestLine(line: bytes) -> bytes:
     """
     C{line} with the spaces inside its target escaped as C{%20} when it is
@@ -41,4 +46,8 @@ class TolerantHTTPChannel(AddressKeepingHTTPChannel):
     """
 
     def lineReceived(self, line: bytes) -> None:
-        super().lineReceived(tolerantRequestLine(line))
+        # Only a line ending with the version can be rewritten: the header
+        # lines of every request skip the pattern.
+        if line.endswith(_VERSION_ENDINGS):
+            line = tolerantRequestLine(line)
+        super().lineReceived(line)
