@@ -17,11 +17,11 @@ from typing import Any
 from attrs import define, field, frozen
 from klein import Klein
 from klein.resource import KleinResource
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import Interface, implementer
 
+from .debuglog import SwitchedLogger
 from .errors import BadURL, ErrorShape, NestError, refusal
 from .httpjson import jsonResponse
 from .resource import CycleFreeKleinResource
@@ -98,7 +98,7 @@ class Router(Klein):
         (L{Route.pathSecret}) and never logged.
     """
 
-    log = Logger()
+    log = SwitchedLogger()
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
+from .debuglog import SwitchedLogger
 from .device.api import TransportSettings
 from .device.requestline import TolerantHTTPChannel
 from .history import (
@@ -869,6 +870,8 @@ class _ServerService(MultiService):
                 ILogObserver,
                 FilteringLogObserver(observer, [_levelFilter(self.level)]),
             )
+            # Debug events this observer drops are not emitted at all.
+            SwitchedLogger.debugOn = self.level <= LogLevel.debug
         super().setServiceParent(parent)
 
 
