@@ -99,6 +99,8 @@ class Router(Klein):
     """
 
     log = SwitchedLogger()
+    #: The owner's gate, once asked (L{gate}).
+    _gate: IGate | None = None
 
     def __init__(
         self,
@@ -142,7 +144,10 @@ class Router(Klein):
         @raise TypeError: when the router is not bound to an owner that
             provides L{IGate}.
         """
-        return IGate(self._instance)
+        # Asked twice per request; a bound router's owner never changes.
+        if self._gate is None:
+            self._gate = IGate(self._instance)
+        return self._gate
 
     def execute_endpoint(
         self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any
