@@ -13,6 +13,8 @@ from twisted.web.iweb import IRequest
 
 from .errors import BodyTooLarge
 
+#: json.dumps with arguments builds an encoder per call; this one is kept.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 _HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::([0-9]{1,5}))?$")
 
 
@@ -20,7 +22,7 @@ def jsonResponse(request: IRequest, document: Any, status: int = 200) -> bytes:
     """Set the status and JSON content type, and return the encoded body."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    return _COMPACT.encode(document).encode("utf-8")
 
 
 def readBody(request: IRequest, limit: int) -> bytes:

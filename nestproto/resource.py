@@ -37,13 +37,26 @@ _ROUTES_KEPT = 512
 _ErrorHandlers = Sequence[tuple[Sequence[type[Exception]], Any]]
 
 
-def _urlParts(request: IRequest) -> tuple[str, str, str]:
+def _urlParts(request: IRequest) -> tuple[str, str]:
     """
-    The host, script name and path of C{request}, as Klein routes them.
+    The script name and path of C{request}, as Klein routes them.
 
-    @raise UnicodeDecodeError: when one of them is not UTF-8.
+    @raise UnicodeDecodeError: when one of them, or the host, is not UTF-8.
     """
-    host = request.getRequestHostname().decode("utf-8")
+    request.getRequestHostname().decode("utf-8")
+    # As Klein's extractURLparts: a non-empty list of segments is a path
+    # starting with a slash, even when its one segment is empty (C{/}).
+    script = b"/".join(request.prepath).decode("utf-8")
+    path = b"/".join(request.postpath).decode("utf-8")
+    return (
+        _rooted(script) if request.prepath else "",
+        _rooted(path) if request.postpath else "",
+    )
+
+
+def _urlHost(request: IRequest) -> str:
+    """C{request}'s host as Klein routes it: with its port unless the default."""
+    host: str = request.getRequestHostname().decode("utf-8")
     port = getattr(request.getHost(), "port", 0)
     if (request.isSecure(), port) not in {
         (True, 443),
@@ -52,15 +65,7 @@ def _urlParts(request: IRequest) -> tuple[str, str, str]:
         (True, 0),
     }:
         host = f"{host}:{port}"
-    # As Klein's extractURLparts: a non-empty list of segments is a path
-    # starting with a slash, even when its one segment is empty (C{/}).
-    script = b"/".join(request.prepath).decode("utf-8")
-    path = b"/".join(request.postpath).decode("utf-8")
-    return (
-        host,
-        _rooted(script) if request.prepath else "",
-        _rooted(path) if request.postpath else "",
-    )
+    return host
 
 
 def _rooted(path: str) -> str:
@@ -138,14 +143,15 @@ class CycleFreeKleinResource(KleinResource):
         @raise BadURL: when its host or path is not UTF-8.
         """
         try:
-            host, script, path = _urlParts(request)
+            script, path = _urlParts(request)
         except UnicodeDecodeError:
             raise BadURL() from None
         key = (request.method, script, path)
         found = self._routes.get(key)
         if found is None:
+            # The host is only for werkzeug's binding: no route here names one.
             mapper = self._app.url_map.bind(
-                host,
+                _urlHost(request),
                 script,
                 path_info=path,
                 default_method=request.method.decode("utf-8"),

@@ -17,11 +17,11 @@ from typing import Any
 from attrs import define, field, frozen
 from klein import Klein
 from klein.resource import KleinResource
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import Interface, implementer
 
+from .debuglog import SwitchedLogger
 from .errors import BadURL, ErrorShape, NestError, refusal
 from .httpjson import jsonResponse
 from .resource import CycleFreeKleinResource
@@ -98,7 +98,9 @@ class Router(Klein):
         (L{Route.pathSecret}) and never logged.
     """
 
-    log = Logger()
+    log = SwitchedLogger()
+    #: The owner's gate, once asked (L{gate}).
+    _gate: IGate | None = None
 
     def __init__(
         self,
@@ -142,7 +144,10 @@ class Router(Klein):
         @raise TypeError: when the router is not bound to an owner that
             provides L{IGate}.
         """
-        return IGate(self._instance)
+        # Asked twice per request; a bound router's owner never changes.
+        if self._gate is None:
+            self._gate = IGate(self._instance)
+        return self._gate
 
     def execute_endpoint(
         self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any

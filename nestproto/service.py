@@ -48,10 +48,12 @@ from twisted.web.server import Site
 from ._version import __version__
 from .admission import DEFAULT_NEW_SERIALS_PER_HOUR, AdmissionSettings
 from .apps import AppSettings, buildApps
+from .channel import AddressKeepingHTTPChannel
 from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
 from .datadir import STORE_FILE, DataDirectoryInUse, DataLock
+from .debuglog import SwitchedLogger
 from .device.api import TransportSettings
 from .device.requestline import TolerantHTTPChannel
 from .history import (
@@ -524,11 +526,16 @@ def _checkDataDirectory(path: str) -> None:
 class _QuietSite(Site):
     """
     A Site without an access log: twistd prints every event, and a line per
-    long-poll on a Raspberry Pi's SD card is all noise.
+    long-poll on a Raspberry Pi's SD card is all noise. Its channels ask
+    their transport for its addresses once (L{AddressKeepingHTTPChannel}).
     """
 
     def log(self, request: Request) -> None:
         pass
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        # As twisted.web.http's own factory builds it, around our channel.
+        return _GenericHTTPChannelProtocol(AddressKeepingHTTPChannel())
 
 
 class _TolerantSite(_QuietSite):
@@ -864,6 +871,8 @@ class _ServerService(MultiService):
                 ILogObserver,
                 FilteringLogObserver(observer, [_levelFilter(self.level)]),
             )
+            # Debug events this observer drops are not emitted at all.
+            SwitchedLogger.debugOn = self.level <= LogLevel.debug
         super().setServiceParent(parent)
 
 

@@ -16,10 +16,10 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from . import buckets as rules
 from .buckets import Bucket
+from .debuglog import SwitchedLogger
 from .errors import TooManyBuckets
 from .membership import GLOBAL_SCOPE, IMembership, deviceMember
 from .model import ClientObject, PutEntry
@@ -51,7 +51,7 @@ class DeviceState:
     feed's consumers' business.
     """
 
-    log = Logger()
+    log = SwitchedLogger()
 
     store: IBucketStore
     membership: IMembership

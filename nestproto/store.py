@@ -230,8 +230,12 @@ def logDroppedKeys(log: Logger, count: int) -> None:
         )
 
 
+#: json.dumps with arguments builds an encoder per call; this one is kept.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 class SchemaTooNew(Exception):

@@ -12,6 +12,7 @@ import signal
 import urllib.request
 from typing import Any
 
+from twisted.application.service import Application
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
@@ -28,12 +29,14 @@ from twisted.logger import (
 )
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from nestproto.datadir import DataLock
+from nestproto.debuglog import SwitchedLogger
 from nestproto.service import (
     COLLECTOR_THRESHOLDS,
     LISTEN_BACKLOG,
@@ -43,6 +46,7 @@ from nestproto.service import (
     _exitAfterTwistd,
     _levelFilter,
     _Listener,
+    _ServerService,
     _site,
     makeService,
 )
@@ -496,6 +500,40 @@ class LogLevelTests(SynchronousTestCase):
         self.assertEqual(_shownAt(LogLevel.debug), {"debug", "info", "request"})
         self.assertEqual(_shownAt(LogLevel.info), {"info"})
         self.assertEqual(_shownAt(LogLevel.warn), set())
+
+    def test_debugOffAtTheSource(self) -> None:
+        """
+        Under twistd, the level's observer decides whether per-request debug
+        events are emitted at all: not above debug, where it drops them.
+        """
+        self.addCleanup(setattr, SwitchedLogger, "debugOn", SwitchedLogger.debugOn)
+        twistdOptions = ServerOptions()
+        twistdOptions.parseOptions(["--logfile", self.mktemp(), "--nodaemon"])
+        for level, on in [(LogLevel.info, False), (LogLevel.debug, True)]:
+            application = Application("nestproto")
+            _ServerService(level, twistdOptions).setServiceParent(application)
+            self.assertEqual(SwitchedLogger.debugOn, on)
+            self.assertIsNotNone(application.getComponent(ILogObserver))
+
+    def test_switchedDebug(self) -> None:
+        """
+        A L{SwitchedLogger}'s debug events are emitted only while debug is
+        on; its other events always.
+        """
+        self.addCleanup(setattr, SwitchedLogger, "debugOn", SwitchedLogger.debugOn)
+        seen: list[str] = []
+
+        @implementer(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            seen.append(event["log_format"])
+
+        log = SwitchedLogger(namespace="nestproto.x", observer=observe)
+        SwitchedLogger.debugOn = False
+        log.debug("off")
+        log.info("info")
+        SwitchedLogger.debugOn = True
+        log.debug("on")
+        self.assertEqual(seen, ["info", "on"])
 
 
 class _ArgsRecorder(Resource):

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from ..accounts import Accounts
 from ..admission import Admission
+from ..debuglog import SwitchedLogger
 from ..device.auth import normaliseSerial
 from ..device.wire import parseJSONObject
 from ..errors import (
@@ -144,7 +145,7 @@ class ControlAPI:
     """The control port's Klein app."""
 
     app: ClassVar[Router] = Router(ErrorShape.CONTROL, secretPrefix=b"k")
-    log: ClassVar[Logger] = Logger()
+    log: ClassVar[Logger] = SwitchedLogger()
 
     state: DeviceState
     hub: SubscriberHub

@@ -135,6 +135,9 @@ class EventStream:
 
     def publish(self, commit: Commit) -> None:
         """Send C{commit}'s events to every client (a feed listener)."""
+        if not self._clients:
+            # Nobody watches: every commit came here, so skip rendering.
+            return
         events = self._events(commit)
         if not events:
             return

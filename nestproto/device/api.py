@@ -28,6 +28,7 @@ from ..accounts import Accounts, Login
 from ..admission import FRONT_DOOR, TRANSPORT, Admission
 from ..buckets import Bucket, empty, serverIsNewer
 from ..control import appputs, commands
+from ..debuglog import SwitchedLogger
 from ..errors import (
     AppTokenRequired,
     BadBody,
@@ -165,7 +166,7 @@ class DeviceAPI:
     """The device port's Klein app."""
 
     app: ClassVar[Router] = Router(ErrorShape.DEVICE)
-    log: ClassVar[Logger] = Logger()
+    log: ClassVar[Logger] = SwitchedLogger()
 
     state: DeviceState
     hub: SubscriberHub

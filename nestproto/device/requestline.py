@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from twisted.web.http import HTTPChannel
+from ..channel import AddressKeepingHTTPChannel
 
 # A method token, a target that has spaces in it, an HTTP/1.x version. A
 # header line never matches: its name ends with a colon, and a folded
@@ -20,6 +20,11 @@ from twisted.web.http import HTTPChannel
 _SPACED_REQUEST_LINE = re.compile(
     rb"^([A-Z]{1,16}) +(/[\x21-\x7e][\x20-\x7e]*?) +(HTTP/1\.[01])$"
 )
+
+
+#: How a line the pattern can match ends (its C{$} also matches before a
+#: final newline).
+_VERSION_ENDINGS = (b" HTTP/1.1", b" HTTP/1.0", b" HTTP/1.1\n", b" HTTP/1.0\n")
 
 
 def tolerantRequestLine(line: bytes) -> bytes:
@@ -34,8 +39,15 @@ def tolerantRequestLine(line: bytes) -> bytes:
     return b"%s %s %s" % (method, target.replace(b" ", b"%20"), version)
 
 
-class TolerantHTTPChannel(HTTPChannel):
-    """An L{HTTPChannel} that serves request lines with a spaced target."""
+class TolerantHTTPChannel(AddressKeepingHTTPChannel):
+    """
+    An L{AddressKeepingHTTPChannel} that serves request lines with a spaced
+    target.
+    """
 
     def lineReceived(self, line: bytes) -> None:
-        super().lineReceived(tolerantRequestLine(line))
+        # Only a line ending with the version can be rewritten: the header
+        # lines of every request skip the pattern.
+        if line.endswith(_VERSION_ENDINGS):
+            line = tolerantRequestLine(line)
+        super().lineReceived(line)

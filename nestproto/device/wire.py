@@ -74,6 +74,12 @@ def _finiteFloat(text: str) -> float:
     return number
 
 
+# json.loads and json.dumps with arguments build a decoder or encoder per
+# call; these are kept.
+_DECODER = json.JSONDecoder(parse_constant=_refuseConstant, parse_float=_finiteFloat)
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def parseJSONObject(body: bytes) -> dict[str, Any]:
     """
     Decode a request body that must be one JSON object.
@@ -87,9 +93,7 @@ def parseJSONObject(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadBody("Body is not UTF-8") from None
     try:
-        document = json.loads(
-            text, parse_constant=_refuseConstant, parse_float=_finiteFloat
-        )
+        document = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise BadBody("Invalid JSON") from None
     if not isinstance(document, dict):
@@ -263,9 +267,8 @@ def renderObjects(buckets: Iterable[Bucket], withValues: bool = True) -> bytes:
     C{{"objects": [...]}} as bytes: one complete JSON document, as each chunk
     of a subscribe answer must be.
     """
-    return json.dumps(
-        {"objects": [objectJSON(bucket, withValues) for bucket in buckets]},
-        separators=(",", ":"),
+    return _COMPACT.encode(
+        {"objects": [objectJSON(bucket, withValues) for bucket in buckets]}
     ).encode("utf-8")
 
 
