@@ -91,13 +91,13 @@ MQTT_PASSWORD_FILE = "mqtt-password"
 #: screen for at least 10 minutes.
 MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
 #: The cyclic collector's thresholds while serving (CPython's are 700, 10,
-#: 10). Every HTTP request's objects end in a reference cycle (Klein's
-#: render closure refers to itself), so only the collector frees them. At
-#: 700 allocations per young collection, the objects of requests still
-#: waiting for their commit are promoted to the oldest generation, and
-#: under 2,000 puts/s a full collection (200 ms with 20,000 devices stored)
-#: ran every second: put p99 258 ms. At 10,000 it is 60 ms
-#: (bench/bench_transport.py).
+#: 10). Fewer young collections promote fewer objects of requests still in
+#: flight, and promotions are what trigger full collections, which take
+#: seconds at 17,000 held subscribes: with (5,000, 5, 10) three PostgreSQL
+#: processes ran 8 full collections of 1.7-5.0 s each in a bench_pg run,
+#: with these 2 (bench/README.rst, issue 16). The price is a generation-1
+#: collection of 90-265 ms every 10-15 s at that size, which is what the
+#: cross-process push p99 is made of there.
 COLLECTOR_THRESHOLDS = (10_000, 10, 10)
 WEATHER_SOURCES = {"open-meteo", "none"}
 #: Longest history retention accepted (ten years).
