@@ -20,9 +20,19 @@ _HOST_PATTERN = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::([0-9]{1,5
 
 def jsonResponse(request: IRequest, document: Any, status: int = 200) -> bytes:
     """Set the status and JSON content type, and return the encoded body."""
+    return encodedResponse(request, _COMPACT.encode(document), status)
+
+
+def encodedResponse(request: IRequest, text: str, status: int = 200) -> bytes:
+    """L{jsonResponse} of a document already encoded with L{compactJSON}."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    return _COMPACT.encode(document).encode("utf-8")
+    return text.encode("utf-8")
+
+
+def compactJSON(document: Any) -> str:
+    """C{document} as L{jsonResponse} encodes it."""
+    return _COMPACT.encode(document)
 
 
 def readBody(request: IRequest, limit: int) -> bytes:

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from nestproto.buckets import Bucket
+from nestproto.control.api import STATUSES_PER_TURN
 from nestproto.control.commands import parseSchedule, safetyBounds
 from nestproto.fields import NUMERIC_FIELDS
 from nestproto.membership import GLOBAL_SCOPE
@@ -30,6 +31,7 @@ from .helpers import (
     SERIAL,
     DroppableBody,
     basicAuth,
+    completed,
     receiveDroppable,
     sseEvents,
 )
@@ -919,6 +921,33 @@ class StatusTests(ControlTestCase):
         self.assertIs(device["hvac"]["heater"], False)
         self.assertEqual((device["id"], device["serial"]), (SERIAL, SERIAL))
         self.assertEqual(device["subscription_count"], 0)
+
+    def test_manyDevicesListedInSlices(self) -> None:
+        """
+        With more devices than L{STATUSES_PER_TURN}, the list is not made in
+        the reactor turn that asked for it; once made, it holds every
+        device, each as C{/status} shows it, in order.
+        """
+        now = self.server.nowMs()
+        serials = sorted(
+            f"02AA01AC{number:010d}" for number in range(STATUSES_PER_TURN + 3)
+        )
+        for number, serial in enumerate(serials):
+            value = {"current_temperature": 15 + number / 100}
+            self.server.seed(serial, Bucket(f"shared.{serial}", 1, now, value))
+        client = self.server.controlClient
+        requested = client.get(CONTROL_URL + "/api/devices")
+        client.flush()
+        self.assertNoResult(requested)
+        self.server.clock.advance(0)
+        response, body = completed(self, client, requested)
+        self.assertEqual(response.code, 200)
+        document = json.loads(body)
+        self.assertEqual(document["total"], len(serials))
+        self.assertEqual([d["serial"] for d in document["devices"]], serials)
+        last = document["devices"][-1]
+        del last["subscription_count"]
+        self.assertEqual(last, self.status(serials[-1]))
 
     def test_storedNonNumbersShownAsNull(self) -> None:
         """
