@@ -528,6 +528,25 @@ _EXPORTED: tuple[tuple[str, tuple[str, ...], int], ...] = (
 )
 
 
+def exportQuery(
+    table: int, key: tuple[Any, ...] | None, count: int, placeholder: str
+) -> tuple[str, tuple[Any, ...]]:
+    """
+    The statement and parameters that read, of table C{table} of
+    L{_EXPORTED}, at most C{count} rows after C{key} in key order, with an
+    engine's C{placeholder} (C{?} or C{%s}).
+    """
+    name, columns, keyLength = _EXPORTED[table]
+    keyColumns = ", ".join(columns[:keyLength])
+    marks = ", ".join([placeholder] * keyLength)
+    following = "" if key is None else f" WHERE ({keyColumns}) > ({marks})"
+    return (
+        f"SELECT {', '.join(columns)} FROM {name}{following}"
+        f" ORDER BY {keyColumns} LIMIT {placeholder}",
+        (*(key or ()), count),
+    )
+
+
 def exportBatch(
     after: ExportPosition | None,
     limit: int,
@@ -910,18 +929,7 @@ def _exportRows(
     def select(
         table: int, key: tuple[Any, ...] | None, count: int
     ) -> list[Sequence[Any]]:
-        name, columns, keyLength = _EXPORTED[table]
-        keyColumns = ", ".join(columns[:keyLength])
-        following = (
-            ""
-            if key is None
-            else f" WHERE ({keyColumns}) > ({_placeholders(keyLength)})"
-        )
-        return connection.execute(
-            f"SELECT {', '.join(columns)} FROM {name}{following}"
-            f" ORDER BY {keyColumns} LIMIT ?",
-            (*(key or ()), count),
-        ).fetchall()
+        return connection.execute(*exportQuery(table, key, count, "?")).fetchall()
 
     return exportBatch(after, limit, select, _rolledUpTo(connection))
 

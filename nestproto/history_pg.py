@@ -35,7 +35,6 @@ from zope.interface import implementer
 
 from .errors import StoreClosed
 from .history import (
-    _EXPORTED,
     _HOURS_COLUMNS,
     _HOURS_NUMBER_COLUMNS,
     _HOURS_ON_COLUMNS,
@@ -58,6 +57,7 @@ from .history import (
     _hourRow,
     _sampleFromRow,
     exportBatch,
+    exportQuery,
     hourRows,
     usageTotals,
 )
@@ -498,18 +498,7 @@ def _exportRows(
     def select(
         table: int, key: tuple[Any, ...] | None, count: int
     ) -> list[tuple[Any, ...]]:
-        name, columns, keyLength = _EXPORTED[table]
-        keyColumns = ", ".join(columns[:keyLength])
-        following = (
-            ""
-            if key is None
-            else f" WHERE ({keyColumns}) > ({', '.join(['%s'] * keyLength)})"
-        )
-        return connection.execute(
-            f"SELECT {', '.join(columns)} FROM {name}{following}"
-            f" ORDER BY {keyColumns} LIMIT %s",
-            (*(key or ()), count),
-        ).fetchall()
+        return connection.execute(*exportQuery(table, key, count, "%s")).fetchall()
 
     # One snapshot for the batch's reads, its tables and the mark.
     with connection.transaction():
