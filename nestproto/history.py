@@ -36,7 +36,7 @@ import sqlite3
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -627,6 +627,57 @@ def _ceilHour(timeMs: int) -> int:
     return -(-timeMs // HOUR_MS) * HOUR_MS
 
 
+class _Executes(Protocol):
+    """A database connection of either engine, as the shared reads use it."""
+
+    def execute(self, query: str, params: Any, /) -> Iterable[Sequence[Any]]: ...
+
+
+def readSamples(
+    connection: _Executes, mark: str, serial: str, fromMs: int, toMs: int
+) -> list[Sample]:
+    """C{serial}'s samples in [C{fromMs}, C{toMs}); C{mark}: the engine's C{?}."""
+    return [
+        _sampleFromRow(row)
+        for row in connection.execute(
+            f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM history_samples"
+            f" WHERE serial = {mark} AND time_ms >= {mark} AND time_ms < {mark}"
+            " ORDER BY time_ms",
+            (serial, fromMs, toMs),
+        )
+    ]
+
+
+def readChanges(
+    connection: _Executes, mark: str, serial: str, fromMs: int, toMs: int
+) -> list[Transition]:
+    """C{serial}'s HVAC transitions in [C{fromMs}, C{toMs}), in order."""
+    return [
+        Transition(serial, timeMs, name, bool(state))
+        for timeMs, name, state in connection.execute(
+            "SELECT time_ms, field, state FROM history_transitions"
+            f" WHERE serial = {mark} AND time_ms >= {mark} AND time_ms < {mark}"
+            " ORDER BY time_ms, field",
+            (serial, fromMs, toMs),
+        )
+    ]
+
+
+def readHours(
+    connection: _Executes, mark: str, serial: str, fromMs: int, toMs: int
+) -> list[Hour]:
+    """C{serial}'s hourly rows from C{fromMs} to before C{toMs}."""
+    return [
+        _hourFromRow(row)
+        for row in connection.execute(
+            f"SELECT {', '.join(_HOURS_COLUMNS)} FROM history_hours"
+            f" WHERE serial = {mark} AND hour_ms >= {mark} AND hour_ms < {mark}"
+            " ORDER BY hour_ms",
+            (serial, fromMs, toMs),
+        )
+    ]
+
+
 def _sampleFromRow(row: Sequence[Any]) -> Sample:
     return Sample(row[0], row[1], dict(zip(NUMBERS + WORDS, row[2:], strict=True)))
 
@@ -668,16 +719,7 @@ def _transitionsOf(
             {"before": fromMs, "serial": serial},
         )
     }
-    changes = [
-        Transition(serial, timeMs, name, bool(state))
-        for timeMs, name, state in connection.execute(
-            "SELECT time_ms, field, state FROM history_transitions"
-            " WHERE serial = ? AND time_ms >= ? AND time_ms < ?"
-            " ORDER BY time_ms, field",
-            (serial, fromMs, toMs),
-        )
-    ]
-    return Transitions(initial, changes)
+    return Transitions(initial, readChanges(connection, "?", serial, fromMs, toMs))
 
 
 @implementer(IHistoryStorage)
@@ -717,13 +759,13 @@ class SQLiteHistoryStorage:
         return self._run(_forget, serial)
 
     def samples(self, serial: str, fromMs: int, toMs: int) -> Deferred[list[Sample]]:
-        return self._run(_samples, serial, fromMs, toMs)
+        return self._run(readSamples, "?", serial, fromMs, toMs)
 
     def transitions(self, serial: str, fromMs: int, toMs: int) -> Deferred[Transitions]:
         return self._run(_transitionsOf, serial, fromMs, toMs)
 
     def hours(self, serial: str, fromMs: int, toMs: int) -> Deferred[list[Hour]]:
-        return self._run(_hours, serial, fromMs, toMs)
+        return self._run(readHours, "?", serial, fromMs, toMs)
 
     def usage(
         self, serial: str, boundaries: Sequence[int], rawFromMs: int
@@ -871,32 +913,6 @@ def _forget(connection: sqlite3.Connection, serial: str) -> None:
             connection.execute(f"DELETE FROM {table} WHERE serial = ?", (serial,))
 
     _inTransaction(connection, forget)
-
-
-def _samples(
-    connection: sqlite3.Connection, serial: str, fromMs: int, toMs: int
-) -> list[Sample]:
-    return [
-        _sampleFromRow(row)
-        for row in connection.execute(
-            f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM history_samples"
-            " WHERE serial = ? AND time_ms >= ? AND time_ms < ? ORDER BY time_ms",
-            (serial, fromMs, toMs),
-        )
-    ]
-
-
-def _hours(
-    connection: sqlite3.Connection, serial: str, fromMs: int, toMs: int
-) -> list[Hour]:
-    return [
-        _hourFromRow(row)
-        for row in connection.execute(
-            f"SELECT {', '.join(_HOURS_COLUMNS)} FROM history_hours"
-            " WHERE serial = ? AND hour_ms >= ? AND hour_ms < ? ORDER BY hour_ms",
-            (serial, fromMs, toMs),
-        )
-    ]
 
 
 def _usage(

@@ -53,12 +53,13 @@ from .history import (
     Sample,
     Transition,
     Transitions,
-    _hourFromRow,
     _hourRow,
-    _sampleFromRow,
     exportBatch,
     exportQuery,
     hourRows,
+    readChanges,
+    readHours,
+    readSamples,
     usageTotals,
 )
 from .store import ThreadRunner
@@ -427,14 +428,7 @@ def _forget(serial: str, connection: Connection) -> None:
 def _samples(
     serial: str, fromMs: int, toMs: int, connection: Connection
 ) -> list[Sample]:
-    return [
-        _sampleFromRow(row)
-        for row in connection.execute(
-            f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM history_samples"
-            " WHERE serial = %s AND time_ms >= %s AND time_ms < %s ORDER BY time_ms",
-            (serial, fromMs, toMs),
-        )
-    ]
+    return readSamples(connection, "%s", serial, fromMs, toMs)
 
 
 def _transitionsOf(
@@ -447,27 +441,11 @@ def _transitionsOf(
             {"before": fromMs, "serial": serial},
         )
     }
-    changes = [
-        Transition(serial, timeMs, name, bool(state))
-        for timeMs, name, state in connection.execute(
-            "SELECT time_ms, field, state FROM history_transitions"
-            " WHERE serial = %s AND time_ms >= %s AND time_ms < %s"
-            " ORDER BY time_ms, field",
-            (serial, fromMs, toMs),
-        )
-    ]
-    return Transitions(initial, changes)
+    return Transitions(initial, readChanges(connection, "%s", serial, fromMs, toMs))
 
 
 def _hours(serial: str, fromMs: int, toMs: int, connection: Connection) -> list[Hour]:
-    return [
-        _hourFromRow(row)
-        for row in connection.execute(
-            f"SELECT {', '.join(_HOURS_COLUMNS)} FROM history_hours"
-            " WHERE serial = %s AND hour_ms >= %s AND hour_ms < %s ORDER BY hour_ms",
-            (serial, fromMs, toMs),
-        )
-    ]
+    return readHours(connection, "%s", serial, fromMs, toMs)
 
 
 def _usage(
