@@ -750,6 +750,16 @@ class JSONPReplayTests(SynchronousTestCase):
         self.assertIn("exchange 17: body (not a JSONP answer)", line)
 
 
+def replayTokenFixture(fixture: Any, token: str | None) -> Any:
+    """Replay C{fixture} against a server whose control token is C{s3cret}."""
+    target = MemoryTarget(
+        fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
+    )
+    results: list[Any] = []
+    Replayer(target, fixture, controlToken=token).run().addCallback(results.append)
+    return results[0]
+
+
 class ControlTokenTests(SynchronousTestCase):
     """A control port with a Bearer token: recorded without it, replayed with it."""
 
@@ -758,14 +768,7 @@ class ControlTokenTests(SynchronousTestCase):
         self.fixture = loadFixture(self.path)
 
     def replay(self, token: str | None) -> Any:
-        target = MemoryTarget(
-            self.fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
-        )
-        results: list[Any] = []
-        Replayer(target, self.fixture, controlToken=token).run().addCallback(
-            results.append
-        )
-        return results[0]
+        return replayTokenFixture(self.fixture, token)
 
     def test_tokenRedacted(self) -> None:
         """The token is not in the file; the scheme is."""
@@ -800,14 +803,7 @@ class PathTokenTests(SynchronousTestCase):
         self.fixture = loadFixture(self.path)
 
     def replay(self, token: str | None) -> Any:
-        target = MemoryTarget(
-            self.fixture.startSeconds, partial(memoryServer, controlToken="s3cret")
-        )
-        results: list[Any] = []
-        Replayer(target, self.fixture, controlToken=token).run().addCallback(
-            results.append
-        )
-        return results[0]
+        return replayTokenFixture(self.fixture, token)
 
     def test_tokenRedacted(self) -> None:
         """The token is not in the file; the path says where it was."""
