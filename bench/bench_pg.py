@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -72,8 +73,29 @@ def serverArguments(args: argparse.Namespace) -> argparse.Namespace:
 # The client worker: holds one server's share of thermostats
 
 
+def watchClientCollections(minimumMs: float = 20.0) -> None:
+    """
+    Write each of this client's collector pauses of at least C{minimumMs}
+    to stderr (one JSON line, CLOCK_MONOTONIC): a pause here delays the
+    arrivals the push figures are made of.
+    """
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[0] = time.monotonic()
+            return
+        ms = (time.monotonic() - began[0]) * 1000
+        if ms >= minimumMs:
+            row = {"client_gc": info["generation"], "at": round(began[0], 3)}
+            print(json.dumps(row | {"ms": round(ms, 1)}), file=sys.stderr)
+
+    gc.callbacks.append(watch)
+
+
 async def worker(args: argparse.Namespace) -> int:
     bt.raiseFileLimit()
+    watchClientCollections()
     devices = [
         bt.Device(serial, index, args.device_port)
         for index, serial in enumerate(bt.serials(args.prefix, args.count))
@@ -214,6 +236,11 @@ async def pushScenario(
             idle[port].put_nowait(connection)
     sent: list[tuple[str, float]] = []
     errors: list[str] = []
+    heldOn = {
+        serial: index
+        for index, report in enumerate(reports)
+        for serial in report["serials"]
+    }
 
     async def command(serial: str, server: SharedServer, value: float) -> None:
         queue = idle[server.controlPort]
@@ -250,11 +277,13 @@ async def pushScenario(
             connection.close()
     # Each command's push is the first arrival for its serial after it.
     latencies: list[float] = []
+    slowest: list[tuple[float, float, int]] = []
     missing = 0
     for serial, at in sent:
         later = [t for t in arrivals.get(serial, []) if t >= at]
         if later:
             latencies.append(min(later) - at)
+            slowest.append((min(later) - at, at - started, heldOn[serial]))
             arrivals[serial].remove(min(later))
         else:
             missing += 1
@@ -273,6 +302,14 @@ async def pushScenario(
             "push_ms_p90": bt.ms(bt.percentile(latencies, 0.9)),
             "push_ms_p99": bt.ms(p99),
             "push_ms_max": bt.ms(max(latencies) if latencies else None),
+            # To set beside the servers' collections (--gc-watch): when the
+            # window began (CLOCK_MONOTONIC), and the slowest pushes as
+            # [s into the window, ms, process holding the thermostat].
+            "window_started_at": round(started, 3),
+            "slowest": [
+                [round(at, 2), bt.ms(latency), index]
+                for latency, at, index in sorted(slowest, reverse=True)[:8]
+            ],
             "target_push_ms_p99": TARGETS["push_p99_ms"],
             "met": p99 is not None
             and p99 * 1000 <= TARGETS["push_p99_ms"]
