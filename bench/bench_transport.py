@@ -749,6 +749,7 @@ def installGCWatch(path: str, maxReady: int | None = None) -> None:
                 "census": time.monotonic(),
                 "tracked": len(gc.get_objects()),
                 "gen2": len(gc.get_objects(2)),
+                "frozen": gc.get_freeze_count(),
                 "counts": gc.get_count(),
                 "thresholds": gc.get_threshold(),
                 "mqtt_cpu_s": mqttSeconds[0],
@@ -858,7 +859,10 @@ def installGCWatch(path: str, maxReady: int | None = None) -> None:
                 live[name] = live.get(name, 0) + 1
             write({"types": time.monotonic(), "kinds": live})
         elif word == "garbage":
-            # What a full collection would free, by type (slow: diagnosis).
+            # What a full collection would free, by type (slow: diagnosis),
+            # frozen objects included: what the server's collector policy
+            # kept out of its collections and a leak would hide in.
+            gc.unfreeze()
             gc.set_debug(gc.DEBUG_SAVEALL)
             gc.collect()
             gc.set_debug(0)
