@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import gc
 import os
 import re
 import sqlite3
@@ -49,6 +48,7 @@ from ._version import __version__
 from .admission import DEFAULT_NEW_SERIALS_PER_HOUR, AdmissionSettings
 from .apps import AppSettings, buildApps
 from .channel import AddressKeepingHTTPChannel
+from .collector import CollectorService
 from .control.access import normaliseOrigin, parseNetwork
 from .control.api import ControlSettings
 from .control.events import EventStream
@@ -90,15 +90,6 @@ MQTT_PASSWORD_FILE = "mqtt-password"
 #: remain (pairing.MIN_REMAINING_SECONDS), so this leaves a code on the
 #: screen for at least 10 minutes.
 MIN_ENTRY_KEY_TTL = MIN_REMAINING_SECONDS + 600
-#: The cyclic collector's thresholds while serving (CPython's are 700, 10,
-#: 10). Fewer young collections promote fewer objects of requests still in
-#: flight, and promotions are what trigger full collections, which take
-#: seconds at 17,000 held subscribes: with (5,000, 5, 10) three PostgreSQL
-#: processes ran 8 full collections of 1.7-5.0 s each in a bench_pg run,
-#: with these 2 (bench/README.rst, issue 16). The price is a generation-1
-#: collection of 90-265 ms every 10-15 s at that size, which is what the
-#: cross-process push p99 is made of there.
-COLLECTOR_THRESHOLDS = (10_000, 10, 10)
 WEATHER_SOURCES = {"open-meteo", "none"}
 #: Longest history retention accepted (ten years).
 MAX_HISTORY_DAYS = 3650
@@ -547,28 +538,6 @@ class _TolerantSite(_QuietSite):
     def protocol(self) -> _GenericHTTPChannelProtocol:
         # As twisted.web.http's own factory builds it, around our channel.
         return _GenericHTTPChannelProtocol(TolerantHTTPChannel())
-
-
-@define
-class _CollectorService(Service):
-    """
-    Sets the cyclic garbage collector's thresholds while the server runs,
-    and puts the previous ones back when it stops.
-    """
-
-    thresholds: tuple[int, int, int] = COLLECTOR_THRESHOLDS
-    _previous: tuple[int, int, int] | None = field(default=None, init=False)
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._previous = gc.get_threshold()
-        gc.set_threshold(*self.thresholds)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._previous is not None:
-            gc.set_threshold(*self._previous)
-            self._previous = None
 
 
 @define
@@ -1057,7 +1026,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     lines = _startupLines(options, storePath, devices)
     lines.insert(1, ("reactor: {reactor}", {"reactor": describeReactor(reactor)}))
     _Announce(lines).setServiceParent(root)
-    _CollectorService().setServiceParent(root)
+    CollectorService(reactor).setServiceParent(root)
     _StoreService(store, pools, apps.hub, apps.events, lock).setServiceParent(root)
     for service in shared:
         service.setServiceParent(root)

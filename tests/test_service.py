@@ -35,10 +35,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from nestproto.collector import COLLECTOR_THRESHOLDS
 from nestproto.datadir import DataLock
 from nestproto.debuglog import SwitchedLogger
 from nestproto.service import (
-    COLLECTOR_THRESHOLDS,
     LISTEN_BACKLOG,
     PER_REQUEST_NAMESPACES,
     Options,

@@ -1,0 +1,113 @@
+"""
+The cyclic garbage collector's policy while the server runs.
+
+A process holding thousands of subscribes keeps millions of tracked
+objects, and CPython's older generations are collected by walking all of
+them: pauses of seconds at 17,000 held subscribes, and of hundreds of
+milliseconds for the middle generation (bench/README.rst, issue 16). Yet
+the objects of a held subscribe, its renewal, a push, a put and a dropped
+connection are freed by reference counting alone; none is ever in a
+reference cycle (tests/test_cyclic_garbage.py). Walking them finds nothing.
+
+So whatever survives a collection is frozen (C{gc.freeze}): each
+collection walks only the objects made since the last one, and the older
+generations stay empty. Frozen objects are still freed by reference
+counting. What freezing costs is a cycle that was alive at a collection and
+dies later: it stays until a thaw. So that such garbage stays bounded, the
+frozen objects are counted every L{CHECK_SECONDS}; once they outnumber
+those of the last whole-heap collection L{THAW_GROWTH} times, everything is
+thawed and the whole heap collected once. A growing number of devices does
+the same, so whole-heap pauses come at doublings of the heap, not every
+few minutes.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+#: The collector's thresholds while serving (CPython's are 700, 10, 10):
+#: a young collection walks at most about this many new objects.
+COLLECTOR_THRESHOLDS = (10_000, 10, 10)
+#: Frozen objects, as a multiple of those the last whole-heap collection
+#: kept, at which everything is thawed and the whole heap collected.
+THAW_GROWTH = 2.0
+#: How often the frozen objects are counted (counting walks them all).
+CHECK_SECONDS = 10.0
+
+
+@define
+class CollectorService(Service):
+    """
+    While running: the collector's thresholds are L{COLLECTOR_THRESHOLDS}
+    and each collection's survivors are frozen; every C{checkSeconds} the
+    frozen set is counted and, past C{growth} times the last whole-heap
+    collection's, the whole heap is collected again. Stopping thaws
+    everything and puts the previous thresholds back.
+    """
+
+    clock: IReactorTime
+    thresholds: tuple[int, int, int] = COLLECTOR_THRESHOLDS
+    growth: float = THAW_GROWTH
+    checkSeconds: float = CHECK_SECONDS
+    #: Objects frozen right after the last whole-heap collection.
+    wholeHeap: int = field(default=0, init=False)
+    _previous: tuple[int, int, int] | None = field(default=None, init=False)
+    _check: LoopingCall | None = field(default=None, init=False)
+
+    log = Logger()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._previous = gc.get_threshold()
+        gc.set_threshold(*self.thresholds)
+        self.collectWholeHeap()
+        gc.callbacks.append(self.collected)
+        self._check = LoopingCall(self.checkGrowth)
+        self._check.clock = self.clock
+        self._check.start(self.checkSeconds, now=False)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._check is not None and self._check.running:
+            self._check.stop()
+        if self.collected in gc.callbacks:
+            gc.callbacks.remove(self.collected)
+        gc.unfreeze()
+        if self._previous is not None:
+            gc.set_threshold(*self._previous)
+            self._previous = None
+
+    def collected(self, phase: str, info: dict[str, Any]) -> None:
+        """A C{gc.callbacks} hook: freeze what survived a collection."""
+        if phase == "stop":
+            gc.freeze()
+
+    def checkGrowth(self) -> None:
+        """Collect the whole heap once the frozen set has grown too much."""
+        if gc.get_freeze_count() > self.growth * self.wholeHeap:
+            self.collectWholeHeap()
+
+    def collectWholeHeap(self) -> None:
+        """Thaw everything, collect it all, and freeze what is left."""
+        began = time.monotonic()
+        frozen = gc.get_freeze_count()
+        gc.unfreeze()
+        collected = gc.collect()
+        gc.freeze()
+        self.wholeHeap = gc.get_freeze_count()
+        self.log.info(
+            "collector: whole heap collected in {ms:.0f} ms: {collected} "
+            "unreachable, {kept} kept (were {frozen} frozen)",
+            ms=(time.monotonic() - began) * 1000,
+            collected=collected,
+            kept=self.wholeHeap,
+            frozen=frozen,
+        )
