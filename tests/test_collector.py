@@ -1,13 +1,14 @@
 """
 Tests for L{nestproto.collector}: what survives a collection is frozen out
-of later ones; a frozen set grown L{THAW_GROWTH} times is thawed and the
-whole heap collected; stopping puts everything back. These use the
+of later ones; once the heap has grown L{THAW_GROWTH} times everything is
+thawed and the whole heap collected; stopping puts everything back. These use the
 interpreter's real collector, and a L{Clock} for the growth checks.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 
 from twisted.internet.task import Clock
@@ -55,16 +56,26 @@ class CollectorServiceTests(SynchronousTestCase):
         if self.service.running:
             self.service.stopService()
 
+    def restart(self, growth: float) -> None:
+        """Run a service with growth factor C{growth} instead."""
+        self.service.stopService()
+        self.service = CollectorService(self.clock, growth=growth)
+        self.service.startService()
+
+    def test_defaultGrowth(self) -> None:
+        """The service thaws at L{THAW_GROWTH} unless told otherwise."""
+        self.assertEqual(self.service.growth, THAW_GROWTH)
+
     def test_thresholdsWhileRunning(self) -> None:
         """Running, the collector uses L{COLLECTOR_THRESHOLDS}."""
         self.assertEqual(gc.get_threshold(), COLLECTOR_THRESHOLDS)
 
     def test_startCollectsAndFreezesTheHeap(self) -> None:
         """
-        Starting collects the whole heap and freezes what it kept: the
-        measure later growth is checked against.
+        Starting collects the whole heap and freezes what it kept; the
+        allocated blocks left are what later growth is measured against.
         """
-        self.assertGreater(self.service.wholeHeap, 0)
+        self.assertGreater(self.service.wholeHeap, gc.get_freeze_count())
         self.assertFalse(_tracked(self))
 
     def test_youngSurvivorsFrozen(self) -> None:
@@ -80,12 +91,21 @@ class CollectorServiceTests(SynchronousTestCase):
         gc.collect(0)
         self.assertIsNone(alive())
 
+    def grow(self, factor: float) -> list[list[None]]:
+        """
+        Empty lists enough to take the allocated blocks to C{factor} times
+        those the last whole-heap collection left (one block each).
+        """
+        missing = int(self.service.wholeHeap * factor) - sys.getallocatedblocks()
+        return [[] for _ in range(max(missing, 0))]
+
     def test_frozenCycleWaitsForGrowth(self) -> None:
         """
         A cycle alive at a collection and dead after it stays while the
-        frozen set grows less than L{THAW_GROWTH} times; once it has, the
+        heap grows less than the service's growth factor; once it has, the
         next check collects the whole heap, and the cycle with it.
         """
+        self.restart(growth=1.2)
         held, alive = _cycle()
         gc.collect(0)
         del held
@@ -93,9 +113,7 @@ class CollectorServiceTests(SynchronousTestCase):
         self.clock.advance(CHECK_SECONDS)
         self.assertIsNotNone(alive(), "a frozen cycle is not collected")
 
-        growth: list[list[None]] = [
-            [] for _ in range(int(self.service.wholeHeap * THAW_GROWTH))
-        ]
+        growth = self.grow(1.25)
         gc.collect(0)
         self.assertIsNotNone(alive(), "only the check collects the whole heap")
         self.clock.advance(CHECK_SECONDS)
@@ -103,15 +121,15 @@ class CollectorServiceTests(SynchronousTestCase):
         self.assertGreater(self.service.wholeHeap, len(growth))
 
     def test_smallerGrowthStaysFrozen(self) -> None:
-        """Growth short of L{THAW_GROWTH} times leaves the frozen set alone."""
+        """Growth short of the service's factor leaves the frozen set alone."""
+        self.restart(growth=1.2)
         before = self.service.wholeHeap
-        growth: list[list[None]] = [
-            [] for _ in range(int(before * (THAW_GROWTH - 1) / 2))
-        ]
+        frozen = gc.get_freeze_count()
+        growth = self.grow(1.1)
         gc.collect(0)
         self.clock.advance(CHECK_SECONDS)
         self.assertEqual(self.service.wholeHeap, before)
-        self.assertGreaterEqual(gc.get_freeze_count(), before + len(growth))
+        self.assertGreaterEqual(gc.get_freeze_count(), frozen + len(growth) // 2)
 
     def test_stopPutsBack(self) -> None:
         """
