@@ -1075,6 +1075,8 @@ class SharedPresence:
     _touched: set[str] = field(factory=set, init=False, repr=False)
     _entries: dict[str, dict[str, str]] = field(factory=dict, init=False, repr=False)
     _forgotten: set[str] = field(factory=set, init=False, repr=False)
+    #: Each serial's entry as last read from the database, as stored (JSON).
+    _entryTexts: dict[str, str] = field(factory=dict, init=False, repr=False)
     #: The newest C{updated} (server time) read so far.
     _readUpTo: datetime | None = field(default=None, init=False)
     _syncing: bool = field(default=False, init=False)
@@ -1103,6 +1105,7 @@ class SharedPresence:
         self._local.forget(serial)
         self._touched.discard(serial)
         self._entries.pop(serial, None)
+        self._entryTexts.pop(serial, None)
         self._forgotten.add(serial)
 
     def heardFrom(self) -> list[str]:
@@ -1129,10 +1132,20 @@ class SharedPresence:
         ) -> None:
             rows, readUpTo = result
             self._readUpTo = readUpTo
+            # Each read overlaps the last by seconds and returns this
+            # process's own rows too: thousands a sync once a few hundred
+            # thermostats renew a second, all on the reactor thread. Only
+            # an entry whose text changed is parsed.
+            parsed = self._entryTexts
             for serial, lastSeen, entry in rows:
                 if serial not in self._forgotten:
                     fields = None
-                    if entry is not None and serial not in self._entries:
+                    if (
+                        entry is not None
+                        and parsed.get(serial) != entry
+                        and serial not in self._entries
+                    ):
+                        parsed[serial] = entry
                         fields = json.loads(entry)
                     self._local.merge(serial, lastSeen, fields)
 

@@ -38,7 +38,7 @@ from .pg import testDatabase
 from .store_contract import START_MS, CommitGate, StoreContract, update
 
 try:
-    from nestproto.store_pg import FEED_NAME, PostgreSQLStore
+    from nestproto.store_pg import FEED_NAME, PostgreSQLStore, SharedPresence
 except ImportError:  # psycopg is an extra; testDatabase says so
     pass
 
@@ -304,3 +304,74 @@ class SharedDatabaseTests(TestCase):
         assert commit.records == (RecordChanged("owner", "S", {"user": "u"}),)
         assert b.since(0) is None and b.since(3) == []
         assert b.get("S", "shared.S") == a.get("S", "shared.S")
+
+
+class SharedPresenceTests(TestCase):
+    """Two processes' presence on one database, each with its own clock."""
+
+    def setUp(self) -> None:
+        self.dsn = testDatabase(self)
+
+    def presence(self, name: str, atSeconds: float) -> tuple[SharedPresence, Clock]:
+        clock = Clock()
+        clock.advance(atSeconds)
+        store = PostgreSQLStore.open(self.dsn, threadRunner(self, name), clock)
+        self.addCleanup(store.close)
+        return SharedPresence(store, clock), clock
+
+    async def test_lastSeenShared(self) -> None:
+        """
+        What one process heard shows on another after both sync, and last
+        seen only moves forward.
+        """
+        a, aClock = self.presence("a", 1000)
+        b, _ = self.presence("b", 900)
+        a.touch("S")
+        await a.sync()
+        await b.sync()
+        self.assertEqual(b.lastSeen("S"), 1000)
+        self.assertEqual(b.heardFrom(), ["S"])
+        b.touch("S")  # at 900, behind what a heard
+        await b.sync()
+        await a.sync()
+        self.assertEqual((a.lastSeen("S"), b.lastSeen("S")), (1000, 1000))
+        aClock.advance(5)
+        a.touch("S")
+        await a.sync()
+        await b.sync()
+        self.assertEqual(b.lastSeen("S"), 1005)
+
+    async def test_entryFieldsFollowTheNewest(self) -> None:
+        """
+        Entry fields noted on one process show on the other, and a device
+        that boots again on the other with new fields and then back on the
+        first with its first fields ends with those first fields everywhere:
+        a text read before is not taken for one already applied.
+        """
+        a, _ = self.presence("a", 1000)
+        b, _ = self.presence("b", 1000)
+        first, second = {"swversion": "5.9.3"}, {"swversion": "6.0"}
+        a.noteEntry("S", first)
+        await a.sync()
+        await b.sync()
+        self.assertEqual(b.entryFields("S"), first)
+        b.noteEntry("S", second)
+        await b.sync()
+        await a.sync()
+        self.assertEqual(a.entryFields("S"), second)
+        a.noteEntry("S", first)
+        await a.sync()
+        await b.sync()
+        self.assertEqual(b.entryFields("S"), first)
+        self.assertEqual(a.entryFields("S"), first)
+
+    async def test_forgetShared(self) -> None:
+        """A device forgotten on one process is no longer stored for others."""
+        a, _ = self.presence("a", 1000)
+        b, _ = self.presence("b", 1000)
+        a.noteEntry("S", {"swversion": "5.9.3"})
+        await a.sync()
+        a.forget("S")
+        await a.sync()
+        await b.sync()
+        self.assertEqual((b.lastSeen("S"), b.entryFields("S")), (None, {}))
