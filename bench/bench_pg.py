@@ -261,6 +261,11 @@ async def pushScenario(
             connection = await bt.connect(server.controlPort)
         queue.put_nowait(connection)
 
+    if args.gc_watch:
+        # Each server logs every reactor stall (a 5 ms heartbeat late by
+        # GC_REPORT_MS or more) from here on.
+        for server in servers:
+            await server.tell("heartbeat 5")
     total = int(args.push_rate * args.push_seconds)
     tasks = []
     started = time.monotonic()
@@ -274,6 +279,9 @@ async def pushScenario(
     await asyncio.gather(*tasks)
     await asyncio.sleep(2)
     ended = time.monotonic()
+    if args.gc_watch:
+        for server in servers:
+            await server.tell("heartbeat off")
     for reader in readers:
         reader.cancel()
     for each in connections.values():
@@ -316,6 +324,9 @@ async def pushScenario(
             ],
             "target_push_ms_p99": TARGETS["push_p99_ms"],
             "server_gc_pauses": [s.gcPauses(started, ended) for s in servers],
+            "server_stalls": [s.stalls(started, ended) for s in servers]
+            if args.gc_watch
+            else None,
             "met": p99 is not None
             and p99 * 1000 <= TARGETS["push_p99_ms"]
             and not missing
@@ -413,6 +424,7 @@ async def collectorScenario(servers: list[SharedServer]) -> None:
                 "frozen": census.get("frozen"),
                 "cyclic_garbage": garbage["count"],
                 "garbage_kinds": garbage["kinds"],
+                "garbage_functions": garbage.get("functions"),
             }
         )
     bt.emit({"scenario": "collector", "servers": rows})

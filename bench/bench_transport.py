@@ -870,11 +870,23 @@ def installGCWatch(path: str, maxReady: int | None = None) -> None:
             for garbage in gc.garbage:
                 name = type(garbage).__qualname__
                 kinds[name] = kinds.get(name, 0) + 1
+            # Functions by where they were defined: which code makes a cycle.
+            functions: dict[str, int] = {}
+            for garbage in gc.garbage:
+                code = getattr(garbage, "__code__", None)
+                if code is not None:
+                    where = (
+                        f"{code.co_qualname} {code.co_filename}:{code.co_firstlineno}"
+                    )
+                    functions[where] = functions.get(where, 0) + 1
             write(
                 {
                     "garbage": time.monotonic(),
                     "count": len(gc.garbage),
                     "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15]),
+                    "functions": dict(
+                        sorted(functions.items(), key=lambda kv: -kv[1])[:10]
+                    ),
                 }
             )
             gc.garbage.clear()
