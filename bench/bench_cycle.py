@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -77,6 +78,7 @@ from twisted.web.server import Site  # noqa: E402
 
 from nestproto.admission import AdmissionSettings  # noqa: E402
 from nestproto.apps import AppSettings, buildApps  # noqa: E402
+from nestproto.collector import COLLECTOR_THRESHOLDS, CollectorService  # noqa: E402
 from nestproto.hub import BATCH_SECONDS  # noqa: E402
 from nestproto.service import _levelFilter, _site  # noqa: E402
 from nestproto.store import SQLiteStore, runInline  # noqa: E402
@@ -352,6 +354,21 @@ class PutCycle:
         self.advance(0.01)
 
 
+def setCollector(how: str, timers: Any) -> CollectorService | None:
+    """
+    The garbage collector as C{--collector} says: as C{twistd nestproto}
+    runs it (L{CollectorService}, returned to be stopped), with only its
+    thresholds, or as Python's defaults.
+    """
+    if how == "thresholds":
+        gc.set_threshold(*COLLECTOR_THRESHOLDS)
+    if how != "server":
+        return None
+    collector = CollectorService(timers)
+    collector.startService()
+    return collector
+
+
 def run(args: argparse.Namespace) -> None:
     logLikeTwistd()
     with tempfile.TemporaryDirectory(prefix="bench-cycle-") as directory:
@@ -363,6 +380,10 @@ def run(args: argparse.Namespace) -> None:
         for thermostat in held:
             thermostat.boot(device)
             thermostat.hold()
+        # Once the thermostats are held, as a server in its steady state (the
+        # heap's growth while they boot would set off whole-heap collections
+        # in the measured cycles). The timers' own advance is bound to them.
+        collector = setCollector(args.collector, advance.__self__)  # type: ignore[attr-defined]
         cycle: Callable[[], None] = (
             CommandCycle(device, control, advance)
             if args.scenario == "command"
@@ -386,6 +407,8 @@ def run(args: argparse.Namespace) -> None:
             _instrument("off")
         for thermostat in held:
             check(thermostat.conn.take() == b"", "a held thermostat got data")
+        if collector is not None:
+            collector.stopService()
         store.close()
     if not args.quiet:
         print(
@@ -551,6 +574,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--task-clock", action="store_true")
+    parser.add_argument(
+        "--collector",
+        choices=("server", "thresholds", "python"),
+        default="server",
+        help="the garbage collector as the server runs it (the default), "
+        "with only its thresholds (no freezing), or as Python's defaults",
+    )
     parser.add_argument(
         "--profile",
         choices=("tottime", "cumulative", "calls"),
