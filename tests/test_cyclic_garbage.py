@@ -38,7 +38,7 @@ from twisted.trial.unittest import TestCase
 from nestproto.hub import BATCH_SECONDS
 from nestproto.service import _site
 
-from .helpers import basicAuth, clientObject, makeServer
+from .helpers import basicAuth, clientObject, makeServer, objectsBody
 
 #: Iterations run before measuring: caches, interned strings and lazily
 #: built objects settle first.
@@ -352,6 +352,17 @@ class CyclicGarbageTests(TestCase):
             "X-nl-protocol-version": "1",
         }
 
+    def subscribe(
+        self, client: RawClient, serial: str, objects: list[dict[str, Any]]
+    ) -> None:
+        """Send a v7 subscribe naming C{objects}."""
+        client.request(
+            b"POST",
+            b"/nest/transport/v7/subscribe",
+            self.auth(serial),
+            objectsBody(objects, session="s" + serial),
+        )
+
     async def boot(self, serial: str) -> tuple[RawClient, dict[str, tuple[int, int]]]:
         """
         A thermostat's first subscribe, carrying its shared bucket: the
@@ -359,18 +370,7 @@ class CyclicGarbageTests(TestCase):
         """
         client = await self.connect(self.devicePort)
         key = "shared." + serial
-        client.request(
-            b"POST",
-            b"/nest/transport/v7/subscribe",
-            self.auth(serial),
-            json.dumps(
-                {
-                    "chunked": True,
-                    "session": "s" + serial,
-                    "objects": [clientObject(key, value=_sharedValue())],
-                }
-            ).encode(),
-        )
+        self.subscribe(client, serial, [clientObject(key, value=_sharedValue())])
         status, answer = body(await client.take(complete))
         self.assertEqual(status, 200, answer)
         known = {
@@ -384,20 +384,13 @@ class CyclicGarbageTests(TestCase):
         self, client: RawClient, serial: str, known: dict[str, tuple[int, int]]
     ) -> None:
         """A subscribe naming what the thermostat knows: held."""
-        client.request(
-            b"POST",
-            b"/nest/transport/v7/subscribe",
-            self.auth(serial),
-            json.dumps(
-                {
-                    "chunked": True,
-                    "session": "s" + serial,
-                    "objects": [
-                        clientObject(key, revision, timestamp)
-                        for key, (revision, timestamp) in known.items()
-                    ],
-                }
-            ).encode(),
+        self.subscribe(
+            client,
+            serial,
+            [
+                clientObject(key, revision, timestamp)
+                for key, (revision, timestamp) in known.items()
+            ],
         )
         parsed = _head(await client.take(held))
         assert parsed is not None
