@@ -177,8 +177,11 @@ class PostgreSQLHistoryStorage:
     _closed: bool = field(default=False, init=False, repr=False)
     _drained: list[Deferred[None]] = field(factory=list, init=False, repr=False)
 
-    def _run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run C{f(*args, connection)} on the history's thread."""
+    def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run C{f(*args, connection)} on the history's thread and connection;
+        also what else no commit should wait for (the presence sync).
+        """
         if self._closed:
             return fail(StoreClosed())
         self._jobs += 1
@@ -243,41 +246,41 @@ class PostgreSQLHistoryStorage:
     def append(
         self, samples: Sequence[Sample], transitions: Sequence[Transition]
     ) -> Deferred[None]:
-        return self._run(_append, list(samples), list(transitions))
+        return self.run(_append, list(samples), list(transitions))
 
     def rollUp(self, untilMs: int) -> Deferred[int]:
-        return self._run(_rollUp, untilMs - self.settleMs)
+        return self.run(_rollUp, untilMs - self.settleMs)
 
     def prune(self, rawBeforeMs: int, hourlyBeforeMs: int) -> Deferred[None]:
-        return self._run(_prune, rawBeforeMs, hourlyBeforeMs)
+        return self.run(_prune, rawBeforeMs, hourlyBeforeMs)
 
     def forget(self, serial: str) -> Deferred[None]:
-        return self._run(_forget, serial)
+        return self.run(_forget, serial)
 
     def samples(self, serial: str, fromMs: int, toMs: int) -> Deferred[list[Sample]]:
-        return self._run(_samples, serial, fromMs, toMs)
+        return self.run(_samples, serial, fromMs, toMs)
 
     def transitions(self, serial: str, fromMs: int, toMs: int) -> Deferred[Transitions]:
-        return self._run(_transitionsOf, serial, fromMs, toMs)
+        return self.run(_transitionsOf, serial, fromMs, toMs)
 
     def hours(self, serial: str, fromMs: int, toMs: int) -> Deferred[list[Hour]]:
-        return self._run(_hours, serial, fromMs, toMs)
+        return self.run(_hours, serial, fromMs, toMs)
 
     def usage(
         self, serial: str, boundaries: Sequence[int], rawFromMs: int
     ) -> Deferred[list[dict[str, int]]]:
-        return self._run(_usage, serial, list(boundaries), rawFromMs)
+        return self.run(_usage, serial, list(boundaries), rawFromMs)
 
     def databaseBytes(self) -> Deferred[int]:
-        return self._run(_databaseBytes)
+        return self.run(_databaseBytes)
 
     def exportRows(
         self, after: ExportPosition | None, limit: int
     ) -> Deferred[HistoryRows]:
-        return self._run(_exportRows, after, limit)
+        return self.run(_exportRows, after, limit)
 
     def importRows(self, rows: HistoryRows) -> Deferred[None]:
-        return self._run(_importRows, rows)
+        return self.run(_importRows, rows)
 
 
 # On the history's thread; each function ends its own transaction.

@@ -961,10 +961,9 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     shared: list[IService] = []
     if options.get("store") is not None:
         # The PostgreSQL engine's listening connection waits in a thread
-        # of its own; presence is synced through the store's. The history
-        # has a thread (and connection) of its own too, so that a flush, a
-        # roll-up or a metrics scrape's size query (history on or off)
-        # never delays a commit. Its pool is made here, as the feed's, so
+        # of its own. The history has a thread (and connection) of its own
+        # too, so that a flush, a roll-up, a metrics scrape's size query
+        # (history on or off) or a presence sync never delays a commit. Its pool is made here, as the feed's, so
         # that _StoreService starts and stops it with the others: stopped
         # after the store's close, which closes the history's connection
         # once its jobs (the last flush among them) are done.

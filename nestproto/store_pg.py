@@ -680,55 +680,6 @@ class PostgreSQLStore(CommittedState):
 
         return outcome
 
-    def _syncPresence(
-        self,
-        touched: dict[str, tuple[float | None, dict[str, str] | None]],
-        forgotten: list[str],
-        readUpTo: datetime | None,
-    ) -> tuple[list[tuple[str, float, str | None]], datetime | None]:
-        """
-        For L{SharedPresence}: write, then read what changed since
-        C{readUpTo} (a little before: a slow writer's row may carry an
-        earlier time than one already read).
-        """
-        connection = self._writerConnection()
-        rows = [
-            (serial, seen, None if entry is None else _dumps(entry))
-            for serial, (seen, entry) in sorted(touched.items())
-            if seen is not None
-        ]
-        with connection.transaction():
-            if rows:
-                connection.execute(
-                    "INSERT INTO presence (serial, last_seen, entry) "
-                    "SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[]) "
-                    "ON CONFLICT (serial) DO UPDATE SET "
-                    "last_seen = GREATEST(presence.last_seen, EXCLUDED.last_seen), "
-                    "entry = COALESCE(EXCLUDED.entry, presence.entry), "
-                    "updated = clock_timestamp()",
-                    (
-                        [r[0] for r in rows],
-                        [r[1] for r in rows],
-                        [r[2] for r in rows],
-                    ),
-                )
-            if forgotten:
-                connection.execute(
-                    "DELETE FROM presence WHERE serial = ANY(%s)", (forgotten,)
-                )
-        if readUpTo is None:
-            found = connection.execute(
-                "SELECT serial, last_seen, entry, updated FROM presence"
-            ).fetchall()
-        else:
-            found = connection.execute(
-                "SELECT serial, last_seen, entry, updated FROM presence "
-                "WHERE updated > %s - interval '10 seconds'",
-                (readUpTo,),
-            ).fetchall()
-        newest = max((row[3] for row in found), default=readUpTo)
-        return [(row[0], row[1], row[2]) for row in found], newest
-
     def _notifyWake(self) -> None:
         self._writerConnection().execute(f'NOTIFY "{self._wakeChannel}"')
 
@@ -1053,6 +1004,55 @@ registerAdapter(_history, PostgreSQLStore, IHistoryStorage)
 PRESENCE_SYNC_SECONDS = 2.0
 
 
+def _syncPresence(
+    touched: dict[str, tuple[float | None, dict[str, str] | None]],
+    forgotten: list[str],
+    readUpTo: datetime | None,
+    connection: Connection,
+) -> tuple[list[tuple[str, float, str | None]], datetime | None]:
+    """
+    For L{SharedPresence}, on the history's connection: write, then read
+    what changed since C{readUpTo} (a little before: a slow writer's row may
+    carry an earlier time than one already read).
+    """
+    rows = [
+        (serial, seen, None if entry is None else _dumps(entry))
+        for serial, (seen, entry) in sorted(touched.items())
+        if seen is not None
+    ]
+    with connection.transaction():
+        if rows:
+            connection.execute(
+                "INSERT INTO presence (serial, last_seen, entry) "
+                "SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[]) "
+                "ON CONFLICT (serial) DO UPDATE SET "
+                "last_seen = GREATEST(presence.last_seen, EXCLUDED.last_seen), "
+                "entry = COALESCE(EXCLUDED.entry, presence.entry), "
+                "updated = clock_timestamp()",
+                (
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    [r[2] for r in rows],
+                ),
+            )
+        if forgotten:
+            connection.execute(
+                "DELETE FROM presence WHERE serial = ANY(%s)", (forgotten,)
+            )
+    if readUpTo is None:
+        found = connection.execute(
+            "SELECT serial, last_seen, entry, updated FROM presence"
+        ).fetchall()
+    else:
+        found = connection.execute(
+            "SELECT serial, last_seen, entry, updated FROM presence "
+            "WHERE updated > %s - interval '10 seconds'",
+            (readUpTo,),
+        ).fetchall()
+    newest = max((row[3] for row in found), default=readUpTo)
+    return [(row[0], row[1], row[2]) for row in found], newest
+
+
 @implementer(IPresence)
 @define
 class SharedPresence:
@@ -1123,9 +1123,8 @@ class SharedPresence:
         forgotten = sorted(self._forgotten)
         self._touched, self._entries, self._forgotten = set(), {}, set()
         d: Deferred[tuple[list[tuple[str, float, str | None]], datetime | None]]
-        d = self._store._runInThread(
-            self._store._syncPresence, touched, forgotten, self._readUpTo
-        )
+        # On the history's thread and connection: no commit waits for it.
+        d = self._store.history.run(_syncPresence, touched, forgotten, self._readUpTo)
 
         def merge(
             result: tuple[list[tuple[str, float, str | None]], datetime | None],

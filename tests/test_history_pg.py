@@ -44,7 +44,7 @@ try:
         SETTLE_MS,
         PostgreSQLHistoryStorage,
     )
-    from nestproto.store_pg import PostgreSQLStore
+    from nestproto.store_pg import PostgreSQLStore, SharedPresence
 except ImportError:  # psycopg is an extra; testDatabase says so
     pass
 
@@ -374,6 +374,30 @@ class OwnConnectionTests(TestCase):
         await self.history.flush(everything=True)
         samples = await storage.samples(SERIAL, 0, END_MS)
         self.assertEqual([s.values["temperature"] for s in samples], [20.0, 21.0])
+
+    async def test_presenceSyncDoesNotDelayCommits(self) -> None:
+        """
+        The presence sync runs on the history's connection too: while it
+        waits in the database (another connection holds its table), the
+        store's writes commit; the sync finishes once let go.
+        """
+        presence = SharedPresence(self.store, self.clock)
+        presence.touch(SERIAL)
+        with admin(self.dsn) as other:
+            with other.transaction():
+                other.execute("LOCK TABLE presence IN ACCESS EXCLUSIVE MODE")
+                sync = presence.sync()
+                await eventually(lambda: self.historyConnections(waiting=True) == 1)
+                write = self.report(21.0)
+                await eventually(lambda: write.called, timeoutSeconds=5.0)
+                await write
+                self.assertFalse(sync.called)
+        await sync
+        with admin(self.dsn) as connection:
+            [(seen,)] = connection.execute(
+                "SELECT last_seen FROM presence WHERE serial = %s", (SERIAL,)
+            ).fetchall()
+        self.assertEqual(seen, self.clock.seconds())
 
     async def test_closedAfterLastFlush(self) -> None:
         """
