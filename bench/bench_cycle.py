@@ -383,7 +383,8 @@ def run(args: argparse.Namespace) -> None:
         # Once the thermostats are held, as a server in its steady state (the
         # heap's growth while they boot would set off whole-heap collections
         # in the measured cycles). The timers' own advance is bound to them.
-        collector = setCollector(args.collector, advance.__self__)  # type: ignore[attr-defined]
+        timers = advance.__self__  # type: ignore[attr-defined]
+        collector = setCollector(args.collector, timers)
         cycle: Callable[[], None] = (
             CommandCycle(device, control, advance)
             if args.scenario == "command"

@@ -54,8 +54,8 @@ class CollectorService(Service):
     While running: the collector's thresholds are L{COLLECTOR_THRESHOLDS}
     and each collection's survivors are frozen; every C{checkSeconds} the
     allocated blocks are counted and, past C{growth} times those the last
-    whole-heap collection left, the whole heap is collected again. Stopping thaws
-    everything and puts the previous thresholds back.
+    whole-heap collection left, the whole heap is collected again.
+    Stopping thaws everything and puts the previous thresholds back.
     """
 
     clock: IReactorTime

@@ -963,10 +963,11 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         # The PostgreSQL engine's listening connection waits in a thread
         # of its own. The history has a thread (and connection) of its own
         # too, so that a flush, a roll-up, a metrics scrape's size query
-        # (history on or off) or a presence sync never delays a commit. Its pool is made here, as the feed's, so
-        # that _StoreService starts and stops it with the others: stopped
-        # after the store's close, which closes the history's connection
-        # once its jobs (the last flush among them) are done.
+        # (history on or off) or a presence sync never delays a commit.
+        # Its pool is made here, as the feed's, so that _StoreService
+        # starts and stops it with the others: stopped after the store's
+        # close, which closes the history's connection once its jobs (the
+        # last flush among them) are done.
         from .store_pg import PRESENCE_SYNC_SECONDS, PostgreSQLStore, SharedPresence
 
         feedPool = ThreadPool(minthreads=1, maxthreads=1, name="nestproto-feed")
