@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from .helpers import SERIAL, basicAuth, clientObject, objectsBody
 from .pg import asURL, testDatabase
-from .twistd import LOOPBACK_ANY, Twistd
+from .twistd import loopbackServer
 
 SHARED = f"shared.{SERIAL}"
 DEVICE = f"device.{SERIAL}"
@@ -72,22 +72,11 @@ class Server:
     """One twistd nestproto on the shared database, and its two origins."""
 
     def __init__(self, case: SynchronousTestCase, store: str) -> None:
-        self.process = Twistd(
-            case,
-            "--device",
-            LOOPBACK_ANY,
-            "--control",
-            LOOPBACK_ANY,
-            "--weather",
-            "none",
-            "--store",
-            store,
-            "--data",
-            case.mktemp(),
+        self.process, device, control = loopbackServer(
+            case, case.mktemp(), "--store", store
         )
-        ports = self.process.ports()
-        self.device = f"http://127.0.0.1:{ports['device']}"
-        self.control = f"http://127.0.0.1:{ports['control']}"
+        self.device = f"http://127.0.0.1:{device}"
+        self.control = f"http://127.0.0.1:{control}"
 
     def put(
         self, objects: list[dict[str, Any]], serial: str = SERIAL

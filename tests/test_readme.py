@@ -11,7 +11,7 @@ import urllib.request
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .twistd import LOOPBACK_ANY, Twistd
+from .twistd import loopbackServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,19 +49,9 @@ class ReadmeTests(SynchronousTestCase):
         """
         words = readmeCommands()[0].split("&& twistd ", 1)[1].split()
         self.assertEqual(words[-1], "nestproto")
-        server = Twistd(
-            self,
-            "--data",
-            self.mktemp(),
-            "--device",
-            LOOPBACK_ANY,
-            "--control",
-            LOOPBACK_ANY,
-            "--weather",
-            "none",
-            twistdOptions=words[:-1],
+        server, device, _ = loopbackServer(
+            self, self.mktemp(), twistdOptions=words[:-1]
         )
-        device = server.ports()["device"]
         with urllib.request.urlopen(
             f"http://127.0.0.1:{device}/nest/ping", timeout=10
         ) as response:

@@ -241,10 +241,15 @@ def thermostatReports(device: str, serial: str) -> tuple[int, Any]:
     )
 
 
-def loopbackServer(case: SynchronousTestCase, data: str) -> tuple[Twistd, int, int]:
+def loopbackServer(
+    case: SynchronousTestCase,
+    data: str,
+    *options: str,
+    twistdOptions: Sequence[str] = ("-n",),
+) -> tuple[Twistd, int, int]:
     """
     A C{twistd nestproto} on C{data} listening on free loopback ports, with
-    no weather source: it, and its device and control ports.
+    no weather source and C{options}: it, and its device and control ports.
     """
     server = Twistd(
         case,
@@ -256,6 +261,8 @@ def loopbackServer(case: SynchronousTestCase, data: str) -> tuple[Twistd, int, i
         LOOPBACK_ANY,
         "--weather",
         "none",
+        *options,
+        twistdOptions=twistdOptions,
     )
     ports = server.ports()
     return server, ports["device"], ports["control"]
